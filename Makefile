@@ -1,0 +1,54 @@
+# bnfold: the verbs a newcomer needs. Each target creates/uses .venv from the project's own files.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
+DEV_STAMP := $(VENV)/.dev-installed
+SERVE_STAMP := $(VENV)/.serve-installed
+
+.PHONY: help serve test test-fast train verify lint format bench clean
+
+help:
+	@echo "make serve   serve models/ on http://127.0.0.1:8000 (KServe V2 + /v1 + web page)"
+	@echo "make test    install everything and run the whole test suite"
+	@echo "make train   train the default digits model and write models/digits/"
+	@echo "make verify  verify models/digits (checksums, BN counts, equivalence)"
+	@echo "make lint    ruff check + format check + hadolint"
+	@echo "make bench   benchmarks into bench/results/"
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(SERVE_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e ".[serve]"
+	touch $@
+
+$(DEV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
+	$(PIP) -e ".[serve,train,dev]"
+	touch $@ $(SERVE_STAMP)
+
+serve: $(SERVE_STAMP)
+	BNFOLD_HOST=$${BNFOLD_HOST:-127.0.0.1} $(VENV)/bin/bnfold-serve
+
+test: $(DEV_STAMP)
+	$(PY) -m pytest
+
+test-fast: $(DEV_STAMP)
+	$(PY) -m pytest -m "not e2e"
+
+train: $(DEV_STAMP)
+	$(VENV)/bin/bnfold-train train --name digits --seed 0
+
+verify: $(DEV_STAMP)
+	$(VENV)/bin/bnfold-train verify models/digits
+
+lint: $(DEV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(DEV_STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis runs

@@ -1,0 +1,200 @@
+"""The model bundle on disk: `models/<name>/{bundle.json, folded.onnx, unfolded.onnx}`.
+
+This is the contract between training (writes it) and the service (reads it). One schema, owned
+here, versioned by `schema_version`. Imports neither torch, FastAPI nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.errors import BundleError
+from service.preprocess import PreprocessSpec
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "bundle.json"
+VARIANTS = ("folded", "unfolded")
+Variant = Literal["folded", "unfolded"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class TensorSpec(_Strict):
+    """A model input or output as the Open Inference Protocol describes it."""
+
+    name: str
+    datatype: Literal["FP32"] = "FP32"
+    shape: list[int] = Field(description="-1 marks the variable batch dimension.")
+
+
+class InputSpec(TensorSpec):
+    preprocess: PreprocessSpec
+
+
+class OnnxFile(_Strict):
+    path: str = Field(description="File name relative to the bundle folder.")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    batchnorm_nodes: int = Field(ge=0, description="BatchNormalization nodes in the graph.")
+    opset: int
+
+
+class FoldRow(_Strict):
+    """What happened to one BatchNorm layer."""
+
+    bn: str = Field(description="Qualified name of the BatchNorm module.")
+    folded: bool
+    into: str | None = Field(None, description="Layer the BN was folded into.")
+    direction: Literal["backward", "forward"] | None = None
+    reason: str | None = Field(None, description="Why it was not folded.")
+    scale_min: float | None = Field(None, description="min |gamma / sqrt(var + eps)|")
+    scale_max: float | None = Field(None, description="max |gamma / sqrt(var + eps)|")
+    warning: str | None = None
+
+
+class DiffStats(_Strict):
+    """Elementwise difference between two sets of logits (or activations)."""
+
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_rel_diff: float = Field(description="max_abs_diff / max |reference|: relative to scale.")
+    top1_agreement: float | None = Field(None, description="Fraction of equal argmax rows.")
+
+
+class LayerDiff(_Strict):
+    """Folded layer output vs the matching BN output of the unfolded model."""
+
+    bn: str
+    folded_tensor: str
+    unfolded_tensor: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_rel_diff: float
+
+
+class LayerProbe(_Strict):
+    """Which ONNX tensors to compare for one folded BN."""
+
+    bn: str
+    folded_tensor: str
+    unfolded_tensor: str
+
+
+class EquivalenceReport(_Strict):
+    """Folded vs unfolded, measured with onnxruntime on held-out images at export."""
+
+    split: str
+    n_images: int
+    tolerance_abs: float = Field(description="Allowed max |folded - unfolded| on logits.")
+    folded_vs_unfolded: DiffStats
+    folded_vs_float64: DiffStats
+    unfolded_vs_float64: DiffStats
+    per_layer: list[LayerDiff]
+    passed: bool
+
+
+class Manifest(_Strict):
+    """bundle.json."""
+
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    version: str = "1"
+    created: str
+    classes: list[str] = Field(min_length=2)
+    input: InputSpec
+    output: TensorSpec
+    files: dict[Variant, OnnxFile]
+    fold_report: list[FoldRow]
+    layer_probes: list[LayerProbe] = Field(default_factory=list)
+    architecture: dict = Field(default_factory=dict, description="The ModelConfig trained.")
+    training: dict = Field(default_factory=dict, description="Metrics of the training run.")
+    versions: dict[str, str] = Field(default_factory=dict, description="torch, onnx, ...")
+    equivalence: EquivalenceReport
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_manifest(bundle_dir: Path) -> Manifest:
+    """Parse and validate bundle.json, with an error naming the file and the field."""
+    path = Path(bundle_dir) / MANIFEST_NAME
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise BundleError(f"{path}: no {MANIFEST_NAME} in the bundle folder") from None
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{path}: not valid JSON ({exc})") from None
+    try:
+        return Manifest.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BundleError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+
+
+def verify_checksums(bundle_dir: Path, manifest: Manifest) -> None:
+    """Raise BundleError unless every ONNX file exists and matches its sha256."""
+    for variant, f in manifest.files.items():
+        path = Path(bundle_dir) / f.path
+        if not path.is_file():
+            raise BundleError(f"{path}: {variant} model file is missing")
+        actual = sha256_file(path)
+        if actual != f.sha256:
+            raise BundleError(
+                f"{path}: sha256 mismatch for the {variant} model "
+                f"(manifest {f.sha256[:12]}..., file {actual[:12]}...): the file was modified"
+            )
+
+
+def load_bundle(bundle_dir: Path) -> Manifest:
+    """Read the manifest and verify checksums: the service's gate before creating sessions."""
+    manifest = read_manifest(bundle_dir)
+    verify_checksums(bundle_dir, manifest)
+    return manifest
+
+
+def write_bundle_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
+    """Build a bundle in a temporary sibling folder with `fill(tmp)`, then rename it into place.
+
+    A crash mid-export leaves only a hidden temporary folder, never a half bundle that a server
+    could load. An existing bundle at `target` is replaced.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        fill(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def discover_bundles(models_dir: Path) -> list[Path]:
+    """Bundle folders under models_dir: visible subfolders (temporary ones start with '.')."""
+    models_dir = Path(models_dir)
+    if not models_dir.is_dir():
+        return []
+    return sorted(p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith("."))

@@ -1,0 +1,46 @@
+"""Domain errors carrying an HTTP status; one handler in the API turns them into {"error": ...}.
+
+Plain Python on purpose: the contract modules raise these without importing the web stack.
+"""
+
+
+class BnfoldError(Exception):
+    """An error whose message is safe and useful to show to the client."""
+
+    status_code = 500
+
+    def __init__(self, message: str, status_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class BadInput(BnfoldError):
+    """The client sent something we cannot use (400)."""
+
+    status_code = 400
+
+
+class UnsupportedMediaType(BnfoldError):
+    """Wrong Content-Type or image format (415)."""
+
+    status_code = 415
+
+
+class PayloadTooLarge(BnfoldError):
+    """Body or image over a configured limit (413)."""
+
+    status_code = 413
+
+
+class NotFound(BnfoldError):
+    """Unknown model or version (404)."""
+
+    status_code = 404
+
+
+class BundleError(BnfoldError):
+    """A bundle on disk is missing, malformed, or fails verification."""
+
+    status_code = 500

@@ -1,0 +1,133 @@
+"""Image -> model input tensor: the one preprocessing implementation, shared by training and serving.
+
+decode -> color mode -> resize -> scale -> normalize, in numpy/Pillow only (no torch), so the
+trained model and the served model can never see different pixels. The parameters live in the
+bundle manifest (`PreprocessSpec`); training writes them, the service reads them.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+
+ColorMode = str  # "L" (grayscale, 1 channel) or "RGB" (3 channels)
+
+RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "box": Image.Resampling.BOX,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+# Formats Pillow may decode for us; anything else is refused with 415 before decoding.
+SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+class PreprocessSpec(BaseModel):
+    """How raw images become the model's input tensor (stored in bundle.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    color_mode: str = Field(pattern="^(L|RGB)$", description="'L' grayscale or 'RGB'.")
+    height: int = Field(ge=1, le=4096, description="Model input height in pixels.")
+    width: int = Field(ge=1, le=4096, description="Model input width in pixels.")
+    resample: str = Field(
+        default="bilinear", pattern="^(nearest|bilinear|bicubic|box|lanczos)$",
+        description="Pillow resampling filter used when the image size differs.",
+    )
+    scale: float = Field(default=1.0 / 255.0, gt=0, description="Multiplies uint8 pixel values.")
+    mean: list[float] = Field(description="Per-channel mean subtracted after scaling.")
+    std: list[float] = Field(description="Per-channel std dividing after the mean.")
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.color_mode == "L" else 3
+
+    @model_validator(mode="after")
+    def _check_channels(self) -> PreprocessSpec:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(
+                f"mean and std need {self.channels} value(s) for color_mode {self.color_mode!r}"
+            )
+        if any(s <= 0 for s in self.std):
+            raise ValueError("std values must be > 0")
+        return self
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode bytes into a fully loaded Pillow image, refusing bombs, junk and odd formats."""
+    if not data:
+        raise BadInput("empty image: the file or body has no bytes")
+    try:
+        with warnings.catch_warnings():
+            # Pillow warns (not raises) between max_pixels and 2x; we check the size ourselves.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format or "unknown"
+            if fmt not in SUPPORTED_FORMATS:
+                raise UnsupportedMediaType(
+                    f"unsupported image format {fmt}; send one of {', '.join(SUPPORTED_FORMATS)}"
+                )
+            w, h = img.size
+            if w * h > max_pixels:
+                raise PayloadTooLarge(
+                    f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels"
+                )
+            img.load()
+    except (UnsupportedMediaType, PayloadTooLarge):
+        raise
+    except UnidentifiedImageError:
+        raise BadInput(
+            "not a decodable image (unknown format, or a truncated or corrupt header): "
+            "send PNG, JPEG, BMP, GIF, TIFF or WEBP bytes"
+        ) from None
+    except Image.DecompressionBombError as exc:
+        raise PayloadTooLarge(f"image rejected as a decompression bomb: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise BadInput(f"corrupt or truncated image: {exc}") from None
+    return img
+
+
+def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """Color-convert, resize, scale and normalize one image. Returns (C, H, W) float32."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black so transparent pixels read as background (no ink), not garbage.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    img = img.convert(spec.color_mode)
+    if img.size != (spec.width, spec.height):
+        img = img.resize((spec.width, spec.height), RESAMPLE[spec.resample])
+    pixels = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3), values 0..255
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    x = (pixels * np.float32(spec.scale) - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)  # (C, H, W)
+
+
+def preprocess_bytes(
+    data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """Raw image bytes -> (C, H, W) float32 model input."""
+    return image_to_tensor(decode_image(data, max_pixels), spec)
+
+
+def preprocess_uint8(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """An in-memory uint8 image, (H, W) gray or (H, W, 3) RGB -> (C, H, W) float32.
+
+    Goes through Pillow exactly as decoded files do, so training data takes the serving path.
+    """
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
+    return image_to_tensor(Image.fromarray(pixels), spec)

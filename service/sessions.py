@@ -1,0 +1,80 @@
+"""onnxruntime sessions for the two variants, and probe sessions that expose layer outputs.
+
+The folded model runs with full graph optimization (how it is served). The unfolded model runs
+with graph optimization disabled: onnxruntime fuses Conv+BatchNormalization already at its basic
+level, so only ORT_DISABLE_ALL makes BN really execute and keeps the comparison honest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnxruntime as ort
+
+GRAPH_OPT = {
+    "folded": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    "unfolded": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+}
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+
+def resolve_providers(choice: str = "auto") -> list[str]:
+    """'auto': CUDA when this onnxruntime offers it, else CPU; 'cuda' or 'cpu' forces one."""
+    available = ort.get_available_providers()
+    if choice == "auto":
+        return [CUDA, CPU] if CUDA in available else [CPU]
+    if choice == "cuda":
+        if CUDA not in available:
+            raise RuntimeError(
+                f"execution provider 'cuda' requested but this onnxruntime offers only "
+                f"{available}: install onnxruntime-gpu or use provider 'auto'/'cpu'"
+            )
+        return [CUDA, CPU]
+    if choice == "cpu":
+        return [CPU]
+    raise ValueError(f"Invalid provider {choice!r}. Only 'auto', 'cpu' and 'cuda' are supported.")
+
+
+def session_options(variant: str, threads: int = 0) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = GRAPH_OPT[variant]
+    opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (one per core)
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    return opts
+
+
+def make_session(
+    model: Path | bytes, variant: str, providers: Sequence[str] = (CPU,), threads: int = 0
+) -> ort.InferenceSession:
+    source = str(model) if isinstance(model, Path) else model
+    return ort.InferenceSession(
+        source, sess_options=session_options(variant, threads), providers=list(providers)
+    )
+
+
+def probe_model_bytes(model_path: Path, tensor_names: Sequence[str]) -> bytes:
+    """The same ONNX graph with extra graph outputs for the named intermediate tensors."""
+    import onnx
+
+    proto = onnx.load(str(model_path))
+    existing = {o.name for o in proto.graph.output}
+    known = {out for node in proto.graph.node for out in node.output}
+    for name in tensor_names:
+        if name not in known:
+            raise ValueError(f"{model_path.name}: no tensor named {name!r} in the graph")
+        if name not in existing:
+            proto.graph.output.append(
+                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
+            )
+            existing.add(name)
+    return proto.SerializeToString()
+
+
+def make_probe_session(
+    model_path: Path, tensor_names: Sequence[str], providers: Sequence[str] = (CPU,)
+) -> ort.InferenceSession:
+    """Probe sessions run unoptimized in both variants so every named tensor exists as exported."""
+    return make_session(probe_model_bytes(model_path, tensor_names), "unfolded", providers)

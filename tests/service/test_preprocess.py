@@ -1,0 +1,95 @@
+"""The shared preprocessing: exact pixel math, format handling, and refusals with clear errors."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from service.preprocess import PreprocessSpec, preprocess_bytes, preprocess_uint8
+
+GRAY = PreprocessSpec(color_mode="L", height=8, width=8, resample="box", mean=[0.3], std=[0.4])
+RGB = PreprocessSpec(color_mode="RGB", height=4, width=4, mean=[0.5, 0.4, 0.3], std=[0.2] * 3)
+
+
+def png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_gray_pixels_follow_the_formula_exactly():
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    x = preprocess_bytes(png(pixels), GRAY)
+    # Independent reference in float64; float32 result within one rounding of it.
+    expected = (pixels.astype(np.float64) / 255 - 0.3) / 0.4
+    assert x.shape == (1, 8, 8) and x.dtype == np.float32
+    np.testing.assert_allclose(x[0], expected, rtol=0, atol=1e-6)
+
+
+def test_file_and_in_memory_paths_agree_bit_for_bit():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (8, 8), dtype=np.uint8)
+    assert np.array_equal(preprocess_bytes(png(pixels), GRAY), preprocess_uint8(pixels, GRAY))
+
+
+def test_rgb_is_channel_first_and_gray_input_is_converted():
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 255
+    x = preprocess_bytes(png(rgb), RGB)
+    assert x.shape == (3, 4, 4)
+    np.testing.assert_allclose(x[0], (1.0 - 0.5) / 0.2, atol=1e-6)
+    np.testing.assert_allclose(x[1], (0.0 - 0.4) / 0.2, atol=1e-6)
+    # A grayscale upload fed to an RGB model gets the same value on every channel.
+    g = preprocess_bytes(png(np.full((4, 4), 255, np.uint8)), RGB)
+    np.testing.assert_allclose(g[:, 0, 0], [(1 - 0.5) / 0.2, (1 - 0.4) / 0.2, (1 - 0.3) / 0.2],
+                               atol=1e-6)
+
+
+def test_resize_and_transparency():
+    big = np.full((32, 32), 255, np.uint8)
+    assert preprocess_bytes(png(big), GRAY).shape == (1, 8, 8)
+    rgba = np.zeros((8, 8, 4), np.uint8)  # fully transparent: reads as background (0), not ink
+    rgba[..., :3] = 255
+    x = preprocess_bytes(png(rgba), GRAY)
+    np.testing.assert_allclose(x, (0 - 0.3) / 0.4, atol=1e-6)
+
+
+NOISE_PNG = png(np.random.default_rng(1).integers(0, 256, (64, 64), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(
+    ("data", "error", "text"),
+    [
+        (b"", BadInput, "empty image"),
+        (b"hello, not an image", BadInput, "not a decodable image"),
+        (NOISE_PNG[: len(NOISE_PNG) // 2], BadInput, "corrupt or truncated image"),
+        (NOISE_PNG[:20], BadInput, "truncated"),
+        (b"\x89PNG\r\n\x1a\n", BadInput, "truncated or corrupt header"),
+    ],
+)
+def test_bad_bytes_are_refused_with_a_message(data, error, text):
+    with pytest.raises(error, match=text):
+        preprocess_bytes(data, GRAY)
+
+
+def test_unsupported_format_is_415():
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PCX")
+    with pytest.raises(UnsupportedMediaType, match="unsupported image format PCX") as exc:
+        preprocess_bytes(buf.getvalue(), GRAY)
+    assert exc.value.status_code == 415
+
+
+def test_decompression_bomb_is_refused_before_decoding():
+    # A 5000x5000 PNG of zeros compresses to a few KB: small on the wire, huge in memory.
+    data = png(np.zeros((5000, 5000), np.uint8))
+    assert len(data) < 100_000
+    with pytest.raises(PayloadTooLarge, match="over the limit of 1000000 pixels"):
+        preprocess_bytes(data, GRAY, max_pixels=1_000_000)
+
+
+def test_spec_validates_channel_count():
+    with pytest.raises(ValueError, match="mean and std need 3"):
+        PreprocessSpec(color_mode="RGB", height=8, width=8, mean=[0.5], std=[0.5])
