@@ -179,6 +179,7 @@ def write_bundle_atomically(target: Path, fill: Callable[[Path], None]) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         fill(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be read by servers
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, old / target.name)

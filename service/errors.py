@@ -44,3 +44,19 @@ class BundleError(BnfoldError):
     """A bundle on disk is missing, malformed, or fails verification."""
 
     status_code = 500
+
+
+class ServiceUnavailable(BnfoldError):
+    """The server or a model cannot answer now: not loaded, failed to load, or busy (503)."""
+
+    status_code = 503
+
+
+def validation_message(errors: list[dict], limit: int = 3) -> str:
+    """pydantic's error list as one line a client can act on: 'where: what; where: what'."""
+    parts = []
+    for err in errors[:limit]:
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        parts.append(f"{where}: {err['msg']}" if where else err["msg"])
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts) + more

@@ -1,4 +1,4 @@
-"""Image -> model input tensor: the one preprocessing implementation, shared by training and serving.
+"""Image -> model input tensor: the one preprocessing implementation, for training and serving.
 
 decode -> color mode -> resize -> scale -> normalize, in numpy/Pillow only (no torch), so the
 trained model and the served model can never see different pixels. The parameters live in the
@@ -41,7 +41,8 @@ class PreprocessSpec(BaseModel):
     height: int = Field(ge=1, le=4096, description="Model input height in pixels.")
     width: int = Field(ge=1, le=4096, description="Model input width in pixels.")
     resample: str = Field(
-        default="bilinear", pattern="^(nearest|bilinear|bicubic|box|lanczos)$",
+        default="bilinear",
+        pattern="^(nearest|bilinear|bicubic|box|lanczos)$",
         description="Pillow resampling filter used when the image size differs.",
     )
     scale: float = Field(default=1.0 / 255.0, gt=0, description="Multiplies uint8 pixel values.")

@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 
 from service.preprocess import PreprocessSpec
-from training.data import DataError, Splits, load_digits_dataset, load_image_folder, stratified_split
+from training.data import (
+    DataError,
+    Splits,
+    load_digits_dataset,
+    load_image_folder,
+    stratified_split,
+)
 from training.model import ModelConfig
 
 DEFAULT_SEED = 0
@@ -27,8 +33,14 @@ def load_splits(data: str | None, seed: int, size: int, color_mode: str) -> Spli
         ds = load_digits_dataset()
     else:
         channels = 1 if color_mode == "L" else 3
-        spec = PreprocessSpec(color_mode=color_mode, height=size, width=size, resample="bilinear",
-                              mean=[0.5] * channels, std=[0.25] * channels)
+        spec = PreprocessSpec(
+            color_mode=color_mode,
+            height=size,
+            width=size,
+            resample="bilinear",
+            mean=[0.5] * channels,
+            std=[0.25] * channels,
+        )
         ds = load_image_folder(Path(data), spec)
     return stratified_split(ds, seed)
 
@@ -39,19 +51,35 @@ def cmd_train(args: argparse.Namespace) -> int:
     splits = load_splits(args.data, args.seed, args.image_size, args.color_mode)
     sample = splits.train.x[0]
     model_cfg = ModelConfig(
-        in_channels=sample.shape[0], input_height=sample.shape[1], input_width=sample.shape[2],
-        num_classes=len(splits.train.classes), widths=args.widths,
-        blocks_per_stage=args.blocks_per_stage, residual=args.residual, hidden=args.hidden,
-        bn_eps=args.bn_eps, bn_momentum=args.bn_momentum, bn_placement=args.bn_placement,
+        in_channels=sample.shape[0],
+        input_height=sample.shape[1],
+        input_width=sample.shape[2],
+        num_classes=len(splits.train.classes),
+        widths=args.widths,
+        blocks_per_stage=args.blocks_per_stage,
+        residual=args.residual,
+        hidden=args.hidden,
+        bn_eps=args.bn_eps,
+        bn_momentum=args.bn_momentum,
+        bn_placement=args.bn_placement,
     )
-    train_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                            seed=args.seed, extra={"data": args.data or "digits",
-                                                   "image_size": args.image_size,
-                                                   "color_mode": args.color_mode})
+    train_cfg = TrainConfig(
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        extra={
+            "data": args.data or "digits",
+            "image_size": args.image_size,
+            "color_mode": args.color_mode,
+        },
+    )
     run_dir = Path(args.runs_dir) / args.name
     summary = fit(splits, model_cfg, train_cfg, run_dir, resume=args.resume)
-    print(f"trained {args.name}: test accuracy {summary['test_acc']:.4f} "
-          f"({summary['n_test']} images); checkpoint {run_dir / 'checkpoint.pt'}")
+    print(
+        f"trained {args.name}: test accuracy {summary['test_acc']:.4f} "
+        f"({summary['n_test']} images); checkpoint {run_dir / 'checkpoint.pt'}"
+    )
     if args.no_export:
         return 0
     return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits)
@@ -64,22 +92,34 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
     ckpt = load_checkpoint(ckpt_path)
     extra = ckpt["train_config"].get("extra", {})
     if splits is None:
-        splits = load_splits(extra.get("data"), ckpt["train_config"]["seed"],
-                             extra.get("image_size", 32), extra.get("color_mode", "L"))
+        splits = load_splits(
+            extra.get("data"),
+            ckpt["train_config"]["seed"],
+            extra.get("image_size", 32),
+            extra.get("color_mode", "L"),
+        )
     summary_path = Path(ckpt_path).parent / "summary.json"
     metrics = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     metrics["data"] = extra.get("data", "digits")
     manifest = export_bundle(
-        model_from_checkpoint(ckpt), name=name, classes=ckpt["classes"], spec=splits.test.spec,
-        eval_x=splits.test.x, split="test", out_dir=Path(models_dir),
-        architecture=ckpt["model_config"], training_metrics=metrics,
+        model_from_checkpoint(ckpt),
+        name=name,
+        classes=ckpt["classes"],
+        spec=splits.test.spec,
+        eval_x=splits.test.x,
+        split="test",
+        out_dir=Path(models_dir),
+        architecture=ckpt["model_config"],
+        training_metrics=metrics,
     )
     eq = manifest.equivalence
     folded = sum(r.folded for r in manifest.fold_report)
-    print(f"exported {Path(models_dir) / name}: folded {folded}/{len(manifest.fold_report)} BN; "
-          f"folded vs unfolded max |diff| {eq.folded_vs_unfolded.max_abs_diff:.3g} "
-          f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement "
-          f"{eq.folded_vs_unfolded.top1_agreement:.4f}, passed={eq.passed}")
+    print(
+        f"exported {Path(models_dir) / name}: folded {folded}/{len(manifest.fold_report)} BN; "
+        f"folded vs unfolded max |diff| {eq.folded_vs_unfolded.max_abs_diff:.3g} "
+        f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement "
+        f"{eq.folded_vs_unfolded.top1_agreement:.4f}, passed={eq.passed}"
+    )
     for row in manifest.fold_report:
         if row.warning:
             print(f"warning: {row.bn}: {row.warning}")
@@ -124,7 +164,8 @@ def _widths(text: str) -> list[int]:
     try:
         widths = [int(w) for w in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated ints like 32,64, got {text!r}")
+        msg = f"expected comma-separated ints like 32,64, got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     if not widths or min(widths) < 1:
         raise argparse.ArgumentTypeError(f"widths must be positive, got {text!r}")
     return widths
@@ -136,7 +177,8 @@ def _momentum(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1] or 'none', got {text!r}")
+        msg = f"expected a number in (0, 1] or 'none', got {text!r}"
+        raise argparse.ArgumentTypeError(msg) from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"momentum must be in (0, 1] or 'none', got {value}")
     return value
@@ -150,17 +192,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default="digits", help="bundle name: models/<name>/")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--batch-size", type=int, default=64)
-    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--lr", type=float, default=1e-2)
     t.add_argument("--seed", type=int, default=DEFAULT_SEED)
     t.add_argument("--widths", type=_widths, default=[32, 64], help="channels per stage: 32,64")
     t.add_argument("--blocks-per-stage", type=int, default=1)
     t.add_argument("--residual", action="store_true", help="ResNet basic blocks")
     t.add_argument("--hidden", type=int, default=64)
     t.add_argument("--bn-eps", type=float, default=1e-5, help="Keras default is 1e-3")
-    t.add_argument("--bn-momentum", type=_momentum, default=0.1,
-                   help="PyTorch convention (Keras 0.99 = 0.01 here); 'none' = cumulative")
-    t.add_argument("--bn-placement", choices=["pre", "post"], default="pre",
-                   help="pre: conv->BN->ReLU; post: conv->ReLU->BN")
+    t.add_argument(
+        "--bn-momentum",
+        type=_momentum,
+        default=0.1,
+        help="PyTorch convention (Keras 0.99 = 0.01 here); 'none' = cumulative",
+    )
+    t.add_argument(
+        "--bn-placement",
+        choices=["pre", "post"],
+        default="pre",
+        help="pre: conv->BN->ReLU; post: conv->ReLU->BN",
+    )
     t.add_argument("--image-size", type=int, default=32, help="for an image folder")
     t.add_argument("--color-mode", choices=["L", "RGB"], default="L", help="for an image folder")
     t.add_argument("--runs-dir", default="runs")

@@ -69,14 +69,17 @@ def load_image_folder(root: Path, spec: PreprocessSpec) -> Dataset:
         raise DataError(f"data folder {root} does not exist or is not a folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
-        raise DataError(f"{root}: need at least 2 class subfolders (root/<class>/*.png), found "
-                        f"{len(class_dirs)}")
+        raise DataError(
+            f"{root}: need at least 2 class subfolders (root/<class>/*.png), found "
+            f"{len(class_dirs)}"
+        )
     xs, ys = [], []
     for label, class_dir in enumerate(class_dirs):
         files = sorted(f for f in class_dir.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
-            raise DataError(f"{class_dir}: class folder has no images "
-                            f"({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise DataError(
+                f"{class_dir}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+            )
         for f in files:
             try:
                 xs.append(preprocess_bytes(f.read_bytes(), spec))
@@ -96,7 +99,7 @@ def stratified_split(ds: Dataset, seed: int, val: float = 0.15, test: float = 0.
         n_test = max(1, round(len(idx) * test)) if len(idx) >= 3 else 0
         n_val = max(1, round(len(idx) * val)) if len(idx) >= 3 else 0
         parts["test"].append(idx[:n_test])
-        parts["val"].append(idx[n_test:n_test + n_val])
-        parts["train"].append(idx[n_test + n_val:])
+        parts["val"].append(idx[n_test : n_test + n_val])
+        parts["train"].append(idx[n_test + n_val :])
     sets = {k: ds.subset(np.sort(np.concatenate(v))) for k, v in parts.items()}
     return Splits(**sets)

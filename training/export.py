@@ -68,8 +68,13 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model.eval(), (example,), buf, dynamo=False, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model.eval(),
+            (example,),
+            buf,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
             training=torch.onnx.TrainingMode.PRESERVE,
         )
@@ -89,7 +94,7 @@ def scope_to_module_path(node_name: str) -> str:
     for seg in segments:
         last = path.rsplit(".", 1)[-1] if path else ""
         if path and seg.startswith(last + ".") and not seg.startswith(path + "."):
-            path = path + seg[len(last):]
+            path = path + seg[len(last) :]
         elif path and seg.startswith(path + "."):
             path = seg
         else:
@@ -123,13 +128,17 @@ def layer_probes(
 
 
 def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    outs = [session.run([OUTPUT_NAME], {INPUT_NAME: x[i:i + batch]})[0]
-            for i in range(0, len(x), batch)]
+    """Logits for x (N, C, H, W), in chunks of `batch`."""
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    outs = [
+        session.run([name_out], {name_in: x[i : i + batch]})[0] for i in range(0, len(x), batch)
+    ]
     return np.concatenate(outs)
 
 
-def per_layer_diffs(folded_path: Path, unfolded_path: Path, probes: list[LayerProbe],
-                    x: np.ndarray) -> list[LayerDiff]:
+def per_layer_diffs(
+    folded_path: Path, unfolded_path: Path, probes: list[LayerProbe], x: np.ndarray
+) -> list[LayerDiff]:
     """Run probe sessions that expose the matched tensors and diff them layer by layer."""
     if not probes:
         return []
@@ -140,14 +149,27 @@ def per_layer_diffs(folded_path: Path, unfolded_path: Path, probes: list[LayerPr
     rows = []
     for p, a, b in zip(probes, f_out, u_out, strict=True):
         s = diff_stats(a, b, classify=False)
-        rows.append(LayerDiff(bn=p.bn, folded_tensor=p.folded_tensor,
-                              unfolded_tensor=p.unfolded_tensor, max_abs_diff=s.max_abs_diff,
-                              mean_abs_diff=s.mean_abs_diff, max_rel_diff=s.max_rel_diff))
+        rows.append(
+            LayerDiff(
+                bn=p.bn,
+                folded_tensor=p.folded_tensor,
+                unfolded_tensor=p.unfolded_tensor,
+                max_abs_diff=s.max_abs_diff,
+                mean_abs_diff=s.mean_abs_diff,
+                max_rel_diff=s.max_rel_diff,
+            )
+        )
     return rows
 
 
-def measure_equivalence(model: nn.Module, folded_path: Path, unfolded_path: Path,
-                        probes: list[LayerProbe], x: np.ndarray, split: str) -> EquivalenceReport:
+def measure_equivalence(
+    model: nn.Module,
+    folded_path: Path,
+    unfolded_path: Path,
+    probes: list[LayerProbe],
+    x: np.ndarray,
+    split: str,
+) -> EquivalenceReport:
     """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, and each vs float64."""
     folded = run_session(make_session(folded_path, "folded"), x)
     unfolded = run_session(make_session(unfolded_path, "unfolded"), x)
@@ -157,8 +179,12 @@ def measure_equivalence(model: nn.Module, folded_path: Path, unfolded_path: Path
     scale = float(np.max(np.abs(unfolded))) if unfolded.size else 1.0
     tol = REL_TOLERANCE * max(1.0, scale)
     return EquivalenceReport(
-        split=split, n_images=len(x), tolerance_abs=tol, folded_vs_unfolded=fvu,
-        folded_vs_float64=diff_stats(folded, ref64), unfolded_vs_float64=diff_stats(unfolded, ref64),
+        split=split,
+        n_images=len(x),
+        tolerance_abs=tol,
+        folded_vs_unfolded=fvu,
+        folded_vs_float64=diff_stats(folded, ref64),
+        unfolded_vs_float64=diff_stats(unfolded, ref64),
         per_layer=per_layer_diffs(folded_path, unfolded_path, probes, x[:256]),
         passed=fvu.max_abs_diff <= tol and fvu.top1_agreement == 1.0,
     )
@@ -195,20 +221,34 @@ def export_bundle(
         for variant, proto in (("folded", folded_proto), ("unfolded", unfolded_proto)):
             path = tmp / f"{variant}.onnx"
             onnx.save_model(proto, str(path))
-            files[variant] = OnnxFile(path=path.name, sha256=sha256_file(path),
-                                      batchnorm_nodes=count_bn_nodes(proto), opset=OPSET)
-        equivalence = measure_equivalence(model, tmp / "folded.onnx", tmp / "unfolded.onnx",
-                                          probes, eval_x, split)
+            files[variant] = OnnxFile(
+                path=path.name,
+                sha256=sha256_file(path),
+                batchnorm_nodes=count_bn_nodes(proto),
+                opset=OPSET,
+            )
+        equivalence = measure_equivalence(
+            model, tmp / "folded.onnx", tmp / "unfolded.onnx", probes, eval_x, split
+        )
         manifest = Manifest(
-            name=name, created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            name=name,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             classes=list(classes),
-            input=InputSpec(name=INPUT_NAME, shape=[-1, spec.channels, spec.height, spec.width],
-                            preprocess=spec),
+            input=InputSpec(
+                name=INPUT_NAME, shape=[-1, spec.channels, spec.height, spec.width], preprocess=spec
+            ),
             output=TensorSpec(name=OUTPUT_NAME, shape=[-1, n_classes]),
-            files=files, fold_report=report.rows, layer_probes=probes,
-            architecture=architecture or {}, training=training_metrics or {},
-            versions={"torch": torch.__version__, "onnx": onnx.__version__,
-                      "onnxruntime": _ort_version(), "opset": str(OPSET)},
+            files=files,
+            fold_report=report.rows,
+            layer_probes=probes,
+            architecture=architecture or {},
+            training=training_metrics or {},
+            versions={
+                "torch": torch.__version__,
+                "onnx": onnx.__version__,
+                "onnxruntime": _ort_version(),
+                "opset": str(OPSET),
+            },
             equivalence=equivalence,
         )
         (tmp / "bundle.json").write_text(manifest.model_dump_json(indent=2) + "\n")
@@ -222,11 +262,15 @@ def export_bundle(
 def _check_bn_counts(model, unfolded_proto, folded_proto, report: FoldReport) -> None:
     n_bn = sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if count_bn_nodes(unfolded_proto) != n_bn:
-        raise RuntimeError(f"unfolded ONNX has {count_bn_nodes(unfolded_proto)} "
-                           f"BatchNormalization nodes, the model has {n_bn}: the exporter folded")
+        raise RuntimeError(
+            f"unfolded ONNX has {count_bn_nodes(unfolded_proto)} "
+            f"BatchNormalization nodes, the model has {n_bn}: the exporter folded"
+        )
     if count_bn_nodes(folded_proto) != len(report.refused):
-        raise RuntimeError(f"folded ONNX has {count_bn_nodes(folded_proto)} BatchNormalization "
-                           f"nodes, expected {len(report.refused)} (the refused ones)")
+        raise RuntimeError(
+            f"folded ONNX has {count_bn_nodes(folded_proto)} BatchNormalization "
+            f"nodes, expected {len(report.refused)} (the refused ones)"
+        )
 
 
 def _ort_version() -> str:

@@ -245,29 +245,35 @@ class _Surgery:
         return type(self.module(node)) in _BN_RANK
 
     def fold(self, bn_node: fx.Node) -> FoldRow:
-        """Fold one BN node backward, else forward, else return why not."""
+        """Fold one BN node backward, else forward, else report why not."""
         name = str(bn_node.target)
         bn = self.modules[name]
         if bn.running_mean is None or bn.running_var is None:
             return FoldRow(bn=name, folded=False, reason=NO_STATS_REASON)
         s, t = _scale_shift64(bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
         row = _scale_row(name, s)
+        direction, reason = self._choose(bn_node, bn, s, t)
+        if direction is None:
+            logger.info("%s: %s", name, reason)
+            return row.model_copy(update={"reason": reason})
+        layer_node = bn_node.args[0] if direction == "backward" else next(iter(bn_node.users))
+        into = self._apply(bn_node, layer_node, s, t, direction)
+        return row.model_copy(update={"folded": True, "into": into, "direction": direction})
+
+    def _choose(self, bn_node: fx.Node, bn: nn.Module, s, t) -> tuple[str | None, str | None]:
+        """("backward" or "forward", None) when a fold is exact, else (None, reason)."""
         reason = self._precondition(bn_node, bn, s, t)
-        if reason is None:
-            back = self._backward_blocker(bn_node, bn)
-            if back is None:
-                into = self._apply(bn_node, bn_node.args[0], s, t, "backward")
-                return row.model_copy(
-                    update={"folded": True, "into": into, "direction": "backward"}
-                )
-            fwd = self._forward_blocker(bn_node, bn)
-            if fwd is None:
-                into = self._apply(bn_node, next(iter(bn_node.users)), s, t, "forward")
-                return row.model_copy(update={"folded": True, "into": into, "direction": "forward"})
-            src_is_layer = self._layer_type(bn_node.args[0], (_CONV_RANK, _CONVT_RANK))
-            reason = back if src_is_layer else fwd
-        logger.info("%s: %s", name, reason)
-        return row.model_copy(update={"reason": reason})
+        if reason is not None:
+            return None, reason
+        back = self._backward_blocker(bn_node, bn)
+        if back is None:
+            return "backward", None
+        fwd = self._forward_blocker(bn_node, bn)
+        if fwd is None:
+            return "forward", None
+        # BN right after a conv/linear ("pre"): say why that fold failed; else why forward did.
+        src_is_layer = self._layer_type(bn_node.args[0], (_CONV_RANK, _CONVT_RANK))
+        return None, back if src_is_layer else fwd
 
     def _precondition(self, bn_node: fx.Node, bn: nn.Module, s, t) -> str | None:
         if bn.training:

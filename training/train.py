@@ -1,4 +1,4 @@
-"""Train a BNNet: seeded, deterministic on CPU, checkpointed, resumable, with a metrics log and plot.
+"""Train a BNNet: seeded, deterministic on CPU, checkpointed, resumable, with metrics and a plot.
 
 Read top to bottom: train_one_epoch(), evaluate(), fit() (the loop), then checkpoint helpers.
 """
@@ -27,10 +27,11 @@ log = logging.getLogger(__name__)
 class TrainConfig:
     epochs: int = 30
     batch_size: int = 64
-    lr: float = 3e-3
+    lr: float = 1e-2
     weight_decay: float = 1e-4
     seed: int = 0
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
+    shift: int = 1  # random translation augmentation, in pixels (0 = off)
     extra: dict = field(default_factory=dict)
 
 
@@ -43,11 +44,34 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def train_one_epoch(model, loader, optimizer, scheduler, loss_fn, desc: str) -> dict:
+def random_shift(x: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by up to `shift` pixels; edges replicate (the background)."""
+    if shift <= 0:
+        return x
+    n, _, h, w = x.shape  # (N, C, H, W)
+    padded = nn.functional.pad(x, (shift,) * 4, mode="replicate")
+    dy, dx = torch.randint(0, 2 * shift + 1, (2, n), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (N, H, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (N, 1, W)
+    out = padded[torch.arange(n)[:, None, None], :, rows, cols]  # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def train_one_epoch(
+    model,
+    loader,
+    optimizer,
+    scheduler,
+    loss_fn,
+    desc: str,
+    shift: int = 0,
+    generator: torch.Generator | None = None,
+) -> dict:
     model.train()
     total_loss, correct, seen = 0.0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
     for x, y in bar:
+        x = random_shift(x, shift, generator)
         optimizer.zero_grad(set_to_none=True)
         logits = model(x)
         loss = loss_fn(logits, y)
@@ -67,7 +91,7 @@ def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 5
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     total_loss, correct = 0.0, 0
     for i in range(0, len(y), batch_size):
-        xb, yb = torch.from_numpy(x[i:i + batch_size]), torch.from_numpy(y[i:i + batch_size])
+        xb, yb = torch.from_numpy(x[i : i + batch_size]), torch.from_numpy(y[i : i + batch_size])
         logits = model(xb)
         total_loss += loss_fn(logits, yb).item()
         correct += (logits.argmax(1) == yb).sum().item()
@@ -122,29 +146,53 @@ def fit(
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1}
         desc = f"epoch {epoch + 1}/{train_cfg.epochs}"
-        row |= train_one_epoch(model, loader, optimizer, scheduler, loss_fn, desc)
+        row |= train_one_epoch(
+            model, loader, optimizer, scheduler, loss_fn, desc, train_cfg.shift, generator
+        )
         val = evaluate(model, splits.val.x, splits.val.y)
         row |= {"val_loss": val["loss"], "val_acc": val["acc"]}
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         with open(metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
-        log.info("%s loss %.4f acc %.3f val_acc %.3f", desc, row["train_loss"], row["train_acc"],
-                 row["val_acc"])
-        save_checkpoint(run_dir / "checkpoint.pt", model, optimizer, scheduler, generator,
-                        epoch + 1, history, model_cfg, train_cfg, splits)
+        log.info(
+            "%s loss %.4f acc %.3f val_acc %.3f",
+            desc,
+            row["train_loss"],
+            row["train_acc"],
+            row["val_acc"],
+        )
+        save_checkpoint(
+            run_dir / "checkpoint.pt",
+            model,
+            optimizer,
+            scheduler,
+            generator,
+            epoch + 1,
+            history,
+            model_cfg,
+            train_cfg,
+            splits,
+        )
     test = evaluate(model, splits.test.x, splits.test.y)
-    summary = {"epochs": train_cfg.epochs, "test_acc": test["acc"], "test_loss": test["loss"],
-               "val_acc": history[-1]["val_acc"] if history else None,
-               "n_train": len(splits.train.y), "n_val": len(splits.val.y),
-               "n_test": len(splits.test.y), "seed": train_cfg.seed}
+    summary = {
+        "epochs": train_cfg.epochs,
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "val_acc": history[-1]["val_acc"] if history else None,
+        "n_train": len(splits.train.y),
+        "n_val": len(splits.val.y),
+        "n_test": len(splits.test.y),
+        "seed": train_cfg.seed,
+    }
     plot_curves(history, run_dir / "curves.png")
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
-def save_checkpoint(path, model, optimizer, scheduler, generator, epoch, history, model_cfg,
-                    train_cfg, splits) -> None:
+def save_checkpoint(
+    path, model, optimizer, scheduler, generator, epoch, history, model_cfg, train_cfg, splits
+) -> None:
     ckpt = {
         "state_dict": model.state_dict(),
         "optimizer": optimizer.state_dict(),

@@ -43,8 +43,9 @@ def test_rgb_is_channel_first_and_gray_input_is_converted():
     np.testing.assert_allclose(x[1], (0.0 - 0.4) / 0.2, atol=1e-6)
     # A grayscale upload fed to an RGB model gets the same value on every channel.
     g = preprocess_bytes(png(np.full((4, 4), 255, np.uint8)), RGB)
-    np.testing.assert_allclose(g[:, 0, 0], [(1 - 0.5) / 0.2, (1 - 0.4) / 0.2, (1 - 0.3) / 0.2],
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        g[:, 0, 0], [(1 - 0.5) / 0.2, (1 - 0.4) / 0.2, (1 - 0.3) / 0.2], atol=1e-6
+    )
 
 
 def test_resize_and_transparency():

@@ -1,0 +1,63 @@
+"""`bnfold-serve` (or `python -m service`): serve the bundles in the models folder with uvicorn.
+
+Settings come from BNFOLD_* environment variables; --host, --port and --models-dir override
+them. A bad setting prints one line and exits 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.config import Settings
+from service.errors import validation_message
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bnfold-serve", description="Serve bnfold model bundles over HTTP."
+    )
+    parser.add_argument("--host", help="bind address (BNFOLD_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="TCP port (BNFOLD_PORT, default 8000)")
+    parser.add_argument("--models-dir", help="bundle folder (BNFOLD_MODELS_DIR, default models)")
+    parser.add_argument("--provider", help="auto, cpu or cuda (BNFOLD_PROVIDER, default auto)")
+    return parser.parse_args(argv)
+
+
+def load_settings(args: argparse.Namespace) -> Settings:
+    """Environment first, then the flags given on the command line."""
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    return Settings(**overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = load_settings(args)
+    except ValidationError as exc:
+        print(f"bnfold-serve: invalid setting: {validation_message(exc.errors())}", file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from service.app import create_app
+    from service.sessions import resolve_providers
+
+    try:
+        resolve_providers(settings.provider)
+    except RuntimeError as exc:
+        print(f"bnfold-serve: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""OpenAPI for routes that read their own bodies (binary tensors, raw images, multipart).
+
+FastAPI documents only bodies it parses itself; these routes parse by Content-Type, so their
+request bodies are declared here and the models they reference are added to the components.
+Validation errors answer 400 {"error"} here, so FastAPI's default 422 entries are removed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+
+from service.schemas import ErrorResponse
+
+_BODY_MODELS: list[type[BaseModel]] = []
+
+BINARY = {"type": "string", "format": "binary"}
+MULTIPART = {
+    "type": "object",
+    "properties": {"files": {"type": "array", "items": BINARY, "description": "Image files."}},
+    "required": ["files"],
+}
+IMAGE_BODY = {
+    "multipart/form-data": MULTIPART,
+    "image/png": BINARY,
+    "image/jpeg": BINARY,
+    "application/octet-stream": BINARY,
+}
+ERROR_TEXT = {
+    400: "Bad input: undecodable image, wrong tensor, malformed JSON, bad parameter.",
+    404: "Unknown model, version or route.",
+    413: "Body, image or image count over a configured limit.",
+    415: "Unsupported Content-Type or image format.",
+    503: "Not ready: still loading, or the bundle failed to load (the reason is given).",
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entries documenting {"error"} bodies for these status codes."""
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXT[code]} for code in codes}
+
+
+def request_body(content: dict[str, type[BaseModel] | dict], description: str) -> dict:
+    """`openapi_extra=` declaring a body by media type: a pydantic model or a raw schema."""
+    spec = {}
+    for media, schema in content.items():
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            if schema not in _BODY_MODELS:
+                _BODY_MODELS.append(schema)
+            schema = {"$ref": f"#/components/schemas/{schema.__name__}"}
+        spec[media] = {"schema": schema}
+    return {"requestBody": {"required": True, "description": description, "content": spec}}
+
+
+def install_openapi(app: FastAPI) -> None:
+    """Replace app.openapi with a generator that adds the declared body models."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title, version=app.version, description=app.description, routes=app.routes
+        )
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        _, defs = models_json_schema(
+            [(m, "validation") for m in _BODY_MODELS], ref_template="#/components/schemas/{model}"
+        )
+        components.update(defs.get("$defs", {}))
+        _drop_default_422(schema)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_default_422(schema: dict[str, Any]) -> None:
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema["components"]["schemas"].pop(name, None)

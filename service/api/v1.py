@@ -1,0 +1,135 @@
+"""bnfold's own API: model listing and details, image predictions, folded-vs-unfolded checks."""
+
+from __future__ import annotations
+
+import anyio
+from fastapi import APIRouter, Query, Request
+
+from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
+from service.api.openapi import IMAGE_BODY, errors, request_body
+from service.api.state import get_runtime, get_settings
+from service.bundle import EquivalenceReport, Variant
+from service.inference import compare_variants, predictions, preprocess_uploads
+from service.runtime import LoadedModel
+from service.schemas import (
+    CompareResponse,
+    FoldSummary,
+    InferenceRequest,
+    ModelDetail,
+    ModelFile,
+    ModelList,
+    ModelSummary,
+    PredictResponse,
+)
+from service.sessions import GRAPH_OPT
+from service.v2codec import input_array, parse_request
+
+router = APIRouter(prefix="/v1", tags=["bnfold"])
+
+VariantQuery = Query("folded", description="'folded' (served) or 'unfolded' (BN executed).")
+TopK = Query(3, ge=1, le=1000, description="How many classes to rank (clamped to the classes).")
+
+
+def _summary(model: LoadedModel) -> dict:
+    m = model.manifest
+    return {
+        "name": model.name,
+        "version": model.version,
+        "status": "ready" if model.ready else "failed",
+        "error": model.error,
+        "classes": m.classes if m else None,
+    }
+
+
+@router.get("/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    """Every bundle found, with its status and, for a failed one, the reason."""
+    models = get_runtime(request).models.values()
+    return ModelList(models=[ModelSummary(**_summary(m)) for m in models])
+
+
+@router.get("/models/{model}", response_model=ModelDetail, responses=errors(404))
+async def model_detail(model: str, request: Request) -> ModelDetail:
+    """The manifest a client needs: classes, input spec, provider, fold summary, checksums."""
+    loaded = get_runtime(request).get(model)
+    m = loaded.manifest
+    if m is None:  # bundle.json itself was unreadable: only the status and reason are known
+        return ModelDetail(**_summary(loaded))
+    return ModelDetail(
+        **_summary(loaded),
+        created=m.created,
+        input=m.input,
+        output=m.output,
+        providers=loaded.providers,
+        files={v: ModelFile(**f.model_dump(), graph_optimization=GRAPH_OPT[v].name)
+               for v, f in m.files.items()},
+        fold_summary=FoldSummary(folded=sum(r.folded for r in m.fold_report),
+                                 refused=sum(not r.folded for r in m.fold_report),
+                                 layers=m.fold_report),
+        equivalence_passed=m.equivalence.passed,
+        per_layer_available=loaded.ready and loaded.probe_error is None,
+        per_layer_note=loaded.probe_error,
+        versions=m.versions,
+        training=m.training,
+    )  # fmt: skip
+
+
+@router.get(
+    "/models/{model}/equivalence", response_model=EquivalenceReport, responses=errors(404, 503)
+)
+async def equivalence(model: str, request: Request) -> EquivalenceReport:
+    """Folded vs unfolded (and each vs float64) as measured at export, from the manifest."""
+    manifest = get_runtime(request).get_ready(model).manifest
+    assert manifest is not None
+    return manifest.equivalence
+
+
+@router.post(
+    "/models/{model}/predict",
+    response_model=PredictResponse,
+    responses=errors(400, 404, 413, 415, 503),
+    openapi_extra=request_body(IMAGE_BODY, "One or more images (multipart), or one raw image."),
+)
+async def predict(
+    model: str, request: Request, variant: Variant = VariantQuery, top_k: int = TopK
+) -> PredictResponse:
+    """Classify images; `predictions` come in request order."""
+    runtime, settings = get_runtime(request), get_settings(request)
+    manifest = runtime.get_ready(model).manifest
+    assert manifest is not None
+    uploads = await read_images(request, settings.max_images_per_request)
+    x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+    logits = await runtime.infer(model, variant, x)
+    names = [u.filename for u in uploads]
+    return PredictResponse(
+        model_name=model,
+        model_version=manifest.version,
+        variant=variant,
+        predictions=predictions(logits, manifest.classes, top_k, names),
+    )
+
+
+COMPARE_BODY = {**IMAGE_BODY, JSON_TYPE: InferenceRequest}
+
+
+@router.post(
+    "/models/{model}/compare",
+    response_model=CompareResponse,
+    responses=errors(400, 404, 413, 415, 503),
+    openapi_extra=request_body(COMPARE_BODY, "Images as for predict, or a V2 JSON tensor."),
+)
+async def compare(model: str, request: Request, top_k: int = TopK) -> CompareResponse:
+    """Run folded and unfolded now on the same inputs; diff logits and per-layer outputs."""
+    runtime, settings = get_runtime(request), get_settings(request)
+    manifest = runtime.get_ready(model).manifest
+    assert manifest is not None
+    if media_type(request) == JSON_TYPE:
+        body = await read_json_or_binary(request)
+        decoded = await anyio.to_thread.run_sync(parse_request, body)
+        x, names = input_array(decoded, manifest.input), None
+    else:
+        also = "; or a V2 JSON tensor with Content-Type application/json"
+        uploads = await read_images(request, settings.max_images_per_request, also)
+        x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+        names = [u.filename for u in uploads]
+    return await compare_variants(runtime, model, x, top_k, names)

@@ -1,0 +1,170 @@
+"""The Open Inference Protocol (KServe V2) REST endpoints, with the binary tensor extension.
+
+`tritonclient.http` works against these with its defaults (binary inputs and outputs) and with
+`binary_data=False` (JSON). The variant to run is chosen by the request's
+`parameters.variant` ('folded' by default).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+import anyio
+from fastapi import APIRouter, Header, Request, Response
+
+from service.api.bodies import read_json_or_binary
+from service.api.openapi import BINARY, errors, request_body
+from service.api.state import get_runtime
+from service.errors import ServiceUnavailable
+from service.runtime import LoadedModel
+from service.schemas import (
+    InferenceRequest,
+    InferenceResponse,
+    ModelMetadata,
+    ModelReady,
+    ServerLive,
+    ServerMetadata,
+    ServerReady,
+    TensorMetadata,
+)
+from service.v2codec import (
+    HEADER_LENGTH,
+    encode_response,
+    input_array,
+    parse_request,
+    requested_outputs,
+    variant_of,
+)
+
+router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ["binary_tensor_data"]
+
+
+def server_version() -> str:
+    try:
+        return version("bnfold")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+@router.get("/health/live", response_model=ServerLive)
+async def live() -> ServerLive:
+    """200 while the process runs."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", response_model=ServerReady, responses=errors(503))
+async def ready(request: Request) -> ServerReady:
+    """200 once every bundle loaded and verified; 503 with the reason until then."""
+    reason = get_runtime(request).not_ready_reason()
+    if reason:
+        raise ServiceUnavailable(f"not ready: {reason}")
+    return ServerReady(ready=True)
+
+
+@router.get("", response_model=ServerMetadata)
+async def server_metadata() -> ServerMetadata:
+    return ServerMetadata(name="bnfold", version=server_version(), extensions=EXTENSIONS)
+
+
+def _metadata(model: LoadedModel) -> ModelMetadata:
+    m = model.manifest
+    assert m is not None
+    return ModelMetadata(
+        name=model.name,
+        versions=[m.version],
+        platform=PLATFORM,
+        inputs=[TensorMetadata(name=m.input.name, datatype=m.input.datatype, shape=m.input.shape)],
+        outputs=[TensorMetadata(name=m.output.name, datatype=m.output.datatype,
+                                shape=m.output.shape)],
+    )  # fmt: skip
+
+
+@router.get("/models/{model}", response_model=ModelMetadata, responses=errors(404, 503))
+async def model_metadata(model: str, request: Request) -> ModelMetadata:
+    return _metadata(get_runtime(request).get_ready(model))
+
+
+@router.get(
+    "/models/{model}/versions/{version}", response_model=ModelMetadata, responses=errors(404, 503)
+)
+async def model_version_metadata(model: str, version: str, request: Request) -> ModelMetadata:
+    return _metadata(get_runtime(request).get_ready(model, version))
+
+
+@router.get("/models/{model}/ready", response_model=ModelReady, responses=errors(404, 503))
+async def model_ready(model: str, request: Request) -> ModelReady:
+    """200 when the model can answer; 503 with its load failure when it cannot."""
+    get_runtime(request).get_ready(model)
+    return ModelReady(name=model, ready=True)
+
+
+@router.get(
+    "/models/{model}/versions/{version}/ready",
+    response_model=ModelReady,
+    responses=errors(404, 503),
+)
+async def model_version_ready(model: str, version: str, request: Request) -> ModelReady:
+    get_runtime(request).get_ready(model, version)
+    return ModelReady(name=model, ready=True)
+
+
+INFER_DOC = {
+    "responses": {
+        200: {
+            "model": InferenceResponse,
+            "content": {"application/octet-stream": {"schema": BINARY}},
+            "description": "JSON, or with binary outputs: JSON header + raw little-endian "
+            "tensors, its length in the Inference-Header-Content-Length response header.",
+        },
+        **errors(400, 404, 413, 415, 503),
+    },
+    "openapi_extra": request_body(
+        {"application/json": InferenceRequest, "application/octet-stream": BINARY},
+        "JSON tensors, or the binary tensor extension: JSON header, then raw tensors.",
+    ),
+}
+HeaderLength = Header(
+    None, alias=HEADER_LENGTH, ge=1, description="Byte length of the JSON header (binary bodies)."
+)
+
+
+@router.post("/models/{model}/infer", **INFER_DOC)
+async def infer(model: str, request: Request, header_length: int | None = HeaderLength):
+    """Run the model on V2 tensors; `parameters.variant` picks folded (default) or unfolded."""
+    return await _infer(request, model, None, header_length)
+
+
+@router.post("/models/{model}/versions/{version}/infer", **INFER_DOC)
+async def infer_version(
+    model: str, version: str, request: Request, header_length: int | None = HeaderLength
+):
+    return await _infer(request, model, version, header_length)
+
+
+async def _infer(request: Request, name: str, version: str | None, header_length: int | None):
+    runtime = get_runtime(request)
+    model = runtime.get_ready(name, version)
+    assert model.manifest is not None
+    body = await read_json_or_binary(request)
+    decoded = await anyio.to_thread.run_sync(parse_request, body, header_length)
+    x = input_array(decoded, model.manifest.input)  # (N, C, H, W) float32
+    variant = variant_of(decoded.request.parameters)
+    outputs = requested_outputs(decoded.request, model.manifest.output)
+    logits = await runtime.infer(name, variant, x, version)
+    header = {
+        "model_name": name,
+        "model_version": model.version,
+        "parameters": {"variant": variant},
+    }
+    if decoded.request.id is not None:
+        header["id"] = decoded.request.id
+    content, json_length = encode_response(header, [(n, b, logits) for n, b in outputs])
+    if json_length is None:
+        return Response(content, media_type="application/json")
+    return Response(
+        content,
+        media_type="application/octet-stream",
+        headers={HEADER_LENGTH: str(json_length)},
+    )

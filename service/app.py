@@ -1,0 +1,91 @@
+"""`create_app(settings)`: the FastAPI application, its lifespan and its error handling.
+
+Sessions load in the lifespan, never at import. Errors: a `BnfoldError` answers its own status;
+request validation and routing errors answer 4xx; anything else is logged with its traceback
+and answered 500. Every error body is {"error": "..."}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from service.api import v1, v2
+from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from service.api.openapi import install_openapi
+from service.config import Settings
+from service.errors import BnfoldError, validation_message
+from service.runtime import ModelRuntime, Runner
+
+DESCRIPTION = """
+Serves batch-normalized CNNs whose BatchNorm layers were folded into the weights, next to the
+unfolded originals, so the two can be compared live.
+
+* **/v2**: the Open Inference Protocol (KServe V2), JSON and binary tensors (`tritonclient` works).
+* **/v1**: image predictions, model details, and folded-vs-unfolded equivalence.
+
+Every error answers `{"error": "..."}`: 400 bad input, 404 unknown model, 413 over a limit,
+415 wrong Content-Type or image format, 503 not ready.
+"""
+
+
+def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
+    """The application; `runner` replaces how batches reach sessions (tests, batching)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime: ModelRuntime = app.state.runtime
+        await runtime.start()
+        try:
+            yield
+        finally:
+            await runtime.aclose()
+
+    app = FastAPI(
+        title="bnfold", version=v2.server_version(), description=DESCRIPTION, lifespan=lifespan
+    )
+    app.state.settings = settings
+    app.state.runtime = ModelRuntime(settings, runner)  # ready answers 503 until started
+    app.include_router(v2.router)
+    app.include_router(v1.router)
+    _add_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    app.add_middleware(InternalErrorMiddleware)  # added last: outermost
+    install_openapi(app)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(BnfoldError, _bnfold_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+async def _bnfold_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BnfoldError)
+    return error_response(exc.status_code, exc.message)
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    return error_response(400, f"invalid request: {validation_message(list(exc.errors()))}")
+
+
+async def _http_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HTTPException)
+    message = str(exc.detail)
+    if exc.status_code == 404 and message == "Not Found":
+        message = f"no route {request.method} {request.url.path}; the API is listed at /docs"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    return error_response(exc.status_code, message, exc.headers)

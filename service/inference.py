@@ -1,0 +1,121 @@
+"""What the /v1 endpoints ask of a model: images -> batch, logits -> predictions, and the
+live folded-vs-unfolded comparison. HTTP-free; inference goes through `ModelRuntime.infer`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import numpy as np
+
+from service.bundle import LayerDiff, Manifest, Variant
+from service.equivalence import diff_stats, softmax
+from service.errors import BnfoldError, PayloadTooLarge
+from service.preprocess import PreprocessSpec, preprocess_bytes
+from service.runtime import ModelRuntime
+from service.schemas import ClassProbability, CompareResponse, Prediction
+
+
+@dataclass
+class Upload:
+    """One image as received: its bytes and, for multipart uploads, its file name."""
+
+    data: bytes
+    filename: str | None = None
+
+    def describe(self, index: int) -> str:
+        name = f" ({self.filename!r})" if self.filename else ""
+        return f"image {index + 1}{name}"
+
+
+def check_image_count(count: int, limit: int) -> None:
+    if count > limit:
+        raise PayloadTooLarge(
+            f"{count} images in one request, over the limit of {limit}: split the batch"
+        )
+
+
+def images_to_batch(uploads: list[Upload], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
+    """Decode and preprocess every upload -> (N, C, H, W) float32; errors name the image."""
+    rows = []
+    for i, upload in enumerate(uploads):
+        try:
+            rows.append(preprocess_bytes(upload.data, spec, max_pixels))
+        except BnfoldError as exc:
+            prefix = upload.describe(i) if len(uploads) > 1 or upload.filename else "image"
+            raise type(exc)(f"{prefix}: {exc.message}", exc.status_code) from None
+    return np.stack(rows)
+
+
+async def preprocess_uploads(
+    uploads: list[Upload], spec: PreprocessSpec, max_pixels: int
+) -> np.ndarray:
+    """images_to_batch in a worker thread: decoding is CPU work the event loop must not do."""
+    return await anyio.to_thread.run_sync(images_to_batch, uploads, spec, max_pixels)
+
+
+def predictions(
+    logits: np.ndarray, classes: list[str], top_k: int, filenames: list[str | None] | None = None
+) -> list[Prediction]:
+    """One Prediction per row of (N, classes) logits, in row order; top_k clamped to classes."""
+    probs = softmax(logits)  # (N, classes) float64
+    k = min(top_k, len(classes))
+    names = filenames or [None] * len(probs)
+    out = []
+    for row, filename in zip(probs, names, strict=True):
+        order = np.argsort(-row, kind="stable")[:k]
+        ranked = [ClassProbability(label=classes[i], index=int(i), probability=float(row[i]))
+                  for i in order]  # fmt: skip
+        out.append(Prediction(**ranked[0].model_dump(), filename=filename, top_k=ranked))
+    return out
+
+
+async def compare_variants(
+    runtime: ModelRuntime, name: str, x: np.ndarray, top_k: int,
+    filenames: list[str | None] | None = None,
+) -> CompareResponse:  # fmt: skip
+    """Run both variants on x now, and diff their logits and each folded layer's output."""
+    manifest = runtime.get_ready(name).manifest
+    assert manifest is not None
+    logits: dict[Variant, np.ndarray] = {}
+    for variant in ("folded", "unfolded"):
+        logits[variant] = await runtime.infer(name, variant, x)
+    stats = diff_stats(logits["folded"], logits["unfolded"])
+    per_layer, note = await _per_layer(runtime, name, manifest, x)
+    tolerance = manifest.equivalence.tolerance_abs
+    return CompareResponse(
+        model_name=name,
+        model_version=manifest.version,
+        n_images=len(x),
+        folded=predictions(logits["folded"], manifest.classes, top_k, filenames),
+        unfolded=predictions(logits["unfolded"], manifest.classes, top_k, filenames),
+        max_abs_diff=stats.max_abs_diff,
+        mean_abs_diff=stats.mean_abs_diff,
+        max_rel_diff=stats.max_rel_diff,
+        top1_agreement=stats.top1_agreement if stats.top1_agreement is not None else 1.0,
+        tolerance_abs=tolerance,
+        within_tolerance=stats.max_abs_diff <= tolerance,
+        per_layer=per_layer,
+        per_layer_note=note,
+    )
+
+
+async def _per_layer(
+    runtime: ModelRuntime, name: str, manifest: Manifest, x: np.ndarray
+) -> tuple[list[LayerDiff], str | None]:
+    tensors = await runtime.probe(name, x)
+    if tensors is None:
+        return [], runtime.get(name).probe_error
+    rows = []
+    for probe, a, b in zip(manifest.layer_probes, *tensors, strict=True):
+        s = diff_stats(a, b, classify=False)
+        rows.append(
+            LayerDiff(
+                **probe.model_dump(),
+                max_abs_diff=s.max_abs_diff,
+                mean_abs_diff=s.mean_abs_diff,
+                max_rel_diff=s.max_rel_diff,
+            )
+        )
+    return rows, None

@@ -1,0 +1,188 @@
+"""Open Inference Protocol (V2) bodies <-> numpy, with the binary tensor data extension.
+
+HTTP-free: the route hands over the body bytes and the `Inference-Header-Content-Length` header
+value, and gets back tensors or response bytes. A binary body is the JSON header followed by
+each binary input's raw little-endian bytes, in input order, sized by its
+`parameters.binary_data_size`. A binary response mirrors it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.bundle import VARIANTS, TensorSpec, Variant
+from service.errors import BadInput, validation_message
+from service.schemas import InferenceRequest, Parameters, RequestInput
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
+
+
+@dataclass
+class DecodedRequest:
+    """A parsed inference request and the raw bytes of each binary input (by input index)."""
+
+    request: InferenceRequest
+    binary: dict[int, bytes]
+
+
+def parse_request(body: bytes, header_length: int | None = None) -> DecodedRequest:
+    """Split and validate a JSON or binary-extension body; 400 with the reason otherwise."""
+    if header_length is None:
+        header_length = len(body)
+    elif not 0 < header_length <= len(body):
+        raise BadInput(
+            f"{HEADER_LENGTH} is {header_length}; it must be the byte length of the JSON "
+            f"header, between 1 and the body length {len(body)}"
+        )
+    request = _validate_header(body[:header_length])
+    return DecodedRequest(request, _split_binary(request, body[header_length:]))
+
+
+def _validate_header(raw: bytes) -> InferenceRequest:
+    try:
+        return InferenceRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise BadInput(f"malformed JSON in the inference request: {errors[0]['msg']}") from None
+        raise BadInput(f"invalid inference request: {validation_message(errors)}") from None
+
+
+def _split_binary(request: InferenceRequest, tail: bytes) -> dict[int, bytes]:
+    chunks, offset = {}, 0
+    for i, tensor in enumerate(request.inputs):
+        size = _binary_size(tensor)
+        if size is None:
+            if tensor.data is None:
+                raise BadInput(
+                    f"input {tensor.name!r} has neither 'data' nor parameters.binary_data_size"
+                )
+            continue
+        if tensor.data is not None:
+            raise BadInput(f"input {tensor.name!r} has both 'data' and binary_data_size: pick one")
+        chunks[i] = tail[offset : offset + size]
+        offset += size
+    if offset != len(tail):
+        raise BadInput(
+            f"the body carries {len(tail)} bytes of binary tensor data after the JSON header, "
+            f"but the inputs' binary_data_size add up to {offset}"
+        )
+    return chunks
+
+
+def _binary_size(tensor: RequestInput) -> int | None:
+    size = (tensor.parameters or {}).get("binary_data_size")
+    if size is None:
+        return None
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise BadInput(f"input {tensor.name!r}: binary_data_size must be a byte count >= 0")
+    return size
+
+
+def input_array(decoded: DecodedRequest, spec: TensorSpec) -> np.ndarray:
+    """The model's one input as an array of the declared shape (model shape checked later)."""
+    inputs = decoded.request.inputs
+    if [t.name for t in inputs] != [spec.name]:
+        raise BadInput(
+            f"this model takes one input named {spec.name!r}; the request has "
+            f"{[t.name for t in inputs]}"
+        )
+    tensor = inputs[0]
+    if tensor.datatype != spec.datatype:
+        raise BadInput(
+            f"input {spec.name!r} has datatype {tensor.datatype}; this model takes {spec.datatype}"
+        )
+    count = math.prod(tensor.shape)
+    raw = decoded.binary.get(0)
+    flat = _from_binary(tensor, raw, count) if raw is not None else _from_json(tensor, count)
+    return flat.reshape(tensor.shape)
+
+
+def _from_binary(tensor: RequestInput, raw: bytes, count: int) -> np.ndarray:
+    dtype = NUMPY_DTYPE[tensor.datatype]
+    if len(raw) != count * dtype.itemsize:
+        raise BadInput(
+            f"input {tensor.name!r} has shape {tensor.shape} ({count} elements, "
+            f"{count * dtype.itemsize} bytes of {tensor.datatype}) but binary_data_size "
+            f"is {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
+
+
+def _from_json(tensor: RequestInput, count: int) -> np.ndarray:
+    try:
+        values = np.array(tensor.data)  # nested lists of numbers -> int64/float64
+    except (ValueError, OverflowError):
+        raise BadInput(
+            f"input {tensor.name!r}: nested data lists must all have the same length"
+        ) from None
+    if values.dtype.kind not in "iuf":
+        raise BadInput(f"input {tensor.name!r}: data must hold only numbers ({tensor.datatype})")
+    if values.size != count:
+        raise BadInput(
+            f"input {tensor.name!r} has shape {tensor.shape} ({count} elements) but its data "
+            f"holds {values.size} elements"
+        )
+    with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
+        return values.astype(np.float32).ravel()
+
+
+def variant_of(parameters: Parameters | None) -> Variant:
+    """The request's `parameters.variant` (default folded)."""
+    variant = (parameters or {}).get("variant", "folded")
+    if variant not in VARIANTS:
+        raise BadInput(f"parameters.variant is {variant!r}; use 'folded' or 'unfolded'")
+    return variant  # type: ignore[return-value]
+
+
+def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple[str, bool]]:
+    """(name, as_binary) for each output to answer; all outputs when none are named."""
+    default_binary = _flag(request.parameters, "binary_data_output", "request")
+    if request.outputs is None:
+        return [(spec.name, default_binary)]
+    answer = []
+    for out in request.outputs:
+        if out.name != spec.name:
+            raise BadInput(f"unknown output {out.name!r}; this model has outputs [{spec.name!r}]")
+        if (out.parameters or {}).get("classification"):
+            raise BadInput(
+                "the classification extension is not supported; request the logits "
+                "or use POST /v1/models/{model}/predict"
+            )
+        binary = (out.parameters or {}).get("binary_data", default_binary)
+        answer.append((out.name, _flag({"binary_data": binary}, "binary_data", out.name)))
+    return answer
+
+
+def _flag(parameters: Parameters | None, key: str, where: str) -> bool:
+    value = (parameters or {}).get(key, False)
+    if not isinstance(value, bool):
+        raise BadInput(f"{where}: parameters.{key} must be true or false, got {value!r}")
+    return value
+
+
+def encode_response(
+    header: dict, outputs: list[tuple[str, bool, np.ndarray]]
+) -> tuple[bytes, int | None]:
+    """Response body and, when any output is binary, the JSON header length to send."""
+    described, blobs = [], []
+    for name, binary, array in outputs:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        out = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if binary:
+            raw = array.astype("<f4").tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}
+            blobs.append(raw)
+        else:
+            out["data"] = array.ravel().tolist()  # float32 values are exact as JSON doubles
+        described.append(out)
+    head = json.dumps({**header, "outputs": described}).encode()
+    if not blobs:
+        return head, None
+    return head + b"".join(blobs), len(head)
