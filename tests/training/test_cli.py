@@ -1,4 +1,4 @@
-"""bnfold-train: help, one-line errors, verify accepting a good bundle and failing a tampered one."""
+"""bnfold-train: help, one-line errors, verify passing a good bundle and failing a tampered one."""
 
 import shutil
 import subprocess

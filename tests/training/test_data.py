@@ -1,4 +1,4 @@
-"""Data: digits through the serving preprocessing, image folders, deterministic stratified splits."""
+"""Data: digits through the serving preprocessing, image folders, deterministic splits."""
 
 import io
 
