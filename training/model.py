@@ -29,6 +29,8 @@ class ModelConfig:
     blocks_per_stage: int = 1
     residual: bool = False
     hidden: int = 64  # width of the classifier's hidden Linear -> BN1d -> ReLU
+    stem_stride: int = 1  # 2 (with stem_pool) gives a ResNet-style stem for large inputs
+    stem_pool: bool = False  # 3x3 stride-2 max pool after the stem
     bn_eps: float = 1e-5
     bn_momentum: float | None = 0.1  # PyTorch convention; None = cumulative average
     bn_placement: Placement = "pre"  # "pre": conv -> BN -> ReLU, "post": conv -> ReLU -> BN
@@ -108,7 +110,8 @@ class BNNet(nn.Module):
         super().__init__()
         self.config = cfg
         w0 = cfg.widths[0]
-        self.stem = ConvBNAct(cfg, cfg.in_channels, w0)
+        self.stem = ConvBNAct(cfg, cfg.in_channels, w0, stride=cfg.stem_stride)
+        self.stem_pool = nn.MaxPool2d(3, 2, 1) if cfg.stem_pool else nn.Identity()
         layers: list[nn.Module] = []
         cin = w0
         for i, width in enumerate(cfg.widths):
@@ -132,7 +135,7 @@ class BNNet(nn.Module):
         self.post = post
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
-        x = self.flatten(self.pool(self.features(self.stem(x))))
+        x = self.flatten(self.pool(self.features(self.stem_pool(self.stem(x)))))
         if self.post:
             x = self.bn_fc(self.relu(self.fc1(x)))
         else:
@@ -142,6 +145,13 @@ class BNNet(nn.Module):
 
 def build_model(cfg: ModelConfig) -> BNNet:
     return BNNet(cfg)
+
+
+def resnet18_like(num_classes: int = 10, size: int = 128) -> ModelConfig:
+    """ResNet-18 widths and depth on 3 x size x size input (the benchmarks' heavy model)."""
+    return ModelConfig(in_channels=3, input_height=size, input_width=size, num_classes=num_classes,
+                       widths=[64, 128, 256, 512], blocks_per_stage=2, residual=True, hidden=256,
+                       stem_stride=2, stem_pool=True)
 
 
 def count_batchnorms(model: nn.Module) -> int:
