@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "decompression bombs included, get 413 before they are decoded.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
+    drain_timeout_s: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM, how long requests in flight may take to finish before the "
+        "server exits (uvicorn's graceful shutdown timeout).",
+    )
 
-    # --- Batching, backpressure and shutdown (issue 7) go here: max_batch_size, max_delay_ms,
-    # --- queue size per model, request timeout, drain timeout.
+    # --- Batching and backpressure (issue 7) go here: max_batch_size, max_delay_ms, queue
+    # --- size per model, request timeout.

@@ -20,7 +20,14 @@ import onnxruntime as ort
 
 from service.bundle import VARIANTS, Manifest, TensorSpec, Variant, discover_bundles, load_bundle
 from service.config import Settings
-from service.errors import BadInput, BnfoldError, NotFound, PayloadTooLarge, ServiceUnavailable
+from service.errors import (
+    BadInput,
+    BnfoldError,
+    BundleError,
+    NotFound,
+    PayloadTooLarge,
+    ServiceUnavailable,
+)
 from service.sessions import make_probe_session, make_session, resolve_providers
 
 log = logging.getLogger(__name__)
@@ -56,9 +63,14 @@ class LoadedModel:
     def run_probes(self, variant: Variant, x: np.ndarray) -> list[np.ndarray]:
         """Blocking: the intermediate tensors named by manifest.layer_probes, in probe order."""
         assert self.manifest is not None
-        attr = "folded_tensor" if variant == "folded" else "unfolded_tensor"
-        names = [getattr(p, attr) for p in self.manifest.layer_probes]
+        names = probe_names(self.manifest, variant)
         return self.probe_sessions[variant].run(names, {self.manifest.input.name: x})
+
+
+def probe_names(manifest: Manifest, variant: Variant) -> list[str]:
+    """The tensors to expose in one variant's graph, one per folded BN (manifest order)."""
+    attr = "folded_tensor" if variant == "folded" else "unfolded_tensor"
+    return [getattr(p, attr) for p in manifest.layer_probes]
 
 
 def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedModel:
@@ -88,7 +100,7 @@ def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedMode
 
 def _check_name(manifest: Manifest, path: Path) -> None:
     if manifest.name != path.name:
-        raise BnfoldError(
+        raise BundleError(
             f"{path}: folder name {path.name!r} differs from the manifest name "
             f"{manifest.name!r}; rename the folder to the model name"
         )
@@ -102,14 +114,14 @@ def _check_session(model: LoadedModel, variant: Variant) -> None:
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [m.input.name] or m.output.name not in outputs:
-        raise BnfoldError(
+        raise BundleError(
             f"{model.path / m.files[variant].path}: graph has inputs {inputs} and outputs "
             f"{outputs}; the manifest declares input {m.input.name!r}, output {m.output.name!r}"
         )
     example = np.zeros([1, *m.input.shape[1:]], dtype=np.float32)  # (1, C, H, W)
     logits = model.run(variant, example)
     if logits.shape != (1, len(m.classes)):
-        raise BnfoldError(
+        raise BundleError(
             f"{variant} model answers logits of shape {list(logits.shape)} for one image; "
             f"the manifest lists {len(m.classes)} classes"
         )
@@ -124,11 +136,8 @@ def _load_probes(model: LoadedModel, providers: list[str]) -> None:
         return
     try:
         for v in VARIANTS:
-            attr = "folded_tensor" if v == "folded" else "unfolded_tensor"
-            names = [getattr(p, attr) for p in m.layer_probes]
-            model.probe_sessions[v] = make_probe_session(
-                model.path / m.files[v].path, names, providers
-            )
+            path = model.path / m.files[v].path
+            model.probe_sessions[v] = make_probe_session(path, probe_names(m, v), providers)
     except ImportError:
         model.probe_error = "per-layer differences need the onnx package, not installed here"
     except Exception as exc:

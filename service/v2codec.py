@@ -144,7 +144,7 @@ def variant_of(parameters: Parameters | None) -> Variant:
 def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple[str, bool]]:
     """(name, as_binary) for each output to answer; all outputs when none are named."""
     default_binary = _flag(request.parameters, "binary_data_output", "request")
-    if request.outputs is None:
+    if not request.outputs:
         return [(spec.name, default_binary)]
     answer = []
     for out in request.outputs:

@@ -7,8 +7,8 @@ to send. Decoding the images themselves is `service.preprocess`'s job, not this 
 from __future__ import annotations
 
 from fastapi import Request
-from fastapi.exceptions import HTTPException
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
 
 from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 from service.inference import Upload, check_image_count

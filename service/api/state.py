@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Path, Request
 
 from service.config import Settings
 from service.runtime import ModelRuntime
@@ -14,3 +16,9 @@ def get_runtime(request: Request) -> ModelRuntime:
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+ModelName = Annotated[
+    str, Path(description="Model name: its folder in models/.", examples=["digits"])
+]
+ModelVersion = Annotated[str, Path(description="The bundle's version.", examples=["1"])]

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Query, Request
 
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
-from service.api.state import get_runtime, get_settings
+from service.api.state import ModelName, get_runtime, get_settings
 from service.bundle import EquivalenceReport, Variant
 from service.inference import compare_variants, predictions, preprocess_uploads
 from service.runtime import LoadedModel
@@ -49,7 +49,7 @@ async def list_models(request: Request) -> ModelList:
 
 
 @router.get("/models/{model}", response_model=ModelDetail, responses=errors(404))
-async def model_detail(model: str, request: Request) -> ModelDetail:
+async def model_detail(model: ModelName, request: Request) -> ModelDetail:
     """The manifest a client needs: classes, input spec, provider, fold summary, checksums."""
     loaded = get_runtime(request).get(model)
     m = loaded.manifest
@@ -77,7 +77,7 @@ async def model_detail(model: str, request: Request) -> ModelDetail:
 @router.get(
     "/models/{model}/equivalence", response_model=EquivalenceReport, responses=errors(404, 503)
 )
-async def equivalence(model: str, request: Request) -> EquivalenceReport:
+async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
     """Folded vs unfolded (and each vs float64) as measured at export, from the manifest."""
     manifest = get_runtime(request).get_ready(model).manifest
     assert manifest is not None
@@ -91,7 +91,7 @@ async def equivalence(model: str, request: Request) -> EquivalenceReport:
     openapi_extra=request_body(IMAGE_BODY, "One or more images (multipart), or one raw image."),
 )
 async def predict(
-    model: str, request: Request, variant: Variant = VariantQuery, top_k: int = TopK
+    model: ModelName, request: Request, variant: Variant = VariantQuery, top_k: int = TopK
 ) -> PredictResponse:
     """Classify images; `predictions` come in request order."""
     runtime, settings = get_runtime(request), get_settings(request)
@@ -118,7 +118,7 @@ COMPARE_BODY = {**IMAGE_BODY, JSON_TYPE: InferenceRequest}
     responses=errors(400, 404, 413, 415, 503),
     openapi_extra=request_body(COMPARE_BODY, "Images as for predict, or a V2 JSON tensor."),
 )
-async def compare(model: str, request: Request, top_k: int = TopK) -> CompareResponse:
+async def compare(model: ModelName, request: Request, top_k: int = TopK) -> CompareResponse:
     """Run folded and unfolded now on the same inputs; diff logits and per-layer outputs."""
     runtime, settings = get_runtime(request), get_settings(request)
     manifest = runtime.get_ready(model).manifest

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Header, Request, Response
 
 from service.api.bodies import read_json_or_binary
 from service.api.openapi import BINARY, errors, request_body
-from service.api.state import get_runtime
+from service.api.state import ModelName, ModelVersion, get_runtime
 from service.errors import ServiceUnavailable
 from service.runtime import LoadedModel
 from service.schemas import (
@@ -82,19 +82,21 @@ def _metadata(model: LoadedModel) -> ModelMetadata:
 
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=errors(404, 503))
-async def model_metadata(model: str, request: Request) -> ModelMetadata:
+async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
     return _metadata(get_runtime(request).get_ready(model))
 
 
 @router.get(
     "/models/{model}/versions/{version}", response_model=ModelMetadata, responses=errors(404, 503)
 )
-async def model_version_metadata(model: str, version: str, request: Request) -> ModelMetadata:
+async def model_version_metadata(
+    model: ModelName, version: ModelVersion, request: Request
+) -> ModelMetadata:
     return _metadata(get_runtime(request).get_ready(model, version))
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=errors(404, 503))
-async def model_ready(model: str, request: Request) -> ModelReady:
+async def model_ready(model: ModelName, request: Request) -> ModelReady:
     """200 when the model can answer; 503 with its load failure when it cannot."""
     get_runtime(request).get_ready(model)
     return ModelReady(name=model, ready=True)
@@ -105,7 +107,9 @@ async def model_ready(model: str, request: Request) -> ModelReady:
     response_model=ModelReady,
     responses=errors(404, 503),
 )
-async def model_version_ready(model: str, version: str, request: Request) -> ModelReady:
+async def model_version_ready(
+    model: ModelName, version: ModelVersion, request: Request
+) -> ModelReady:
     get_runtime(request).get_ready(model, version)
     return ModelReady(name=model, ready=True)
 
@@ -131,14 +135,17 @@ HeaderLength = Header(
 
 
 @router.post("/models/{model}/infer", **INFER_DOC)
-async def infer(model: str, request: Request, header_length: int | None = HeaderLength):
+async def infer(model: ModelName, request: Request, header_length: int | None = HeaderLength):
     """Run the model on V2 tensors; `parameters.variant` picks folded (default) or unfolded."""
     return await _infer(request, model, None, header_length)
 
 
 @router.post("/models/{model}/versions/{version}/infer", **INFER_DOC)
 async def infer_version(
-    model: str, version: str, request: Request, header_length: int | None = HeaderLength
+    model: ModelName,
+    version: ModelVersion,
+    request: Request,
+    header_length: int | None = HeaderLength,
 ):
     return await _infer(request, model, version, header_length)
 

@@ -1,0 +1,187 @@
+// The model card: what GET /v1/models/{model} and /equivalence say about a bundle: classes,
+// input spec, execution provider, files and checksums, the fold report, and the equivalence
+// measured at export.
+
+import { formatSci, renderLayerChart } from "./chart.js";
+
+function table(h, caption, head, rows, cls = "") {
+  return h(
+    "div",
+    { class: "table-wrap" },
+    h(
+      "table",
+      { class: cls },
+      h("caption", {}, caption),
+      h("thead", {}, h("tr", {}, head.map((c) => h("th", { scope: "col" }, c)))),
+      h("tbody", {}, rows),
+    ),
+  );
+}
+
+function definitions(h, pairs) {
+  return h(
+    "dl",
+    { class: "kv" },
+    pairs.filter(([, v]) => v !== undefined && v !== null && v !== "").map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))),
+  );
+}
+
+function badge(h, ok, yes, no) {
+  return h("span", { class: `badge ${ok ? "ok" : "bad"}` }, ok ? yes : no);
+}
+
+function inputSection(h, m) {
+  const p = m.input.preprocess;
+  return h(
+    "section",
+    { class: "card-part" },
+    h("h3", {}, "Input and output"),
+    definitions(h, [
+      ["Input tensor", `${m.input.name}: ${m.input.datatype} [${m.input.shape.join(", ")}]`],
+      ["Color mode", p.color_mode === "L" ? "L (grayscale, 1 channel)" : "RGB (3 channels)"],
+      ["Size", `${p.width}×${p.height} (${p.resample} resampling)`],
+      ["Scale", String(p.scale)],
+      ["Mean", `[${p.mean.join(", ")}]`],
+      ["Std", `[${p.std.join(", ")}]`],
+      ["Output tensor", `${m.output.name}: ${m.output.datatype} [${m.output.shape.join(", ")}]`],
+    ]),
+    h("h3", {}, `Classes (${m.classes.length})`),
+    h("ul", { class: "chips", "aria-label": "Classes" }, m.classes.map((c, i) => h("li", { title: `index ${i}` }, c))),
+  );
+}
+
+function runtimeSection(h, m) {
+  const files = Object.entries(m.files).map(([variant, f]) =>
+    h(
+      "tr",
+      { "data-variant": variant },
+      h("th", { scope: "row" }, variant),
+      h("td", {}, f.path),
+      h("td", { class: "num" }, String(f.batchnorm_nodes)),
+      h("td", { class: "num" }, String(f.opset)),
+      h("td", {}, f.graph_optimization),
+      h("td", { class: "hash", "data-role": "sha256" }, f.sha256),
+    ),
+  );
+  const versions = Object.entries(m.versions ?? {}).map(([k, v]) => `${k} ${v}`).join(" · ");
+  return h(
+    "section",
+    { class: "card-part wide" },
+    h("h3", {}, "Runtime and files"),
+    definitions(h, [
+      ["Execution provider", h("span", { "data-role": "providers" }, m.providers.join(", ") || "none")],
+      ["Exported with", versions],
+      ["Created", m.created],
+    ]),
+    table(h, "ONNX files, verified against these sha256 checksums at start-up",
+      ["Variant", "File", "BN nodes", "Opset", "Graph optimization", "sha256"], files, "files"),
+  );
+}
+
+function foldSection(h, m) {
+  const s = m.fold_summary;
+  const rows = s.layers.map((l) => {
+    const scale = l.scale_min != null ? `${l.scale_min.toPrecision(3)} … ${l.scale_max.toPrecision(3)}` : "";
+    const note = [l.reason, l.warning].filter(Boolean).join("; ");
+    return h(
+      "tr",
+      { "data-bn": l.bn, class: l.folded ? "" : "refused" },
+      h("th", { scope: "row" }, l.bn),
+      h("td", {}, badge(h, l.folded, "folded", "refused")),
+      h("td", {}, l.into ?? "—"),
+      h("td", {}, l.direction ?? "—"),
+      h("td", { class: "num" }, scale),
+      h("td", {}, note || "—"),
+    );
+  });
+  return h(
+    "section",
+    { class: "card-part wide" },
+    h("h3", {}, `Fold report: ${s.folded} folded, ${s.refused} refused`),
+    table(h, "Each BatchNorm layer and what happened to it",
+      ["BatchNorm", "Result", "Folded into", "Direction", "|γ/σ| range", "Reason / warning"], rows, "fold"),
+  );
+}
+
+function equivalenceSection(h, eq) {
+  const pairs = [
+    ["folded vs unfolded", eq.folded_vs_unfolded],
+    ["folded vs float64", eq.folded_vs_float64],
+    ["unfolded vs float64", eq.unfolded_vs_float64],
+  ];
+  const rows = pairs.map(([name, d]) =>
+    h(
+      "tr",
+      {},
+      h("th", { scope: "row" }, name),
+      h("td", { class: "num" }, formatSci(d.max_abs_diff)),
+      h("td", { class: "num" }, formatSci(d.mean_abs_diff)),
+      h("td", { class: "num" }, formatSci(d.max_rel_diff)),
+      h("td", { class: "num" }, d.top1_agreement == null ? "—" : `${(d.top1_agreement * 100).toFixed(2)}%`),
+    ),
+  );
+  const chart = h("div", { class: "chart-box", id: "export-chart" });
+  const part = h(
+    "section",
+    { class: "card-part wide" },
+    h("h3", {}, "Equivalence measured at export ", badge(h, eq.passed, "passed", "failed")),
+    h("p", { class: "hint" },
+      `onnxruntime on ${eq.n_images} ${eq.split} images; pass threshold on max |Δ logit|: ${formatSci(eq.tolerance_abs)}.`),
+    table(h, "Logit differences", ["Comparison", "max |Δ|", "mean |Δ|", "max rel Δ", "Top-1 agreement"], rows, "equivalence"),
+    h("figure", { class: "chart" }, chart,
+      h("figcaption", { class: "hint" }, "Per layer at export: folded layer output vs the BatchNorm output it replaces (log scale).")),
+  );
+  const draw = () => {
+    const layerRows = eq.per_layer.map((l) => ({ key: l.bn, label: l.bn, max: l.max_abs_diff, mean: l.mean_abs_diff }));
+    layerRows.push({
+      key: "logits",
+      label: "logits (output)",
+      max: eq.folded_vs_unfolded.max_abs_diff,
+      mean: eq.folded_vs_unfolded.mean_abs_diff,
+      separated: true,
+    });
+    renderLayerChart(chart, layerRows, {
+      id: "export",
+      title: "Folded minus unfolded per layer, measured at export",
+      tolerance: eq.tolerance_abs,
+    });
+  };
+  return { part, draw };
+}
+
+function trainingSection(h, m) {
+  const t = m.training ?? {};
+  const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v));
+  const pairs = Object.entries(t).map(([k, v]) => [k.replaceAll("_", " "), fmt(v)]);
+  if (pairs.length === 0) return null;
+  return h("section", { class: "card-part" }, h("h3", {}, "Training run"), definitions(h, pairs));
+}
+
+/**
+ * Fill `container` with the card of model `m` (and its export-time report `eq`, null when the
+ * model is not ready). Returns a function that redraws the card's chart at the current width.
+ */
+export function renderModelCard(container, m, eq, h) {
+  const head = h(
+    "div",
+    { class: "card-head" },
+    h("span", { class: "card-name" }, m.name),
+    h("span", { class: "card-version" }, `version ${m.version ?? "?"}`),
+    badge(h, m.status === "ready", "ready", m.status),
+  );
+  if (m.status !== "ready" || !m.input) {
+    container.replaceChildren(head, h("p", { class: "error-text" }, m.error ?? "This model is not served."));
+    return () => {};
+  }
+  const equivalence = eq ? equivalenceSection(h, eq) : null;
+  const parts = [
+    inputSection(h, m),
+    trainingSection(h, m),
+    runtimeSection(h, m),
+    foldSection(h, m),
+    equivalence?.part,
+  ].filter(Boolean);
+  container.replaceChildren(head, h("div", { class: "card-grid" }, parts));
+  equivalence?.draw();
+  return equivalence ? equivalence.draw : () => {};
+}

@@ -1,0 +1,69 @@
+"""The real `bnfold-serve` process on a free loopback port, started once for the e2e tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+MAX_BODY_BYTES = 1_000_000  # small, so the 413 test sends little
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve_command(port: int, models_dir: Path) -> list[str]:
+    exe = shutil.which("bnfold-serve", path=str(Path(sys.executable).parent))
+    base = [exe] if exe else [sys.executable, "-m", "service"]
+    return [*base, "--host", "127.0.0.1", "--port", str(port), "--models-dir", str(models_dir)]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"bnfold-serve exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    pytest.fail(f"bnfold-serve not ready after {timeout} s:\n{log.read_text()}")
+
+
+@pytest.fixture(scope="session")
+def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a running server; stopped with SIGTERM after the session, exiting 0."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
+           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}  # fmt: skip
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(serve_command(port, models_dir), env=env, stdout=out, stderr=out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, log)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM: -15 is a clean stop, not a crash.
+    assert proc.returncode in (0, -signal.SIGTERM), f"exit {proc.returncode}:\n{log.read_text()}"
+    assert "Traceback" not in log.read_text()

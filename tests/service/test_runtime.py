@@ -1,0 +1,186 @@
+"""service/runtime.py: every bundle is verified before it is served, a failure is kept with its
+reason, and `ModelRuntime.infer` is the one inference path (what a batcher plugs into)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from service.bundle import TensorSpec
+from service.config import Settings
+from service.errors import BadInput, NotFound, PayloadTooLarge, ServiceUnavailable
+from service.runtime import ModelRuntime, ThreadRunner, check_input, load_model
+
+CPU = ["CPUExecutionProvider"]
+
+
+def edit_manifest(bundle: Path, change) -> None:
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    change(manifest)
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+
+
+def replace_onnx(bundle: Path, variant: str, data: bytes) -> None:
+    """Overwrite a model file and record its new sha256, so only the content is wrong."""
+    (bundle / f"{variant}.onnx").write_bytes(data)
+    digest = hashlib.sha256(data).hexdigest()
+    edit_manifest(bundle, lambda m: m["files"][variant].update(sha256=digest))
+
+
+def test_a_good_bundle_loads_both_variants_at_their_optimization_levels(copy_bundle):
+    model = load_model(copy_bundle(), CPU)
+    assert model.ready and model.error is None and model.probe_error is None
+    assert model.providers == CPU
+    levels = {
+        v: s.get_session_options().graph_optimization_level for v, s in model.sessions.items()
+    }
+    # Unfolded with optimization off: onnxruntime would fuse Conv+BN and hide the BN otherwise.
+    assert levels == {
+        "folded": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "unfolded": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }
+    assert set(model.probe_sessions) == {"folded", "unfolded"}
+
+
+DAMAGE = {
+    "checksum": (
+        lambda b: (b / "folded.onnx").write_bytes((b / "folded.onnx").read_bytes() + b"\0"),
+        "sha256 mismatch for the folded model",
+    ),
+    "missing file": (lambda b: (b / "unfolded.onnx").unlink(), "unfolded model file is missing"),
+    "bad json": (lambda b: (b / "bundle.json").write_text("{"), "not valid JSON"),
+    "invalid manifest": (
+        lambda b: edit_manifest(b, lambda m: m.pop("classes")),
+        "invalid manifest at classes: Field required",
+    ),
+    "name mismatch": (
+        lambda b: edit_manifest(b, lambda m: m.update(name="other")),
+        "folder name 'digits' differs from the manifest name 'other'",
+    ),
+    "not onnx": (lambda b: replace_onnx(b, "folded", b"junk"), "INVALID_PROTOBUF"),
+    "class count": (
+        lambda b: edit_manifest(b, lambda m: m.update(classes=["a", "b", "c"])),
+        "folded model answers logits of shape [1, 10] for one image; the manifest lists 3 classes",
+    ),
+    "input name": (
+        lambda b: edit_manifest(b, lambda m: m["input"].update(name="image")),
+        "graph has inputs ['input'] and outputs ['logits']; the manifest declares input 'image'",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_bundle_is_kept_with_its_reason_and_no_sessions(copy_bundle, damage):
+    bundle = copy_bundle()
+    spoil, reason = DAMAGE[damage]
+    spoil(bundle)
+    model = load_model(bundle, CPU)
+    assert not model.ready and model.sessions == {}
+    assert reason in model.error
+
+
+def test_without_layer_probes_the_model_serves_but_says_why_per_layer_is_empty(copy_bundle):
+    bundle = copy_bundle()
+    edit_manifest(bundle, lambda m: m.update(layer_probes=[]))
+    model = load_model(bundle, CPU)
+    assert model.ready and model.probe_sessions == {}
+    assert model.probe_error == "the bundle lists no layer probes"
+
+
+SPEC = TensorSpec(name="input", shape=[-1, 1, 8, 8])
+
+
+@pytest.mark.parametrize(
+    ("shape", "error", "message"),
+    [
+        ((1, 8, 8), BadInput, "input 'input' must have shape ['N', 1, 8, 8], got [1, 8, 8]"),
+        ((2, 1, 8, 7), BadInput, "input 'input' must have shape ['N', 1, 8, 8], got [2, 1, 8, 7]"),
+        ((0, 1, 8, 8), BadInput, "input 'input' has no rows: send at least one image"),
+        (
+            (5, 1, 8, 8),
+            PayloadTooLarge,
+            "5 images in one request, over the limit of 4: split the batch",
+        ),
+    ],
+)
+def test_check_input_refuses_what_the_model_cannot_take(shape, error, message):
+    with pytest.raises(error) as info:
+        check_input(SPEC, np.zeros(shape, np.float32), max_rows=4)
+    assert info.value.message == message
+
+
+def test_check_input_names_the_first_non_finite_value():
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    x[1, 0, 2, 3], x[1, 0, 5, 5] = np.nan, -np.inf
+    with pytest.raises(BadInput) as info:
+        check_input(SPEC, x, max_rows=4)
+    assert info.value.message == (
+        "input 'input' holds 2 NaN or Inf value(s), the first at index [1, 0, 2, 3]: "
+        "send finite FP32 values"
+    )
+
+
+def start_runtime(models_dir: Path, runner=None) -> ModelRuntime:
+    runtime = ModelRuntime(Settings(models_dir=models_dir, provider="cpu"), runner)
+    asyncio.run(runtime.start())
+    return runtime
+
+
+def test_readiness_reasons(tmp_path, copy_bundle):
+    runtime = ModelRuntime(Settings(models_dir=tmp_path / "models"))
+    assert runtime.not_ready_reason() == "model bundles are still loading"
+    asyncio.run(runtime.start())
+    assert runtime.not_ready_reason().startswith(f"no model bundles in {tmp_path / 'models'}")
+    copy_bundle("digits")
+    (copy_bundle("broken") / "folded.onnx").unlink()
+    runtime = start_runtime(tmp_path / "models")
+    assert runtime.not_ready_reason().startswith("bundles failed to load: broken: ")
+    assert "folded model file is missing" in runtime.not_ready_reason()
+    assert runtime.get_ready("digits").ready  # the good one is still served
+    with pytest.raises(ServiceUnavailable, match="^model 'broken' is not ready: .*missing"):
+        runtime.get_ready("broken")
+
+
+def test_get_refuses_unknown_models_and_versions(models_dir):
+    runtime = start_runtime(models_dir)
+    with pytest.raises(NotFound, match="^unknown model 'cats'; models served here: digits$"):
+        runtime.get("cats")
+    with pytest.raises(NotFound, match="^model 'digits' has no version '7'; it has '1'$"):
+        runtime.get("digits", "7")
+    assert runtime.get("digits", "1").name == "digits"
+
+
+def test_infer_equals_onnxruntime_run_directly_bit_for_bit(models_dir, direct, digit_batch):
+    runtime = start_runtime(models_dir)
+    for variant in ("folded", "unfolded"):
+        logits = asyncio.run(runtime.infer("digits", variant, digit_batch))
+        assert logits.dtype == np.float32 and logits.shape == (len(digit_batch), 10)
+        assert np.array_equal(logits, direct.logits(digit_batch, variant))
+
+
+class RecordingRunner(ThreadRunner):
+    """Stands where a batcher will: sees every validated batch on its way to a session."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, tuple]] = []
+
+    async def run(self, model, variant, x):
+        self.calls.append((model.name, variant, x.shape))
+        return await super().run(model, variant, x)
+
+
+def test_every_inference_goes_through_the_runner_after_validation(models_dir, digit_batch):
+    runner = RecordingRunner()
+    runtime = start_runtime(models_dir, runner)
+    asyncio.run(runtime.infer("digits", "unfolded", digit_batch[:3]))
+    with pytest.raises(BadInput, match="^unknown variant 'both'; use 'folded' or 'unfolded'$"):
+        asyncio.run(runtime.infer("digits", "both", digit_batch[:3]))  # type: ignore[arg-type]
+    with pytest.raises(BadInput):
+        asyncio.run(runtime.infer("digits", "folded", digit_batch[:3, :, :4]))
+    assert runner.calls == [("digits", "unfolded", (3, 1, 8, 8))]

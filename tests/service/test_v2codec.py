@@ -1,0 +1,126 @@
+"""service/v2codec.py: V2 bodies <-> arrays, the binary layout checked byte by byte."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from service.bundle import TensorSpec
+from service.errors import BadInput
+from service.v2codec import encode_response, input_array, parse_request, requested_outputs
+
+INPUT = TensorSpec(name="input", shape=[-1, 1, 8, 8])
+OUTPUT = TensorSpec(name="logits", shape=[-1, 10])
+
+
+def json_body(data, shape, name="input", datatype="FP32", **extra) -> bytes:
+    tensor = {"name": name, "shape": shape, "datatype": datatype, "data": data}
+    return json.dumps({"inputs": [tensor], **extra}).encode()
+
+
+def binary_body(x: np.ndarray, **extra) -> tuple[bytes, int]:
+    raw = x.astype("<f4").tobytes()
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32",
+              "parameters": {"binary_data_size": len(raw)}}  # fmt: skip
+    head = json.dumps({"inputs": [tensor], **extra}).encode()
+    return head + raw, len(head)
+
+
+def test_flat_and_nested_json_data_give_the_same_array():
+    x = np.arange(128, dtype=np.float32).reshape(2, 1, 8, 8) / 7
+    flat = input_array(parse_request(json_body(x.ravel().tolist(), [2, 1, 8, 8])), INPUT)
+    nested = input_array(parse_request(json_body(x.tolist(), [2, 1, 8, 8])), INPUT)
+    assert flat.dtype == np.float32 and np.array_equal(flat, x) and np.array_equal(nested, x)
+
+
+def test_binary_input_is_read_as_little_endian_fp32():
+    x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
+    body, length = binary_body(x)
+    assert np.array_equal(input_array(parse_request(body, length), INPUT), x)
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "message"),
+    [
+        (b'{"inputs": [', None, "malformed JSON in the inference request: Invalid JSON: EOF"),
+        (b'{"inputs": []}', None, "invalid inference request: inputs: List should have at least"),
+        (json_body([1.0], [1]), 0, "Inference-Header-Content-Length is 0; it must be"),
+        (json_body([1.0], [1]), 10**6, "Inference-Header-Content-Length is 1000000"),
+        (json_body(None, [1]), None, "input 'input' has neither 'data' nor"),
+        (json_body([[1, 2], [3]], [3]), None, "input 'input': nested data lists must all"),
+        (json_body([1, "2"], [2]), None, "input 'input': data must hold only numbers (FP32)"),
+        (json_body([True], [1]), None, "input 'input': data must hold only numbers"),
+        (json_body([0.0] * 64, [1, 1, 8, 8], name="x"), None, "this model takes one input named"),
+        (json_body([0] * 64, [1, 1, 8, 8], datatype="INT32"), None,
+         "input 'input' has datatype INT32; this model takes FP32"),
+        (json_body([0.0] * 63, [1, 1, 8, 8]), None,
+         "input 'input' has shape [1, 1, 8, 8] (64 elements) but its data holds 63 elements"),
+    ],
+)  # fmt: skip
+def test_bad_requests_are_refused_with_the_reason(body, length, message):
+    with pytest.raises(BadInput) as info:
+        input_array(parse_request(body, length), INPUT)
+    assert info.value.message.startswith(message)
+
+
+def test_binary_sizes_must_add_up():
+    x = np.zeros((1, 1, 8, 8), np.float32)
+    body, length = binary_body(x)
+    with pytest.raises(BadInput, match="carries 260 bytes of binary tensor data after the JSON"):
+        parse_request(body + b"\0\0\0\0", length)
+    head = json.loads(body[:length])
+    head["inputs"][0]["shape"] = [2, 1, 8, 8]
+    head = json.dumps(head).encode()
+    with pytest.raises(BadInput, match=r"\(128 elements, 512 bytes of FP32\) but binary_data_size"):
+        input_array(parse_request(head + body[length:], len(head)), INPUT)
+
+
+def test_outputs_default_to_json_and_follow_binary_data_flags():
+    request = parse_request(json_body([0.0] * 64, [1, 1, 8, 8])).request
+    assert requested_outputs(request, OUTPUT) == [("logits", False)]
+    request = parse_request(json_body([0.0], [1], parameters={"binary_data_output": True})).request
+    assert requested_outputs(request, OUTPUT) == [("logits", True)]
+    outputs = [{"name": "logits", "parameters": {"binary_data": False}}]
+    request = parse_request(
+        json_body([0.0], [1], parameters={"binary_data_output": True}, outputs=outputs)
+    ).request
+    assert requested_outputs(request, OUTPUT) == [("logits", False)]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"outputs": [{"name": "probs"}]}, "unknown output 'probs'; this model has outputs"),
+        ({"parameters": {"binary_data_output": "yes"}}, "must be true or false, got 'yes'"),
+        ({"outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
+         "the classification extension is not supported"),
+    ],
+)  # fmt: skip
+def test_bad_output_requests_are_refused(extra, message):
+    request = parse_request(json_body([0.0], [1], **extra)).request
+    with pytest.raises(BadInput, match=message):
+        requested_outputs(request, OUTPUT)
+
+
+def test_binary_response_layout_is_json_header_then_raw_fp32():
+    logits = np.random.default_rng(1).standard_normal((2, 10)).astype(np.float32)
+    body, length = encode_response({"model_name": "digits"}, [("logits", True, logits)])
+    header = json.loads(body[:length])
+    assert header == {
+        "model_name": "digits",
+        "outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 10],
+                     "parameters": {"binary_data_size": 80}}],
+    }  # fmt: skip
+    assert body[length:] == struct.pack("<20f", *logits.ravel())
+
+
+def test_json_response_round_trips_fp32_exactly():
+    logits = np.random.default_rng(2).standard_normal((3, 10)).astype(np.float32)
+    body, length = encode_response({"model_name": "digits"}, [("logits", False, logits)])
+    assert length is None
+    out = json.loads(body)["outputs"][0]
+    assert out["shape"] == [3, 10]
+    assert np.array_equal(np.asarray(out["data"], np.float32).reshape(3, 10), logits)
