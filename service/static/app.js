@@ -1,9 +1,12 @@
 // The bnfold page: pick a model, draw or upload an image, and compare the folded model with the
 // unfolded one through POST /v1/models/{model}/compare. Plain ES modules, no build step; every
-// byte comes from this server. The model card lives in card.js, the chart in chart.js.
+// byte comes from this server. The model card is card.js, the chart chart.js, the drawing pad
+// draw.js, and the browser's copy of the server's resize pixels.js.
 
 import { renderModelCard } from "./card.js";
 import { formatSci, renderLayerChart } from "./chart.js";
+import { api, h } from "./dom.js";
+import { DrawingPad } from "./draw.js";
 import { planesToImageData, toModelPixels } from "./pixels.js";
 
 const FLOAT32_EPS = 2 ** -23; // spacing of float32 numbers just above 1.0
@@ -34,44 +37,9 @@ const state = {
   source: null, // {kind: "drawing"} or {kind: "file", file}
   result: null, // the last /compare answer
   redrawCard: null, // redraws the model card's chart at the current width
+  pad: null, // the DrawingPad
   request: 0, // id of the newest request; older answers are dropped
 };
-
-class ApiError extends Error {}
-
-/** fetch + JSON; a non-2xx answer throws with the API's own {"error": ...} message. */
-async function api(path, options) {
-  let response;
-  try {
-    response = await fetch(path, options);
-  } catch (err) {
-    throw new ApiError(`The server could not be reached (${err.message}).`);
-  }
-  const text = await response.text();
-  let body = null;
-  try {
-    body = JSON.parse(text);
-  } catch {
-    // not JSON: handled below
-  }
-  if (!response.ok) {
-    const message = body && typeof body.error === "string" ? body.error : text.trim();
-    throw new ApiError(message || `HTTP ${response.status} ${response.statusText}`);
-  }
-  if (body === null) throw new ApiError(`${path} did not answer JSON.`);
-  return body;
-}
-
-function h(tag, attrs = {}, ...children) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(attrs)) {
-    if (v === undefined || v === null || v === false) continue;
-    if (k === "class") node.className = v;
-    else node.setAttribute(k, v === true ? "" : String(v));
-  }
-  node.append(...children.flat().filter((c) => c !== null && c !== undefined));
-  return node;
-}
 
 const modelPath = (name) => `/v1/models/${encodeURIComponent(name)}`;
 const percent = (p, digits = 2) => `${(p * 100).toFixed(digits)}%`;
@@ -85,10 +53,10 @@ function setStatus(text, busy = false) {
 }
 
 function showError(message) {
-  ui.error.replaceChildren(h("strong", {}, "The server refused this input: "), h("span", { "data-role": "message" }, message));
+  ui.error.replaceChildren(h("strong", {}, "No prediction: "), h("span", { "data-role": "message" }, message));
   ui.error.hidden = false;
   ui.results.hidden = true;
-  setStatus("No prediction: see the error above.");
+  setStatus("No prediction: the error is shown above.");
 }
 
 function clearError() {
@@ -152,7 +120,7 @@ async function selectModel(name) {
   );
   ui.topK.max = String(m.classes?.length ?? 1000);
   if (m.classes && Number(ui.topK.value) > m.classes.length) ui.topK.value = String(m.classes.length);
-  state.redrawCard = renderModelCard(ui.card, m, state.equivalence, h);
+  state.redrawCard = renderModelCard(ui.card, m, state.equivalence);
   if (m.input) {
     ui.preview.width = m.input.preprocess.width;
     ui.preview.height = m.input.preprocess.height;
@@ -170,64 +138,14 @@ function describeInput(m) {
 
 // ------------------------------------------------------------------ input: drawing and files
 
-const ink = { drawing: false, last: null, dirty: false };
-
-function clearDrawing() {
-  const ctx = ui.draw.getContext("2d");
-  ctx.fillStyle = "#000";
-  ctx.fillRect(0, 0, ui.draw.width, ui.draw.height);
-  ink.dirty = false;
-}
-
-function canvasPoint(event) {
-  const rect = ui.draw.getBoundingClientRect();
-  return {
-    x: ((event.clientX - rect.left) * ui.draw.width) / rect.width,
-    y: ((event.clientY - rect.top) * ui.draw.height) / rect.height,
-  };
-}
-
-function strokeTo(point) {
-  const ctx = ui.draw.getContext("2d");
-  ctx.strokeStyle = "#fff";
-  ctx.fillStyle = "#fff";
-  // About an eighth of the canvas: one pixel at 8x8, like the strokes the digits model saw.
-  ctx.lineWidth = ui.draw.width / 9;
-  ctx.lineCap = "round";
-  ctx.lineJoin = "round";
-  ctx.beginPath();
-  ctx.moveTo(ink.last.x, ink.last.y);
-  ctx.lineTo(point.x, point.y);
-  ctx.stroke();
-  ink.last = point;
-  ink.dirty = true;
-}
-
 function wireDrawing() {
-  clearDrawing();
-  ui.draw.addEventListener("pointerdown", (event) => {
-    event.preventDefault();
-    ui.draw.setPointerCapture(event.pointerId);
-    ink.drawing = true;
-    ink.last = canvasPoint(event);
-    strokeTo({ x: ink.last.x + 0.01, y: ink.last.y }); // a tap leaves a dot
-  });
-  ui.draw.addEventListener("pointermove", (event) => {
-    if (!ink.drawing) return;
-    const events = event.getCoalescedEvents ? event.getCoalescedEvents() : [event];
-    for (const e of events.length ? events : [event]) strokeTo(canvasPoint(e));
-  });
-  const finish = () => {
-    if (!ink.drawing) return;
-    ink.drawing = false;
+  state.pad = new DrawingPad(ui.draw, $("canvas-wrap"), () => {
     state.source = { kind: "drawing" };
     ui.file.value = "";
     predict();
-  };
-  ui.draw.addEventListener("pointerup", finish);
-  ui.draw.addEventListener("pointercancel", finish);
+  });
   ui.clear.addEventListener("click", () => {
-    clearDrawing();
+    state.pad.clear();
     if (state.source?.kind === "drawing") {
       state.source = null;
       state.request += 1; // drop an answer still on its way
@@ -281,8 +199,7 @@ function normalizationNote(p) {
 
 /** The drawing at model resolution: shown, and sent as a PNG of exactly those pixels. */
 async function drawingUpload(spec) {
-  const { width, height } = ui.draw;
-  const rgba = ui.draw.getContext("2d").getImageData(0, 0, width, height).data;
+  const { rgba, width, height } = state.pad.pixels();
   const pixels = toModelPixels(rgba, width, height, spec);
   showPreview(pixels, `Your drawing, reduced to ${pixels.width}×${pixels.height} with the ${spec.resample} filter: these exact pixels are sent. ${normalizationNote(spec)}`);
   const blob = await new Promise((resolve) => ui.preview.toBlob(resolve, "image/png"));
@@ -336,6 +253,11 @@ async function predict() {
     if (request !== state.request) return; // a newer input replaced this one
     state.result = result;
     renderResult(result);
+    // On a phone the results sit below the input: bring them up after an upload (not after a
+    // stroke, which would pull the pad away mid-drawing).
+    if (state.source.kind === "file" && matchMedia("(max-width: 820px)").matches) {
+      ui.results.closest("section").scrollIntoView({ behavior: "smooth", block: "start" });
+    }
     setStatus(`${m.name}: folded says ${result.folded[0].label}, unfolded says ${result.unfolded[0].label}.`);
   } catch (err) {
     if (request !== state.request) return;
@@ -425,10 +347,11 @@ function drawLiveChart() {
     referenceLabel: "export-time max",
   });
   const note = r.per_layer.length === 0 && r.per_layer_note ? ` Per-layer outputs unavailable: ${r.per_layer_note}` : "";
+  const eq = state.equivalence;
+  const exportSet = eq ? `${eq.n_images} ${eq.split} images` : "the held-out images";
   ui.chartCaption.textContent =
-    "Bar: max |folded − unfolded| over the layer's outputs for this input; tick: the mean; " +
-    `diamond: the max measured at export on ${state.equivalence?.n_images ?? "the held-out"} ${state.equivalence?.split ?? ""} images. ` +
-    `Log scale: float32 rounding sits near 1e-7 to 1e-5; the dashed line is the bundle's tolerance on the logits.${note}`;
+    `|folded − unfolded| over each layer's outputs for this input, on a log scale; the diamond is the max over ${exportSet} at export. ` +
+    `Float32 rounding lands around 1e-7 to 1e-5; a folding mistake would reach the dashed tolerance line and beyond.${note}`;
 }
 
 // ------------------------------------------------------------------ start

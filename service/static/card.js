@@ -3,14 +3,20 @@
 // measured at export.
 
 import { formatSci, renderLayerChart } from "./chart.js";
+import { h } from "./dom.js";
 
-function table(h, caption, head, rows, cls = "") {
+function table(caption, head, rows, cls = "") {
+  // Each cell carries its column name, so narrow screens can show rows as stacked cards.
+  for (const row of rows) {
+    const cells = [...row.children];
+    if (cells.length === head.length) cells.forEach((c, i) => c.setAttribute("data-label", head[i]));
+  }
   return h(
     "div",
     { class: "table-wrap" },
     h(
       "table",
-      { class: cls },
+      { class: `stack ${cls}` },
       h("caption", {}, caption),
       h("thead", {}, h("tr", {}, head.map((c) => h("th", { scope: "col" }, c)))),
       h("tbody", {}, rows),
@@ -18,7 +24,7 @@ function table(h, caption, head, rows, cls = "") {
   );
 }
 
-function definitions(h, pairs) {
+function definitions(pairs) {
   return h(
     "dl",
     { class: "kv" },
@@ -26,17 +32,17 @@ function definitions(h, pairs) {
   );
 }
 
-function badge(h, ok, yes, no) {
+function badge(ok, yes, no) {
   return h("span", { class: `badge ${ok ? "ok" : "bad"}` }, ok ? yes : no);
 }
 
-function inputSection(h, m) {
+function inputSection(m) {
   const p = m.input.preprocess;
   return h(
     "section",
     { class: "card-part" },
     h("h3", {}, "Input and output"),
-    definitions(h, [
+    definitions([
       ["Input tensor", `${m.input.name}: ${m.input.datatype} [${m.input.shape.join(", ")}]`],
       ["Color mode", p.color_mode === "L" ? "L (grayscale, 1 channel)" : "RGB (3 channels)"],
       ["Size", `${p.width}×${p.height} (${p.resample} resampling)`],
@@ -50,35 +56,36 @@ function inputSection(h, m) {
   );
 }
 
-function runtimeSection(h, m) {
-  const files = Object.entries(m.files).map(([variant, f]) =>
+function runtimeSection(m) {
+  const files = Object.entries(m.files).flatMap(([variant, f]) => [
     h(
       "tr",
-      { "data-variant": variant },
+      { "data-variant": variant, class: "has-hash" },
       h("th", { scope: "row" }, variant),
       h("td", {}, f.path),
       h("td", { class: "num" }, String(f.batchnorm_nodes)),
       h("td", { class: "num" }, String(f.opset)),
       h("td", {}, f.graph_optimization),
-      h("td", { class: "hash", "data-role": "sha256" }, f.sha256),
     ),
-  );
+    h("tr", { class: "hash-row" },
+      h("td", { colspan: 5, "data-role": "sha256", "data-variant": variant }, `sha256 ${f.sha256}`)),
+  ]);
   const versions = Object.entries(m.versions ?? {}).map(([k, v]) => `${k} ${v}`).join(" · ");
   return h(
     "section",
     { class: "card-part wide" },
     h("h3", {}, "Runtime and files"),
-    definitions(h, [
+    definitions([
       ["Execution provider", h("span", { "data-role": "providers" }, m.providers.join(", ") || "none")],
       ["Exported with", versions],
       ["Created", m.created],
     ]),
-    table(h, "ONNX files, verified against these sha256 checksums at start-up",
-      ["Variant", "File", "BN nodes", "Opset", "Graph optimization", "sha256"], files, "files"),
+    table("ONNX files, verified against these sha256 checksums at start-up",
+      ["Variant", "File", "BN nodes", "Opset", "Graph optimization"], files, "files"),
   );
 }
 
-function foldSection(h, m) {
+function foldSection(m) {
   const s = m.fold_summary;
   const rows = s.layers.map((l) => {
     const scale = l.scale_min != null ? `${l.scale_min.toPrecision(3)} … ${l.scale_max.toPrecision(3)}` : "";
@@ -87,7 +94,7 @@ function foldSection(h, m) {
       "tr",
       { "data-bn": l.bn, class: l.folded ? "" : "refused" },
       h("th", { scope: "row" }, l.bn),
-      h("td", {}, badge(h, l.folded, "folded", "refused")),
+      h("td", {}, badge(l.folded, "folded", "refused")),
       h("td", {}, l.into ?? "—"),
       h("td", {}, l.direction ?? "—"),
       h("td", { class: "num" }, scale),
@@ -98,12 +105,12 @@ function foldSection(h, m) {
     "section",
     { class: "card-part wide" },
     h("h3", {}, `Fold report: ${s.folded} folded, ${s.refused} refused`),
-    table(h, "Each BatchNorm layer and what happened to it",
+    table("Each BatchNorm layer and what happened to it",
       ["BatchNorm", "Result", "Folded into", "Direction", "|γ/σ| range", "Reason / warning"], rows, "fold"),
   );
 }
 
-function equivalenceSection(h, eq) {
+function equivalenceSection(eq) {
   const pairs = [
     ["folded vs unfolded", eq.folded_vs_unfolded],
     ["folded vs float64", eq.folded_vs_float64],
@@ -124,10 +131,10 @@ function equivalenceSection(h, eq) {
   const part = h(
     "section",
     { class: "card-part wide" },
-    h("h3", {}, "Equivalence measured at export ", badge(h, eq.passed, "passed", "failed")),
+    h("h3", {}, "Equivalence measured at export ", badge(eq.passed, "passed", "failed")),
     h("p", { class: "hint" },
       `onnxruntime on ${eq.n_images} ${eq.split} images; pass threshold on max |Δ logit|: ${formatSci(eq.tolerance_abs)}.`),
-    table(h, "Logit differences", ["Comparison", "max |Δ|", "mean |Δ|", "max rel Δ", "Top-1 agreement"], rows, "equivalence"),
+    table("Logit differences", ["Comparison", "max |Δ|", "mean |Δ|", "max rel Δ", "Top-1 agreement"], rows, "equivalence"),
     h("figure", { class: "chart" }, chart,
       h("figcaption", { class: "hint" }, "Per layer at export: folded layer output vs the BatchNorm output it replaces (log scale).")),
   );
@@ -149,36 +156,36 @@ function equivalenceSection(h, eq) {
   return { part, draw };
 }
 
-function trainingSection(h, m) {
+function trainingSection(m) {
   const t = m.training ?? {};
   const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v));
   const pairs = Object.entries(t).map(([k, v]) => [k.replaceAll("_", " "), fmt(v)]);
   if (pairs.length === 0) return null;
-  return h("section", { class: "card-part" }, h("h3", {}, "Training run"), definitions(h, pairs));
+  return h("section", { class: "card-part" }, h("h3", {}, "Training run"), definitions(pairs));
 }
 
 /**
  * Fill `container` with the card of model `m` (and its export-time report `eq`, null when the
  * model is not ready). Returns a function that redraws the card's chart at the current width.
  */
-export function renderModelCard(container, m, eq, h) {
+export function renderModelCard(container, m, eq) {
   const head = h(
     "div",
     { class: "card-head" },
     h("span", { class: "card-name" }, m.name),
     h("span", { class: "card-version" }, `version ${m.version ?? "?"}`),
-    badge(h, m.status === "ready", "ready", m.status),
+    badge(m.status === "ready", "ready", m.status),
   );
   if (m.status !== "ready" || !m.input) {
     container.replaceChildren(head, h("p", { class: "error-text" }, m.error ?? "This model is not served."));
     return () => {};
   }
-  const equivalence = eq ? equivalenceSection(h, eq) : null;
+  const equivalence = eq ? equivalenceSection(eq) : null;
   const parts = [
-    inputSection(h, m),
-    trainingSection(h, m),
-    runtimeSection(h, m),
-    foldSection(h, m),
+    inputSection(m),
+    trainingSection(m),
+    runtimeSection(m),
+    foldSection(m),
     equivalence?.part,
   ].filter(Boolean);
   container.replaceChildren(head, h("div", { class: "card-grid" }, parts));

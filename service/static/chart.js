@@ -38,12 +38,14 @@ export function renderLayerChart(container, rows, options) {
   container.replaceChildren();
   const width = Math.max(container.clientWidth, 280);
   const narrow = width < 560; // labels above the bars instead of beside them
-  const labelW = narrow ? 0 : Math.min(210, Math.round(width * 0.3));
+  // Labels are monospace, about 7 px a character at 11.5 px.
+  const longest = Math.max(...rows.map((r) => r.label.length));
+  const labelW = narrow ? 0 : Math.min(longest * 7 + 12, Math.round(width * 0.45));
   const valueW = 64;
   const rowH = narrow ? 46 : 30;
   const top = 26;
   const axisH = 30;
-  const plotX0 = labelW + 8;
+  const plotX0 = labelW + 14; // room for the first decade's label
   const plotX1 = width - valueW - 6;
   const height = top + rows.length * rowH + (rows.some((r) => r.separated) ? 8 : 0) + axisH;
 
@@ -104,10 +106,8 @@ export function renderLayerChart(container, rows, options) {
 
     const labelX = narrow ? plotX0 : labelW;
     const labelY = narrow ? y + 13 : barY + 11;
-    const text = el("text", { class: "label", x: labelX, y: labelY, "text-anchor": narrow ? "start" : "end" });
-    text.append(el("tspan", {}, r.label));
-    if (r.detail && narrow) text.append(el("tspan", { class: "detail", dx: 6 }, r.detail));
-    g.append(text);
+    const anchor = narrow ? "start" : "end";
+    g.append(el("text", { class: "label", x: labelX, y: labelY, "text-anchor": anchor }, r.label));
 
     if (r.max > 0) {
       g.append(el("rect", { class: "bar", x: plotX0, y: barY, width: Math.max(x(r.max) - plotX0, 1), height: barH, rx: 2 }));
