@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 DEV_STAMP := $(VENV)/.dev-installed
 SERVE_STAMP := $(VENV)/.serve-installed
 
-.PHONY: help serve test test-fast train verify lint format bench clean
+.PHONY: help serve test test-fast train verify lint format bench clean system-deps
 
 help:
 	@echo "make serve   serve models/ on http://127.0.0.1:8000 (KServe V2 + /v1 + web page)"
@@ -30,7 +30,13 @@ $(DEV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 serve: $(SERVE_STAMP)
 	BNFOLD_HOST=$${BNFOLD_HOST:-127.0.0.1} $(VENV)/bin/bnfold-serve
 
-test: $(DEV_STAMP)
+# System packages the end-to-end tests need (Debian's chromium for the browser test, wrk for the
+# benchmark harness); each script is idempotent and returns at once when they are present.
+system-deps:
+	bash scripts/install_browser.sh
+	@if [ -f scripts/install_bench_deps.sh ]; then bash scripts/install_bench_deps.sh; fi
+
+test: $(DEV_STAMP) system-deps
 	$(PY) -m pytest
 
 test-fast: $(DEV_STAMP)
