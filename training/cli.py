@@ -1,7 +1,8 @@
 """`bnfold-train`: train, export a checkpoint to a bundle, verify a bundle.
 
 Errors a user can fix (missing data folder, empty class, bad option value) print one line and
-exit 2, not a traceback.
+exit 2, not a traceback. Under torchrun (`torchrun --nproc_per_node N -m training.cli train ...`)
+`train` runs data-parallel; rank 0 alone prints, writes the checkpoint and exports the bundle.
 """
 
 from __future__ import annotations
@@ -46,8 +47,31 @@ def load_splits(data: str | None, seed: int, size: int, color_mode: str) -> Spli
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from training.distributed import init_distributed, launched_by_torchrun, teardown
+
+    if not launched_by_torchrun():
+        if args.sync_bn:
+            print(
+                "bnfold-train: warning: --sync-bn does nothing in one process; launch with "
+                "torchrun --nproc_per_node N",
+                file=sys.stderr,
+            )
+        return train_and_export(args, None)
+    dist = init_distributed(args.dist_backend)
+    try:
+        code = train_and_export(args, dist)
+        dist.barrier()  # the others wait while rank 0 exports, then all leave together
+        return code
+    finally:
+        teardown()
+
+
+def train_and_export(args: argparse.Namespace, dist) -> int:
+    """Train (one process, or this rank of a torchrun job), then fold and export on rank 0."""
     from training.train import TrainConfig, fit
 
+    if args.resume is not None and not args.resume.is_file():
+        raise DataError(f"checkpoint {args.resume} does not exist")
     splits = load_splits(args.data, args.seed, args.image_size, args.color_mode)
     sample = splits.train.x[0]
     model_cfg = ModelConfig(
@@ -68,6 +92,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
+        sync_bn=bool(args.sync_bn and dist is not None),
         extra={
             "data": args.data or "digits",
             "image_size": args.image_size,
@@ -75,9 +100,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         },
     )
     run_dir = Path(args.runs_dir) / args.name
-    summary = fit(splits, model_cfg, train_cfg, run_dir, resume=args.resume)
+    summary = fit(splits, model_cfg, train_cfg, run_dir, resume=args.resume, dist=dist)
+    if dist is not None and not dist.is_main:
+        return 0
+    layout = ""
+    if dist is not None:
+        bn = "synchronized BN" if summary["sync_bn"] else "per-replica BN"
+        layout = (
+            f" [{summary['world_size']} processes x batch {summary['per_replica_batch']}, {bn}]"
+        )
     print(
-        f"trained {args.name}: test accuracy {summary['test_acc']:.4f} "
+        f"trained {args.name}{layout}: test accuracy {summary['test_acc']:.4f} "
         f"({summary['n_test']} images); checkpoint {run_dir / 'checkpoint.pt'}"
     )
     if args.no_export:
@@ -191,7 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", help="'digits' (default, embedded) or an image folder root/<class>/")
     t.add_argument("--name", default="digits", help="bundle name: models/<name>/")
     t.add_argument("--epochs", type=int, default=30)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument(
+        "--batch-size", type=int, default=64, help="per process under torchrun (global = N x this)"
+    )
     t.add_argument("--lr", type=float, default=1e-2)
     t.add_argument("--seed", type=int, default=DEFAULT_SEED)
     t.add_argument("--widths", type=_widths, default=[32, 64], help="channels per stage: 32,64")
@@ -217,6 +252,17 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--models-dir", default="models")
     t.add_argument("--resume", type=Path, help="checkpoint to resume from")
     t.add_argument("--no-export", action="store_true", help="train only")
+    t.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BN statistics over the global batch (for small per-process batches)",
+    )
+    t.add_argument(
+        "--dist-backend",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="under torchrun: auto = nccl with CUDA, gloo on CPU",
+    )
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="fold and export a checkpoint to models/<name>/")
     e.add_argument("checkpoint")

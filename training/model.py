@@ -111,7 +111,8 @@ class BNNet(nn.Module):
         self.config = cfg
         w0 = cfg.widths[0]
         self.stem = ConvBNAct(cfg, cfg.in_channels, w0, stride=cfg.stem_stride)
-        self.stem_pool = nn.MaxPool2d(3, 2, 1) if cfg.stem_pool else nn.Identity()
+        # None (not nn.Identity) when off, so the stem's BN keeps the next layer as its user.
+        self.stem_pool = nn.MaxPool2d(3, 2, 1) if cfg.stem_pool else None
         layers: list[nn.Module] = []
         cin = w0
         for i, width in enumerate(cfg.widths):
@@ -135,7 +136,10 @@ class BNNet(nn.Module):
         self.post = post
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) -> (N, classes)
-        x = self.flatten(self.pool(self.features(self.stem_pool(self.stem(x)))))
+        x = self.stem(x)
+        if self.stem_pool is not None:
+            x = self.stem_pool(x)
+        x = self.flatten(self.pool(self.features(x)))
         if self.post:
             x = self.bn_fc(self.relu(self.fc1(x)))
         else:
