@@ -1,13 +1,13 @@
 """`bnfold-serve` (or `python -m service`): serve the bundles in the models folder with uvicorn.
 
 Settings come from BNFOLD_* environment variables; --host, --port and --models-dir override
-them. A bad setting prints one line and exits 2 instead of a traceback.
+them. A bad setting prints one line and exits 2 instead of a traceback. SIGTERM drains the
+requests in flight and exits 0 (service/server.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from pydantic import ValidationError
@@ -40,9 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bnfold-serve: invalid setting: {validation_message(exc.errors())}", file=sys.stderr)
         return 2
-    import uvicorn
-
-    from service.app import create_app
+    from service.logs import configure_logging
+    from service.server import serve
     from service.sessions import resolve_providers
 
     try:
@@ -50,17 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as exc:
         print(f"bnfold-serve: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.drain_timeout_s,
-    )
-    return 0
+    configure_logging(settings.log_level, settings.log_format)
+    return serve(settings)
 
 
 if __name__ == "__main__":

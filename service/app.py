@@ -1,8 +1,9 @@
 """`create_app(settings)`: the FastAPI application, its lifespan and its error handling.
 
-Sessions load in the lifespan, never at import. Errors: a `BnfoldError` answers its own status;
-request validation and routing errors answer 4xx; anything else is logged with its traceback
-and answered 500. Every error body is {"error": "..."}.
+Sessions load in the lifespan, never at import. Errors: a `BnfoldError` answers its own status
+(and headers, such as Retry-After); request validation and routing errors answer 4xx; anything
+else is logged with its traceback and answered 500. Every error body is {"error": "..."}.
+The outermost middleware gives every request an id, an access log line and its metrics.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from service.api import v1, v2
+from service.api import operations, page, v1, v2
+from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_openapi
 from service.config import Settings
 from service.errors import BnfoldError, validation_message
+from service.metrics import Metrics
 from service.runtime import ModelRuntime, Runner
 
 DESCRIPTION = """
@@ -30,17 +33,21 @@ unfolded originals, so the two can be compared live.
 * **/v1**: image predictions, model details, and folded-vs-unfolded equivalence.
 
 Every error answers `{"error": "..."}`: 400 bad input, 404 unknown model, 413 over a limit,
-415 wrong Content-Type or image format, 503 not ready.
+415 wrong Content-Type or image format, 503 not ready, busy or shutting down (with
+`Retry-After` when busy), 504 past the request timeout. Every response carries `X-Request-ID`.
+
+Operations: `GET /metrics` (Prometheus), `POST /v1/models/{model}/reload` (re-verify a bundle).
 """
 
 
 def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
-    """The application; `runner` replaces how batches reach sessions (tests, batching)."""
+    """The application; `runner` replaces how batches reach sessions (default: batching)."""
     settings = settings or Settings()
+    metrics = Metrics()
+    runtime = ModelRuntime(settings, runner, metrics)  # ready answers 503 until started
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime: ModelRuntime = app.state.runtime
         await runtime.start()
         try:
             yield
@@ -51,12 +58,15 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         title="bnfold", version=v2.server_version(), description=DESCRIPTION, lifespan=lifespan
     )
     app.state.settings = settings
-    app.state.runtime = ModelRuntime(settings, runner)  # ready answers 503 until started
+    app.state.runtime = runtime
     app.include_router(v2.router)
     app.include_router(v1.router)
+    app.include_router(operations.router)
+    app.include_router(page.router)
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
-    app.add_middleware(InternalErrorMiddleware)  # added last: outermost
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(AccessMiddleware, runtime=runtime)  # added last: outermost
     install_openapi(app)
     return app
 
@@ -73,7 +83,7 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 async def _bnfold_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, BnfoldError)
-    return error_response(exc.status_code, exc.message)
+    return error_response(exc.status_code, exc.message, exc.headers)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

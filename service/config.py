@@ -1,8 +1,7 @@
 """Service settings, read from the environment (prefix `BNFOLD_`) by pydantic-settings.
 
-Every limit that protects the server lives here, documented, so the 413 a client gets is a
-number the operator chose and can read in one place. Settings for dynamic batching, queues and
-shutdown (issue 7) belong in the marked section below.
+Every limit that protects the server lives here, documented, so the 413, 503 or 504 a client
+gets is a number the operator chose and can read in one place.
 """
 
 from __future__ import annotations
@@ -17,6 +16,7 @@ from service.preprocess import DEFAULT_MAX_PIXELS
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -61,12 +61,49 @@ class Settings(BaseSettings):
         "decompression bombs included, get 413 before they are decoded.",
     )
     log_level: LogLevel = Field("info", description="Log level of the service and uvicorn.")
+    log_format: LogFormat = Field(
+        "text",
+        description="Log lines (access and errors): 'text', or 'json' for one JSON object per "
+        "line. Access lines carry the request id sent back in the X-Request-ID header.",
+    )
     drain_timeout_s: float = Field(
         30.0,
         ge=0,
-        description="On SIGTERM, how long requests in flight may take to finish before the "
-        "server exits (uvicorn's graceful shutdown timeout).",
+        description="On SIGTERM (or Ctrl+C) readiness answers 503 at once and new requests are "
+        "refused; requests in flight and queued get this long to finish, then the server exits "
+        "(0 when none was cut off). Keep it above request_timeout_s.",
     )
 
-    # --- Batching and backpressure (issue 7) go here: max_batch_size, max_delay_ms, queue
-    # --- size per model, request timeout.
+    # --- Dynamic batching and backpressure (issue 7).
+    max_batch_size: int = Field(
+        32,
+        ge=1,
+        description="Most images (tensor rows) merged into one onnxruntime run from concurrent "
+        "requests for the same model and variant; 1 turns batching off. A request with more "
+        "images than this runs alone, never split.",
+    )
+    max_delay_ms: float = Field(
+        2.0,
+        ge=0,
+        description="How long a request that queued behind a running batch may wait for more "
+        "requests to fill its batch. A request that finds the model idle runs at once.",
+    )
+    max_queue_size: int = Field(
+        32,
+        ge=1,
+        description="Most requests per model inside the server at once (reading, decoding, "
+        "queued for a batch or running); the next gets 503 with Retry-After at once. Bounds "
+        "memory: about max_queue_size x max_body_bytes per model at worst.",
+    )
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Longest a request may take once admitted (body, decoding, queue and "
+        "inference); past it the answer is 504 and its queued work is dropped.",
+    )
+    retry_after_s: int = Field(
+        1,
+        ge=0,
+        description="Seconds sent in the Retry-After header of a 503 for a full queue or a "
+        "server that is shutting down.",
+    )

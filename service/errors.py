@@ -9,9 +9,12 @@ class BnfoldError(Exception):
 
     status_code = 500
 
-    def __init__(self, message: str, status_code: int | None = None) -> None:
+    def __init__(
+        self, message: str, status_code: int | None = None, headers: dict[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers  # sent with the error response, e.g. Retry-After on a 503
         if status_code is not None:
             self.status_code = status_code
 
@@ -50,6 +53,19 @@ class ServiceUnavailable(BnfoldError):
     """The server or a model cannot answer now: not loaded, failed to load, or busy (503)."""
 
     status_code = 503
+
+
+class Overloaded(ServiceUnavailable):
+    """Too many requests queued, or the server is draining: retry after a while (503)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class GatewayTimeout(BnfoldError):
+    """The request outlived the per-request timeout; its queued work was dropped (504)."""
+
+    status_code = 504
 
 
 def validation_message(errors: list[dict], limit: int = 3) -> str:

@@ -1,15 +1,19 @@
 """The model runtime: loads every bundle, keeps failures with their reason, runs inference.
 
-HTTP-free. Endpoints call one coroutine, `ModelRuntime.infer(model, variant, x) -> logits`, and
-never touch onnxruntime. How a batch reaches a session is the `Runner`'s business: the default
-`ThreadRunner` runs each request's batch in a worker thread, off the event loop; a dynamic
-batcher (issue 7) implements the same two methods, merges concurrent calls into one
-`LoadedModel.run` and hands each caller its own rows back.
+HTTP-free. Endpoints hold one of the model's queue slots with `ModelRuntime.admit(model)` (503
+when the queue is full, 504 past the request timeout), call one coroutine,
+`ModelRuntime.infer(model, variant, x) -> logits`, and never touch onnxruntime. How a batch
+reaches a session is the `Runner`'s business: the default `BatchingRunner` (service/batching.py)
+merges concurrent calls into one `LoadedModel.run` and hands each caller its own rows back;
+`ThreadRunner` runs each request alone in a worker thread.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -24,10 +28,13 @@ from service.errors import (
     BadInput,
     BnfoldError,
     BundleError,
+    GatewayTimeout,
     NotFound,
+    Overloaded,
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from service.metrics import Metrics
 from service.sessions import make_probe_session, make_session, resolve_providers
 
 log = logging.getLogger(__name__)
@@ -171,7 +178,7 @@ def check_input(spec: TensorSpec, x: np.ndarray, max_rows: int) -> None:
 
 
 class Runner(Protocol):
-    """How a validated batch reaches a model's session (direct now, a batcher in issue 7)."""
+    """How a validated batch reaches a model's session (alone, or merged by a batcher)."""
 
     async def run(self, model: LoadedModel, variant: Variant, x: np.ndarray) -> np.ndarray: ...
 
@@ -191,11 +198,21 @@ class ThreadRunner:
 class ModelRuntime:
     """Every bundle in `settings.models_dir`, loaded at start, and the one way to run them."""
 
-    def __init__(self, settings: Settings, runner: Runner | None = None) -> None:
+    def __init__(
+        self, settings: Settings, runner: Runner | None = None, metrics: Metrics | None = None
+    ) -> None:
+        from service.batching import BatchingRunner  # imports LoadedModel from here
+
         self.settings = settings
-        self.runner: Runner = runner or ThreadRunner()
+        self.metrics = metrics or Metrics()
+        self.runner: Runner = runner or BatchingRunner(
+            settings.max_batch_size, settings.max_delay_ms / 1000, self.metrics
+        )
         self.models: dict[str, LoadedModel] = {}
         self.loaded = False
+        self.admitted: Counter[str] = Counter()  # requests inside the server, per model
+        self.draining = False  # set on SIGTERM: not ready, new requests refused
+        self.cut_off = 0  # requests cancelled because the drain timeout ran out
 
     async def start(self) -> None:
         """Resolve the provider (bad choice fails start-up) and load every bundle off the loop."""
@@ -215,6 +232,8 @@ class ModelRuntime:
 
     def not_ready_reason(self) -> str | None:
         """None when every bundle loaded; else why the server is not ready."""
+        if self.draining:
+            return "shutting down: finishing the requests in flight"
         if not self.loaded:
             return "model bundles are still loading"
         if not self.models:
@@ -240,6 +259,49 @@ class ModelRuntime:
         model = self.get(name, version)
         if not model.ready:
             raise ServiceUnavailable(f"model {name!r} is not ready: {model.error}")
+        return model
+
+    def begin_drain(self) -> None:
+        """SIGTERM: readiness answers 503 from now on and new requests are refused."""
+        self.draining = True
+
+    @asynccontextmanager
+    async def admit(self, name: str, version: str | None = None) -> AsyncIterator[LoadedModel]:
+        """Hold one of the model's `max_queue_size` slots while a request is served, under
+        the request timeout: 503 with Retry-After at once when full, 504 when time runs out."""
+        model = self.get_ready(name, version)
+        limit = self.settings.max_queue_size
+        if self.admitted[name] >= limit:
+            self.metrics.rejected.labels(name).inc()
+            raise Overloaded(
+                f"model {name!r} is busy: {limit} requests already queued (BNFOLD_MAX_QUEUE_SIZE);"
+                f" retry after {self.settings.retry_after_s} s",
+                self.settings.retry_after_s,
+            )
+        self._count(name, +1)
+        try:
+            with anyio.move_on_after(self.settings.request_timeout_s) as scope:
+                yield model
+        finally:
+            self._count(name, -1)
+        if scope.cancelled_caught:
+            self.metrics.timeouts.labels(name).inc()
+            raise GatewayTimeout(
+                f"request not answered within {self.settings.request_timeout_s:g} s "
+                "(BNFOLD_REQUEST_TIMEOUT_S); its queued work was dropped: retry later"
+            )
+
+    def _count(self, name: str, change: int) -> None:
+        self.admitted[name] += change
+        self.metrics.queue_depth.labels(name).set(self.admitted[name])
+
+    async def reload(self, name: str) -> LoadedModel:
+        """Re-verify a bundle's checksums and recreate its sessions; a failure is kept as the
+        model's error, so a file changed since start-up is never served."""
+        path = self.get(name).path
+        providers = resolve_providers(self.settings.provider)
+        model = await anyio.to_thread.run_sync(load_model, path, providers, self.settings.threads)
+        self.models[name] = model  # requests already queued finish on the old sessions
         return model
 
     async def infer(

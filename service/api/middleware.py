@@ -16,11 +16,14 @@ from service.errors import PayloadTooLarge
 log = logging.getLogger(__name__)
 
 
-async def send_json(send: Send, status: int, body: dict) -> None:
+async def send_json(
+    send: Send, status: int, body: dict, extra_headers: dict[str, str] | None = None
+) -> None:
     payload = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(payload)).encode()),
+        *((k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})

@@ -35,7 +35,9 @@ ERROR_TEXT = {
     404: "Unknown model, version or route.",
     413: "Body, image or image count over a configured limit.",
     415: "Unsupported Content-Type or image format.",
-    503: "Not ready: still loading, or the bundle failed to load (the reason is given).",
+    503: "Not ready (still loading, the bundle failed to load, or shutting down: the reason "
+    "is given), or busy: the model's queue is full (see the Retry-After header).",
+    504: "Not answered within the request timeout; the queued work was dropped.",
 }
 
 

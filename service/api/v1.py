@@ -9,6 +9,7 @@ from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_
 from service.api.openapi import IMAGE_BODY, errors, request_body
 from service.api.state import ModelName, get_runtime, get_settings
 from service.bundle import EquivalenceReport, Variant
+from service.errors import ServiceUnavailable
 from service.inference import compare_variants, predictions, preprocess_uploads
 from service.runtime import LoadedModel
 from service.schemas import (
@@ -87,7 +88,7 @@ async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
 @router.post(
     "/models/{model}/predict",
     response_model=PredictResponse,
-    responses=errors(400, 404, 413, 415, 503),
+    responses=errors(400, 404, 413, 415, 503, 504),
     openapi_extra=request_body(IMAGE_BODY, "One or more images (multipart), or one raw image."),
 )
 async def predict(
@@ -95,11 +96,12 @@ async def predict(
 ) -> PredictResponse:
     """Classify images; `predictions` come in request order."""
     runtime, settings = get_runtime(request), get_settings(request)
-    manifest = runtime.get_ready(model).manifest
-    assert manifest is not None
-    uploads = await read_images(request, settings.max_images_per_request)
-    x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
-    logits = await runtime.infer(model, variant, x)
+    async with runtime.admit(model) as loaded:
+        manifest = loaded.manifest
+        assert manifest is not None
+        uploads = await read_images(request, settings.max_images_per_request)
+        x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+        logits = await runtime.infer(model, variant, x)
     names = [u.filename for u in uploads]
     return PredictResponse(
         model_name=model,
@@ -115,21 +117,32 @@ COMPARE_BODY = {**IMAGE_BODY, JSON_TYPE: InferenceRequest}
 @router.post(
     "/models/{model}/compare",
     response_model=CompareResponse,
-    responses=errors(400, 404, 413, 415, 503),
+    responses=errors(400, 404, 413, 415, 503, 504),
     openapi_extra=request_body(COMPARE_BODY, "Images as for predict, or a V2 JSON tensor."),
 )
 async def compare(model: ModelName, request: Request, top_k: int = TopK) -> CompareResponse:
     """Run folded and unfolded now on the same inputs; diff logits and per-layer outputs."""
     runtime, settings = get_runtime(request), get_settings(request)
-    manifest = runtime.get_ready(model).manifest
-    assert manifest is not None
-    if media_type(request) == JSON_TYPE:
-        body = await read_json_or_binary(request)
-        decoded = await anyio.to_thread.run_sync(parse_request, body)
-        x, names = input_array(decoded, manifest.input), None
-    else:
-        also = "; or a V2 JSON tensor with Content-Type application/json"
-        uploads = await read_images(request, settings.max_images_per_request, also)
-        x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
-        names = [u.filename for u in uploads]
-    return await compare_variants(runtime, model, x, top_k, names)
+    async with runtime.admit(model) as loaded:
+        manifest = loaded.manifest
+        assert manifest is not None
+        if media_type(request) == JSON_TYPE:
+            body = await read_json_or_binary(request)
+            decoded = await anyio.to_thread.run_sync(parse_request, body)
+            x, names = input_array(decoded, manifest.input), None
+        else:
+            also = "; or a V2 JSON tensor with Content-Type application/json"
+            uploads = await read_images(request, settings.max_images_per_request, also)
+            x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+            names = [u.filename for u in uploads]
+        return await compare_variants(runtime, model, x, top_k, names)
+
+
+@router.post("/models/{model}/reload", response_model=ModelSummary, responses=errors(404, 503))
+async def reload(model: ModelName, request: Request) -> ModelSummary:
+    """Re-verify the bundle's sha256 checksums and recreate its sessions. A bundle whose files
+    changed since start-up is then not served: 503 here, and wherever the model is asked for."""
+    loaded = await get_runtime(request).reload(model)
+    if not loaded.ready:
+        raise ServiceUnavailable(f"model {model!r} failed re-verification: {loaded.error}")
+    return ModelSummary(**_summary(loaded))

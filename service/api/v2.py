@@ -122,7 +122,7 @@ INFER_DOC = {
             "description": "JSON, or with binary outputs: JSON header + raw little-endian "
             "tensors, its length in the Inference-Header-Content-Length response header.",
         },
-        **errors(400, 404, 413, 415, 503),
+        **errors(400, 404, 413, 415, 503, 504),
     },
     "openapi_extra": request_body(
         {"application/json": InferenceRequest, "application/octet-stream": BINARY},
@@ -152,14 +152,14 @@ async def infer_version(
 
 async def _infer(request: Request, name: str, version: str | None, header_length: int | None):
     runtime = get_runtime(request)
-    model = runtime.get_ready(name, version)
-    assert model.manifest is not None
-    body = await read_json_or_binary(request)
-    decoded = await anyio.to_thread.run_sync(parse_request, body, header_length)
-    x = input_array(decoded, model.manifest.input)  # (N, C, H, W) float32
-    variant = variant_of(decoded.request.parameters)
-    outputs = requested_outputs(decoded.request, model.manifest.output)
-    logits = await runtime.infer(name, variant, x, version)
+    async with runtime.admit(name, version) as model:
+        assert model.manifest is not None
+        body = await read_json_or_binary(request)
+        decoded = await anyio.to_thread.run_sync(parse_request, body, header_length)
+        x = input_array(decoded, model.manifest.input)  # (N, C, H, W) float32
+        variant = variant_of(decoded.request.parameters)
+        outputs = requested_outputs(decoded.request, model.manifest.output)
+        logits = await runtime.infer(name, variant, x, version)
     header = {
         "model_name": name,
         "model_version": model.version,

@@ -1,7 +1,7 @@
 """End to end: the real `bnfold-serve` process over loopback HTTP, with httpx and tritonclient.
 
-Reference: the bundle's ONNX run directly by onnxruntime on the same preprocessed tensor; the
-server runs each request as its own batch, so the logits must match bit for bit.
+Reference: the bundle's ONNX run directly by onnxruntime on the same preprocessed tensor. The
+requests go one at a time, so the batcher runs each alone, and the logits must match bit for bit.
 """
 
 from __future__ import annotations

@@ -124,7 +124,7 @@ def test_docs_and_openapi_document_bodies_examples_and_errors(client):
         "$ref": "#/components/schemas/InferenceRequest"
     }
     assert "application/octet-stream" in content
-    assert set(infer["responses"]) == {"200", "400", "404", "413", "415", "503"}
+    assert set(infer["responses"]) == {"200", "400", "404", "413", "415", "503", "504"}
     predict = spec["paths"]["/v1/models/{model}/predict"]["post"]
     assert {"multipart/form-data", "image/png"} <= set(predict["requestBody"]["content"])
     schemas = spec["components"]["schemas"]

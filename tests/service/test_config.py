@@ -16,6 +16,9 @@ def test_defaults(monkeypatch):
     s = Settings()
     assert (s.models_dir, s.host, s.port, s.provider) == (Path("models"), "0.0.0.0", 8000, "auto")
     assert s.max_body_bytes == 10 * 1024 * 1024 and s.max_pixels == 4096 * 4096
+    assert (s.max_batch_size, s.max_delay_ms, s.max_queue_size) == (32, 2.0, 32)
+    # A drain must outlast the request timeout, so queued requests end with an answer.
+    assert s.request_timeout_s < s.drain_timeout_s
 
 
 def test_environment_with_the_bnfold_prefix(monkeypatch):
@@ -36,6 +39,10 @@ def test_every_field_is_documented():
         ("provider", "tpu", "Input should be 'auto', 'cpu' or 'cuda'"),
         ("port", "0", "Input should be greater than or equal to 1"),
         ("max_images_per_request", "0", "Input should be greater than or equal to 1"),
+        ("max_batch_size", "0", "Input should be greater than or equal to 1"),
+        ("max_queue_size", "0", "Input should be greater than or equal to 1"),
+        ("request_timeout_s", "0", "Input should be greater than 0"),
+        ("log_format", "xml", "Input should be 'text' or 'json'"),
     ],
 )
 def test_bad_values_are_refused_with_what_is_allowed(monkeypatch, field, value, message):

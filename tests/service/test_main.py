@@ -1,4 +1,4 @@
-"""service/__main__.py: `bnfold-serve` flags over environment, one-line errors, uvicorn call."""
+"""service/__main__.py: `bnfold-serve` flags over environment, one-line errors, the server call."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import onnxruntime as ort
 import pytest
 
 from service.__main__ import load_settings, main, parse_args
+from service.server import DrainingServer
 
 
 def test_flags_override_the_environment(monkeypatch, tmp_path):
@@ -15,15 +16,17 @@ def test_flags_override_the_environment(monkeypatch, tmp_path):
     assert (s.host, s.port, s.models_dir) == ("127.0.0.1", 9100, tmp_path)
 
 
-def test_main_runs_uvicorn_with_the_settings(monkeypatch, tmp_path):
+def test_main_runs_the_draining_server_with_the_settings(monkeypatch, tmp_path):
     calls = {}
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: calls.update(app=app, **kw))
+    monkeypatch.setattr(DrainingServer, "run", lambda self: calls.update(config=self.config))
     monkeypatch.setenv("BNFOLD_LOG_LEVEL", "warning")
     monkeypatch.setenv("BNFOLD_DRAIN_TIMEOUT_S", "12.5")
     assert main(["--host", "127.0.0.1", "--port", "8123", "--models-dir", str(tmp_path)]) == 0
-    assert (calls["host"], calls["port"], calls["log_level"]) == ("127.0.0.1", 8123, "warning")
-    assert calls["timeout_graceful_shutdown"] == 12.5
-    assert calls["app"].state.settings.models_dir == tmp_path
+    config = calls["config"]
+    assert (config.host, config.port, config.log_level) == ("127.0.0.1", 8123, "warning")
+    assert config.timeout_graceful_shutdown == 12.5
+    assert config.access_log is False  # the access middleware logs each request once
+    assert config.app.state.settings.models_dir == tmp_path
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):

@@ -1,0 +1,262 @@
+"""`python -m bench.run [--quick]`: measure bnfold against its limits and peers; write results.
+
+Read top to bottom: the models are prepared (and their fold cost measured), executed in
+process, served over HTTP next to the peers, the goals checked, the report written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.metadata as md
+import importlib.util
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench.plan import FULL, QUICK, Plan
+
+REPO = Path(__file__).resolve().parent.parent
+INSTALL_HINT = "install them with: bash scripts/install_bench_deps.sh"
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def missing_tools() -> list[str]:
+    """What the benchmark needs beyond the dev install, and is not here."""
+    missing = []
+    if shutil.which("wrk") is None:
+        missing.append("wrk (the HTTP load generator, Debian package 'wrk')")
+    if importlib.util.find_spec("litserve") is None:
+        missing.append("litserve (the peer server, from PyPI, in this venv)")
+    return missing
+
+
+def prepare_models(plan: Plan, work: Path) -> dict:
+    from bench.models import prepare_digits, prepare_heavy
+
+    models = {}
+    for name in plan.models:
+        start = time.perf_counter()
+        if name == "digits":
+            models[name] = prepare_digits(work, plan.eval_images)
+        else:
+            models[name] = prepare_heavy(work, plan.heavy_size, plan.eval_images)
+        log(f"prepared {name} ({time.perf_counter() - start:.1f} s): {models[name].weights}")
+    return models
+
+
+def execute_models(models: dict, plan: Plan) -> dict:
+    from bench import model_exec
+
+    rows = []
+    for model in models.values():
+        rows += model_exec.measure_model(model, plan, log)
+    limits = {name: model_exec.best_limit(rows, name) for name in models}
+    return {"rows": rows, "limits": limits, "ratios": model_exec.exec_ratios(rows, limits)}
+
+
+def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
+    from bench import serving
+
+    rows, payloads = [], {}
+    for name in plan.serve_models:
+        if name in models:
+            measured = serving.measure_model(models[name], plan, limits[name], work, log)
+            rows += measured["rows"]
+            payloads[name] = measured["payload_bytes"]
+    return {
+        "rows": rows,
+        "summary": serving.summarize(rows),
+        "ratios": serving.ratios(rows),
+        "payload_bytes": payloads,
+    }
+
+
+def preprocess_cost_ms(models: dict, repeats: int = 200) -> dict[str, float]:
+    """Decode + preprocess of the benchmark PNG, in process: the per-image floor of serving."""
+    from service.preprocess import preprocess_bytes
+
+    out = {}
+    for name, m in models.items():
+        preprocess_bytes(m.png, m.spec)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            preprocess_bytes(m.png, m.spec)
+        out[name] = (time.perf_counter() - start) / repeats * 1e3
+    return out
+
+
+def environment(argv: list[str], plan: Plan) -> dict:
+    def version(pkg: str) -> str:
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return "not installed"
+
+    wrk = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    return {
+        "command": " ".join(["python -m bench.run", *argv]),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{cpu_model()}, {_cpu_count()} cores, {_mem_gib():.0f} GiB",
+        "python": platform.python_version(),
+        "packages": ", ".join(
+            f"{p} {version(p)}"
+            for p in ("onnxruntime", "torch", "fastapi", "uvicorn", "litserve", "uvloop")
+        ),
+        "load generator": wrk.split(" Copyright")[0],
+        "bnfold": f"commit {git_commit()}; settings: {bnfold_settings(plan.bnfold_env)}",
+    }
+
+
+def git_commit() -> str:
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
+        return proc.stdout.strip()
+
+    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
+
+
+def bnfold_settings(env: dict[str, str]) -> str:
+    """The served settings that shape performance (threads, provider, batching when present)."""
+    from service.config import Settings
+
+    wanted = ("threads", "provider", "batch", "delay", "queue", "timeout")
+    values = Settings(**{k.removeprefix("BNFOLD_").lower(): v for k, v in env.items()}).model_dump()
+    return ", ".join(f"{k}={v}" for k, v in values.items() if any(w in k for w in wanted))
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
+
+
+def _cpu_count() -> int:
+    import os
+
+    return len(os.sched_getaffinity(0))
+
+
+def _mem_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bool) -> dict:
+    """The whole benchmark into `out`; returns the results dict."""
+    from bench import goals, report
+
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
+    try:
+        models = prepare_models(plan, work)
+        exec_results = execute_models(models, plan)
+        serving = serve_models(models, exec_results["limits"], plan, work)
+        pre = preprocess_cost_ms(models)
+    finally:
+        if keep_work:
+            log(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    results = {
+        "environment": environment(argv, plan),
+        "plan": plan.to_dict(),
+        "models": {n: {"weights": m.weights, "fold_cost": m.fold_cost} for n, m in models.items()},
+        "preprocess_ms": pre,
+        "model_exec": exec_results,
+        "serving": serving,
+        "goals": goals.check(serving["rows"], pre),
+    }
+    results["elapsed_s"] = time.perf_counter() - start
+    for path in report.write(results, out, docs):
+        log(f"wrote {path}")
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.run", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds per target (the test's mode)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default bench/results, bench/results/quick with --quick)",
+    )
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also write this docs page (default docs/performance.md for a full "
+        "run into bench/results; none otherwise)",
+    )
+    parser.add_argument("--models", help="comma-separated subset of: digits,heavy")
+    parser.add_argument(
+        "--bnfold-env",
+        action="append",
+        default=[],
+        metavar="BNFOLD_X=VALUE",
+        help="a setting for the bnfold server (repeatable); default: its defaults",
+    )
+    parser.add_argument("--keep-work", action="store_true", help="keep bundles, payloads, logs")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    missing = missing_tools()
+    if missing:
+        log(f"bench: missing {'; '.join(missing)}. {INSTALL_HINT}")
+        return 2
+    plan = QUICK if args.quick else FULL
+    if args.models:
+        chosen = tuple(m for m in args.models.split(",") if m)
+        unknown = set(chosen) - {"digits", "heavy"}
+        if unknown:
+            log(f"bench: unknown model(s) {sorted(unknown)}. Only digits and heavy are supported.")
+            return 2
+        plan = dataclasses.replace(
+            plan, models=chosen, serve_models=tuple(m for m in plan.serve_models if m in chosen)
+        )
+    bad = [kv for kv in args.bnfold_env if not kv.startswith("BNFOLD_") or "=" not in kv]
+    if bad:
+        log(f"bench: invalid --bnfold-env {bad}: use BNFOLD_<SETTING>=<value>")
+        return 2
+    if args.bnfold_env:
+        plan = dataclasses.replace(
+            plan, bnfold_env=dict(kv.split("=", 1) for kv in args.bnfold_env)
+        )
+    out = args.out or (REPO / "bench" / "results" / ("quick" if args.quick else ""))
+    docs = args.docs
+    if (
+        docs is None
+        and not args.quick
+        and args.out is None
+        and args.models is None
+        and not args.bnfold_env
+    ):
+        docs = REPO / "docs" / "performance.md"
+    results = run(plan, out, docs, argv, args.keep_work)
+    for g in (g for g in results["goals"] if g["primary"]):
+        log(
+            f"goal {'PASS' if g['passed'] else 'FAIL'}: {g['goal']} [{g['model']}]: {g['measured']}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

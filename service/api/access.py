@@ -1,0 +1,107 @@
+"""The outermost middleware: a request id, refusal while draining, one access line, metrics.
+
+Pure ASGI like the guards in middleware.py, so it sees every answer, the 413s and 500s those
+guards send included, and adds the X-Request-ID header to each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.middleware import send_json
+from service.logs import request_id
+from service.runtime import ModelRuntime
+
+REQUEST_ID_HEADER = b"x-request-id"
+# An incoming id is kept when it is short and plain (UUIDs, trace ids): it goes into log lines.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Probes and scrapes are answered while draining: they must see the truth, not a refusal.
+ANSWERED_WHILE_DRAINING = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
+CANCELLED = 499  # status recorded for a request cut off by the drain timeout (no answer sent)
+
+access_log = logging.getLogger("service.access")
+
+
+def choose_request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is sane, else a new random one."""
+    for name, value in scope["headers"]:
+        if name == REQUEST_ID_HEADER:
+            incoming = value.decode("latin-1")
+            if SANE_REQUEST_ID.fullmatch(incoming):
+                return incoming
+            break
+    return uuid.uuid4().hex
+
+
+class AccessMiddleware:
+    """Every HTTP request: its id (header and logs), the drain refusal, the access line and
+    the request metrics (count by endpoint/model/code, latency by endpoint, in flight)."""
+
+    def __init__(self, app: ASGIApp, runtime: ModelRuntime) -> None:
+        self.app = app
+        self.runtime = runtime
+        self.metrics = runtime.metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid = choose_request_id(scope)
+        token = request_id.set(rid)
+        status, started = 500, time.perf_counter()
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER, rid.encode())]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        self.metrics.in_flight.inc()
+        try:
+            if self.runtime.draining and scope["path"] not in ANSWERED_WHILE_DRAINING:
+                await self._refuse(send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            status = CANCELLED
+            if self.runtime.draining:
+                self.runtime.cut_off += 1
+            raise
+        finally:
+            self.metrics.in_flight.dec()
+            self._record(scope, status, time.perf_counter() - started)
+            request_id.reset(token)
+
+    async def _refuse(self, send: Send) -> None:
+        retry = str(self.runtime.settings.retry_after_s)
+        body = {"error": "the server is shutting down: send the request again (another replica)"}
+        await send_json(send, 503, body, {"Retry-After": retry, "Connection": "close"})
+
+    def _record(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        endpoint = getattr(route, "path", None) or "unmatched"
+        model = scope.get("path_params", {}).get("model", "")
+        if model and model not in self.runtime.models:
+            model = "unknown"  # label values stay bounded whatever names clients send
+        self.metrics.requests.labels(endpoint, model, str(status)).inc()
+        self.metrics.request_seconds.labels(endpoint).observe(seconds)
+        client = scope.get("client")
+        fields = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+            "endpoint": endpoint,
+            "client": client[0] if client else None,
+        }
+        access_log.info(
+            "%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
+            extra={"fields": fields},
+        )  # fmt: skip

@@ -1,0 +1,196 @@
+"""Dynamic batching: concurrent requests for one model and variant share one onnxruntime run.
+
+Each (model, variant) has a lane: a FIFO of waiting requests, one worker task, and one thread of
+its own where the lane's runs happen, one at a time. Decoding and preprocessing use anyio's
+worker threads, so they go on in parallel with inference instead of queueing behind it.
+
+The policy, per lane:
+- a request that finds the lane idle runs at once, alone: a lone request is never delayed;
+- requests that arrive while a batch runs queue up; when the run ends they go together, up to
+  `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
+- a request is never split: one with more rows than `max_batch_size` runs alone;
+- rows are concatenated in queue order and each caller gets exactly its own slice back;
+- a caller that gives up (timeout) while queued is dropped before its batch is formed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service.bundle import Variant
+from service.errors import ServiceUnavailable
+from service.metrics import Metrics
+
+if TYPE_CHECKING:
+    from service.runtime import LoadedModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class _Request:
+    model: LoadedModel
+    x: np.ndarray  # (n, C, H, W) float32
+    future: asyncio.Future[np.ndarray]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Lane:
+    name: str
+    variant: Variant
+    loop: asyncio.AbstractEventLoop
+    executor: ThreadPoolExecutor
+    waiting: deque[_Request] = field(default_factory=deque)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    worker: asyncio.Task | None = None
+
+    def rows_waiting(self) -> int:
+        return sum(len(r.x) for r in self.waiting)
+
+
+class BatchingRunner:
+    """A `Runner` that merges concurrent requests per (model, variant) into one run."""
+
+    def __init__(
+        self, max_batch_size: int = 32, max_delay_s: float = 0.002, metrics: Metrics | None = None
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
+        self.max_batch_size = max_batch_size
+        self.max_delay_s = max_delay_s
+        self.metrics = metrics or Metrics()
+        self.lanes: dict[tuple[str, str], _Lane] = {}
+        self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
+        self.closed = False
+
+    async def run(self, model: LoadedModel, variant: Variant, x: np.ndarray) -> np.ndarray:
+        """Queue x (N, C, H, W) and wait for its logits (N, classes), computed in some batch."""
+        if self.closed:
+            raise ServiceUnavailable("the server is shutting down")
+        lane = self._lane(model.name, variant)
+        request = _Request(model, x, lane.loop.create_future())
+        lane.waiting.append(request)
+        lane.wakeup.set()
+        try:
+            return await request.future
+        except asyncio.CancelledError:  # the caller gave up (timeout): its rows never run
+            with contextlib.suppress(ValueError):
+                lane.waiting.remove(request)
+            raise
+
+    async def aclose(self) -> None:
+        """Stop the workers; requests still queued (none after a drain) get 503."""
+        self.closed = True
+        loop = asyncio.get_running_loop()
+        for lane in self.lanes.values():
+            if lane.worker is not None and lane.loop is loop:
+                lane.worker.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await lane.worker
+            for request in lane.waiting:
+                if not request.future.done():
+                    request.future.set_exception(ServiceUnavailable("the server shut down"))
+            lane.executor.shutdown(wait=False, cancel_futures=True)
+        self.lanes = {}
+
+    def _lane(self, name: str, variant: Variant) -> _Lane:
+        loop = asyncio.get_running_loop()
+        lane = self.lanes.get((name, variant))
+        if lane is None or lane.loop is not loop:  # a lane belongs to one event loop
+            if lane is not None:  # that loop is gone (tests run one loop after another)
+                lane.executor.shutdown(wait=False)
+            executor = ThreadPoolExecutor(1, thread_name_prefix=f"bnfold-{name}-{variant}")
+            lane = self.lanes[(name, variant)] = _Lane(name, variant, loop, executor)
+            lane.worker = loop.create_task(self._work(lane), name=f"batcher {name}/{variant}")
+        return lane
+
+    async def _work(self, lane: _Lane) -> None:
+        """The lane's loop: wait for requests, form a batch, run it, hand the rows back."""
+        idle = True  # no run since the lane last had nothing to do
+        while True:
+            try:
+                if not lane.waiting:
+                    idle = True
+                    lane.wakeup.clear()
+                    await lane.wakeup.wait()
+                if not idle:  # they queued behind the last run: let companions join
+                    await self._wait_for_companions(lane)
+                batch = self._take(lane)
+                if batch:
+                    idle = False
+                    await self._run(lane, batch)
+            except Exception:  # a bug here must not leave every later request hanging
+                log.exception("batcher %s/%s: unexpected error", lane.name, lane.variant)
+
+    async def _wait_for_companions(self, lane: _Lane) -> None:
+        """Until the batch is full or its oldest request has waited max_delay_s."""
+        while lane.waiting and lane.rows_waiting() < self.max_batch_size:
+            remaining = lane.waiting[0].enqueued + self.max_delay_s - time.monotonic()
+            if remaining <= 0:
+                return
+            lane.wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(lane.wakeup.wait(), remaining)
+
+    def _take(self, lane: _Lane) -> list[_Request]:
+        """The longest queue prefix that fits max_batch_size rows (at least one request)."""
+        batch: list[_Request] = []
+        rows = 0
+        while lane.waiting:
+            head = lane.waiting[0]
+            if head.future.done():  # cancelled after all
+                lane.waiting.popleft()
+                continue
+            # One run per set of sessions: after a reload, old and new requests do not mix.
+            if batch and (
+                head.model is not batch[0].model or rows + len(head.x) > self.max_batch_size
+            ):
+                break
+            batch.append(lane.waiting.popleft())
+            rows += len(head.x)
+        return batch
+
+    async def _run(self, lane: _Lane, batch: list[_Request]) -> None:
+        """One onnxruntime run for the batch; each caller gets its rows, or the error."""
+        try:
+            logits = await self._infer(lane, batch)
+        except Exception as exc:  # every caller in this batch gets the error; the lane goes on
+            for request in batch:
+                if not request.future.done():
+                    request.future.set_exception(exc)
+            return
+        start = 0
+        for request in batch:
+            rows = len(request.x)
+            if not request.future.done():  # a caller that timed out meanwhile gets nothing
+                request.future.set_result(logits[start : start + rows])
+            start += rows
+
+    async def _infer(self, lane: _Lane, batch: list[_Request]) -> np.ndarray:
+        started = time.monotonic()
+        for request in batch:
+            wait = started - request.enqueued
+            self.metrics.queue_wait.labels(lane.name, lane.variant).observe(wait)
+        x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
+        model = batch[0].model
+        logits = await lane.loop.run_in_executor(lane.executor, model.run, lane.variant, x)
+        self._record(lane, len(batch), len(x), time.monotonic() - started)
+        return logits  # (B, classes)
+
+    def _record(self, lane: _Lane, requests: int, rows: int, seconds: float) -> None:
+        self.batch_rows[rows] += 1
+        labels = (lane.name, lane.variant)
+        self.metrics.batch_size.labels(*labels).observe(rows)
+        self.metrics.inference_seconds.labels(*labels).observe(seconds)
+        self.metrics.images.labels(*labels).inc(rows)
+        self.metrics.inferences.labels(*labels).inc(requests)

@@ -1,0 +1,85 @@
+"""Prometheus metrics of one server, in a registry of its own (GET /metrics exposes it).
+
+A registry per application, not prometheus-client's global one, so two apps in one process
+(tests) count separately. Label values are bounded: endpoints are route templates, models are
+the bundles served (an unknown name counts as "unknown"), never raw paths.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Seconds: from a fraction of a millisecond (one digit) to the request timeout's range.
+SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LANE = ("model", "variant")
+
+
+class Metrics:
+    """Every metric the service exports; `registry` is what GET /metrics renders."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "bnfold_requests",
+            "HTTP requests answered, by endpoint (route template), model and status code.",
+            ["endpoint", "model", "code"],
+            registry=r,
+        )
+        self.request_seconds = Histogram(
+            "bnfold_request_duration_seconds",
+            "Time from request to response, by endpoint.",
+            ["endpoint"],
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "bnfold_requests_in_flight", "HTTP requests being answered now.", registry=r
+        )
+        self.queue_depth = Gauge(
+            "bnfold_queue_depth",
+            "Requests admitted for a model and not answered yet (reading, decoding, queued or "
+            "running); BNFOLD_MAX_QUEUE_SIZE bounds it.",
+            ["model"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "bnfold_rejected_requests",
+            "Requests answered 503 because the model's queue was full.",
+            ["model"],
+            registry=r,
+        )
+        self.timeouts = Counter(
+            "bnfold_request_timeouts",
+            "Requests answered 504 past BNFOLD_REQUEST_TIMEOUT_S; their queued work was dropped.",
+            ["model"],
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "bnfold_queue_wait_seconds",
+            "Time a request waited in the batcher before its onnxruntime run started.",
+            LANE,
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.inference_seconds = Histogram(
+            "bnfold_inference_duration_seconds",
+            "onnxruntime run time per batch.",
+            LANE,
+            buckets=SECONDS,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "bnfold_batch_size",
+            "Images (tensor rows) per onnxruntime run.",
+            LANE,
+            buckets=ROWS,
+            registry=r,
+        )
+        self.images = Counter("bnfold_images", "Images (tensor rows) inferred.", LANE, registry=r)
+        self.inferences = Counter(
+            "bnfold_inferences",
+            "Requests inferred, by model and variant (a compare counts one of each).",
+            LANE,
+            registry=r,
+        )

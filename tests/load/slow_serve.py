@@ -1,0 +1,29 @@
+"""`python -m tests.load.slow_serve [bnfold-serve flags]`: the real server, with every
+onnxruntime run made slower by SLOW_SERVE_RUN_S seconds (a test-only launcher).
+
+A model of 8x8 digits answers in well under a millisecond, too fast for a test to catch
+requests queued or in flight. The delay sits inside `LoadedModel.run`, in the batcher's thread,
+exactly where a big model would spend its time; nothing else about the server changes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from service import runtime
+from service.__main__ import main
+
+DELAY_S = float(os.environ.get("SLOW_SERVE_RUN_S", "0"))
+_run = runtime.LoadedModel.run
+
+
+def slow_run(self, variant, x):
+    time.sleep(DELAY_S)
+    return _run(self, variant, x)
+
+
+if __name__ == "__main__":
+    runtime.LoadedModel.run = slow_run  # type: ignore[method-assign]
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""service/batching.py: concurrent requests merged into one onnxruntime run, each caller
+getting exactly its own rows back, with the batch sizes, delays and drops the settings promise.
+
+Tolerance: a row's logits may change by a few float32 ulps when onnxruntime runs it in a batch
+of another size (other blocking and summation order): measured here at most 1.9e-6 on logits
+of magnitude up to 4.5 (unfolded; folded was identical) over 300 digits and batch sizes 2-64.
+TOL = 1e-5 allows five times that. A row taken from another image differs by more than 3
+(checked below), so a mix-up cannot hide inside TOL, and it changes the label.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from service.batching import BatchingRunner
+from service.config import Settings
+from service.runtime import LoadedModel, ModelRuntime
+
+TOL = 1e-5
+SIZES = [1, 3, 2, 1, 4, 1, 2, 5, 1, 1, 3, 2, 1, 2, 1]  # rows per request: 30 digits in all
+
+
+def slices(sizes: list[int]) -> list[slice]:
+    ends = np.cumsum(sizes)
+    return [slice(int(e - n), int(e)) for n, e in zip(sizes, ends, strict=True)]
+
+
+async def started(models_dir, **overrides) -> ModelRuntime:
+    runtime = ModelRuntime(Settings(models_dir=models_dir, provider="cpu", **overrides))
+    await runtime.start()
+    return runtime
+
+
+class Gate:
+    """Stands in for a model's onnxruntime run: records batch sizes, blocks until opened,
+    raises when told to (an onnxruntime failure), else runs the real session."""
+
+    def __init__(self, model: LoadedModel, open_: bool = False) -> None:
+        self.inner = model.run
+        self.rows: list[int] = []
+        self.opened = threading.Event()
+        self.fail_next = False
+        if open_:
+            self.opened.set()
+        model.run = self  # type: ignore[method-assign]
+
+    def __call__(self, variant, x):
+        self.rows.append(len(x))
+        assert self.opened.wait(10), "gate never opened"
+        if self.fail_next:
+            self.fail_next = False
+            raise RuntimeError("injected onnxruntime failure")
+        return self.inner(variant, x)
+
+
+@pytest.mark.parametrize("variant", ["folded", "unfolded"])
+def test_concurrent_callers_get_their_own_rows_as_computed_one_by_one(
+    models_dir, digit_batch, digits, variant
+):
+    parts = slices(SIZES)
+
+    async def main():
+        runtime = await started(models_dir, max_batch_size=8)
+        alone = [await runtime.infer("digits", variant, digit_batch[s]) for s in parts]
+        runtime.runner.batch_rows.clear()
+        calls = (runtime.infer("digits", variant, digit_batch[s]) for s in parts)
+        together = await asyncio.gather(*calls)
+        await runtime.aclose()
+        return alone, together, Counter(runtime.runner.batch_rows)
+
+    alone, together, runs = asyncio.run(main())
+    reference = np.concatenate(alone)  # (30, 10)
+    labels = [d.label for d in digits]
+    assert list(reference.argmax(1)) == labels  # the reference itself is right
+    different = [np.abs(reference[i] - reference[j]).max() for i in range(30) for j in range(30)
+                 if labels[i] != labels[j]]  # fmt: skip
+    assert min(different) > 1000 * TOL  # a mixed-up row would show far outside TOL
+    for s, one, merged in zip(parts, alone, together, strict=True):
+        assert merged.shape == one.shape == (s.stop - s.start, 10)
+        np.testing.assert_allclose(merged, one, rtol=0, atol=TOL)
+        assert list(merged.argmax(1)) == labels[s]
+    # Requests really were merged (else this test proves nothing), never past 8 rows.
+    assert sum(rows * n for rows, n in runs.items()) == 30
+    assert max(runs) > 1 and max(runs) <= 8 and sum(runs.values()) < len(SIZES)
+
+
+def test_batch_sizes_grow_with_concurrency(models_dir, digit_batch):
+    async def mean_rows(runtime: ModelRuntime, concurrency: int, requests: int = 48) -> float:
+        runtime.runner.batch_rows.clear()
+
+        async def client(i: int) -> None:
+            for _ in range(requests // concurrency):
+                await runtime.infer("digits", "folded", digit_batch[i : i + 1])
+
+        await asyncio.gather(*(client(i) for i in range(concurrency)))
+        runs = runtime.runner.batch_rows
+        return sum(rows * n for rows, n in runs.items()) / sum(runs.values())
+
+    async def main():
+        runtime = await started(models_dir, max_batch_size=32)
+        means = [await mean_rows(runtime, c) for c in (1, 4, 16)]
+        await runtime.aclose()
+        return means
+
+    means = asyncio.run(main())
+    assert means[0] == 1.0  # one client: every request alone, nothing waits for company
+    assert means[0] < means[1] < means[2], means
+
+
+def test_a_lone_request_is_not_delayed_even_with_a_long_max_delay(models_dir, digit_batch):
+    async def main():
+        runtime = await started(models_dir, max_delay_ms=5000)
+        await runtime.infer("digits", "folded", digit_batch[:1])  # first run: warm
+        t0 = time.perf_counter()
+        await runtime.infer("digits", "folded", digit_batch[1:2])
+        elapsed = time.perf_counter() - t0
+        await runtime.aclose()
+        return elapsed
+
+    assert asyncio.run(main()) < 0.5  # an idle lane runs at once: nowhere near 5 s
+
+
+def test_max_batch_size_caps_batches_and_never_splits_a_request(models_dir, digit_batch):
+    async def main():
+        runtime = await started(models_dir, max_batch_size=4)
+        calls = [runtime.infer("digits", "folded", digit_batch[i : i + 1]) for i in range(12)]
+        calls.insert(5, runtime.infer("digits", "folded", digit_batch[:6]))
+        results = await asyncio.gather(*calls)
+        await runtime.aclose()
+        return results, runtime.runner.batch_rows
+
+    results, runs = asyncio.run(main())
+    assert set(runs) <= {1, 2, 3, 4, 6} and runs[6] == 1  # the 6-row request ran alone, whole
+    assert results[5].shape == (6, 10)
+
+
+def test_max_batch_size_1_turns_batching_off(models_dir, digit_batch):
+    async def main():
+        runtime = await started(models_dir, max_batch_size=1)
+        await asyncio.gather(*(runtime.infer("digits", "folded", digit_batch[i : i + 1])
+                               for i in range(10)))  # fmt: skip
+        await runtime.aclose()
+        return runtime.runner.batch_rows
+
+    assert asyncio.run(main()) == {1: 10}
+
+
+def test_a_request_given_up_while_queued_is_dropped_before_it_runs(models_dir, digit_batch):
+    async def main():
+        runtime = await started(models_dir)
+        gate = Gate(runtime.models["digits"])
+        running = asyncio.create_task(runtime.infer("digits", "folded", digit_batch[:1]))
+        while not gate.rows:  # the first request holds the lane's thread
+            await asyncio.sleep(0.005)
+        with pytest.raises(TimeoutError):  # the second gives up while queued
+            await asyncio.wait_for(runtime.infer("digits", "folded", digit_batch[1:3]), 0.05)
+        gate.opened.set()
+        first = await running
+        lane = runtime.runner.lanes[("digits", "folded")]
+        await runtime.aclose()
+        return gate.rows, first, len(lane.waiting)
+
+    rows, first, still_waiting = asyncio.run(main())
+    assert rows == [1] and still_waiting == 0  # the 2-row request never reached the model
+    assert first.shape == (1, 10)
+
+
+def test_a_failed_run_fails_its_callers_and_the_lane_goes_on(models_dir, digit_batch):
+    async def main():
+        runtime = await started(models_dir)
+        gate = Gate(runtime.models["digits"], open_=True)
+        gate.fail_next = True
+        with pytest.raises(RuntimeError, match="^injected onnxruntime failure$"):
+            await runtime.infer("digits", "folded", digit_batch[:2])
+        after = await runtime.infer("digits", "folded", digit_batch[:2])
+        await runtime.aclose()
+        return after
+
+    assert asyncio.run(main()).shape == (2, 10)
+
+
+def test_requests_for_different_sessions_of_a_model_never_share_a_run(models_dir, digit_batch):
+    """After a reload, requests queued for the old sessions and the new ones run apart."""
+
+    async def main():
+        runtime = await started(models_dir)
+        old = runtime.models["digits"]
+        new = await runtime.reload("digits")
+        runner = runtime.runner
+        assert isinstance(runner, BatchingRunner)
+        x = digit_batch[:1]
+        await asyncio.gather(*(runner.run(m, "folded", x) for m in (old, new, old)))
+        await runtime.aclose()
+        return runner.batch_rows
+
+    assert asyncio.run(main()) == {1: 3}

@@ -1,0 +1,43 @@
+"""service/server.py: what SIGTERM does inside the server, without a process to kill (the real
+process, drained and exiting 0, is tests/load/test_shutdown.py)."""
+
+from __future__ import annotations
+
+import signal
+
+import uvicorn
+
+from service.server import DrainingServer
+
+
+def draining_server(client) -> DrainingServer:
+    return DrainingServer(uvicorn.Config(client.app), client.app.state.runtime)
+
+
+def test_sigterm_turns_readiness_503_at_once_and_refuses_new_requests(serve, models_dir, digits):
+    client = serve(models_dir, retry_after_s=2)
+    assert client.get("/v2/health/ready").status_code == 200
+    server = draining_server(client)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit and not server.force_exit
+    r = client.get("/v2/health/ready")
+    assert r.status_code == 503
+    assert r.json() == {"error": "not ready: shutting down: finishing the requests in flight"}
+    assert client.get("/v2/health/live").status_code == 200  # still alive while draining
+    assert client.get("/metrics").status_code == 200  # and still scraped
+    r = client.post("/v1/models/digits/predict", content=digits[0].png,
+                    headers={"content-type": "image/png"})  # fmt: skip
+    assert r.status_code == 503
+    assert r.json() == {
+        "error": "the server is shutting down: send the request again (another replica)"
+    }
+    assert r.headers["retry-after"] == "2" and r.headers["connection"] == "close"
+    assert r.headers["x-request-id"]
+
+
+def test_a_second_ctrl_c_stops_waiting(serve, models_dir):
+    server = draining_server(serve(models_dir))
+    server.handle_exit(signal.SIGINT, None)
+    assert server.should_exit and not server.force_exit
+    server.handle_exit(signal.SIGINT, None)
+    assert server.force_exit
