@@ -8,7 +8,6 @@ to succeed, and predicts a digit over HTTP.
 
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from tests.deploy.dockerfile import exec_form, healthcheck_command, parse
+from tests.servers import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.e2e
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

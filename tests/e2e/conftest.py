@@ -4,43 +4,22 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 
+from tests.servers import free_port, wait_ready
+
 MAX_BODY_BYTES = 1_000_000  # small, so the 413 test sends little
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def serve_command(port: int, models_dir: Path) -> list[str]:
     exe = shutil.which("bnfold-serve", path=str(Path(sys.executable).parent))
     base = [exe] if exe else [sys.executable, "-m", "service"]
     return [*base, "--host", "127.0.0.1", "--port", str(port), "--models-dir", str(models_dir)]
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"bnfold-serve exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    pytest.fail(f"bnfold-serve not ready after {timeout} s:\n{log.read_text()}")
 
 
 @pytest.fixture(scope="session")

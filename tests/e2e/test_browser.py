@@ -16,10 +16,8 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Digit, png_bytes
+from tests.servers import free_port, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -55,26 +54,6 @@ TOP_K = 3
 
 
 # ---------------------------------------------------------------- the server
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_ready(base: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            if httpx.get(f"{base}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"the server was not ready within {timeout:.0f} s:\n{log.read_text()[-4000:]}")
 
 
 REFUSAL = "followed by a non-affine layer: nothing to fold it into"

@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
-from tests.e2e.conftest import free_port, wait_ready
+from tests.servers import free_port, wait_ready
 from tests.service.conftest import client, copy_bundle, serve, settings  # noqa: F401 (fixtures)
 
 PREDICT = "/v1/models/digits/predict"
