@@ -34,7 +34,7 @@ serve: $(SERVE_STAMP)
 # benchmark harness); each script is idempotent and returns at once when they are present.
 system-deps:
 	bash scripts/install_browser.sh
-	@if [ -f scripts/install_bench_deps.sh ]; then bash scripts/install_bench_deps.sh; fi
+	VENV=$(VENV) bash scripts/install_bench_deps.sh
 
 test: $(DEV_STAMP) system-deps
 	$(PY) -m pytest
@@ -47,6 +47,10 @@ train: $(DEV_STAMP)
 
 verify: $(DEV_STAMP)
 	$(VENV)/bin/bnfold-train verify models/digits
+
+# Full benchmark (about 10-15 minutes): results in bench/results/, summary in docs/performance.md.
+bench: $(DEV_STAMP) system-deps
+	$(PY) -m bench.run
 
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
