@@ -11,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
@@ -27,7 +27,7 @@ RESAMPLE = {
 }
 
 # Formats Pillow may decode for us; anything else is refused with 415 before decoding.
-SUPPORTED_FORMATS = ("PNG", "JPEG", "BMP", "GIF", "TIFF", "WEBP", "PPM")
+SUPPORTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "GIF", "TIFF", "WEBP", "PPM")
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 
@@ -93,19 +93,21 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         ) from None
     except Image.DecompressionBombError as exc:
         raise PayloadTooLarge(f"image rejected as a decompression bomb: {exc}") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+    except (OSError, SyntaxError, ValueError, EOFError, TypeError, IndexError, KeyError) as exc:
+        # Pillow's decoders raise all of these on corrupt data (TIFF tags of the wrong type, ...).
         raise BadInput(f"corrupt or truncated image: {exc}") from None
     return img
 
 
 def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """Color-convert, resize, scale and normalize one image. Returns (C, H, W) float32."""
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        # Composite on black so transparent pixels read as background (no ink), not garbage.
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, rgba)
-    img = img.convert(spec.color_mode)
+    try:
+        img = _to_color_mode(img, spec.color_mode)
+    except (ValueError, OSError, TypeError) as exc:
+        raise UnsupportedMediaType(
+            f"cannot convert a {img.mode} image to {spec.color_mode}: {exc}; "
+            "send an 8-bit grayscale, RGB or RGBA image"
+        ) from None
     if img.size != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), RESAMPLE[spec.resample])
     pixels = np.asarray(img, dtype=np.float32)  # (H, W) or (H, W, 3), values 0..255
@@ -115,6 +117,18 @@ def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     std = np.asarray(spec.std, dtype=np.float32)
     x = (pixels * np.float32(spec.scale) - mean) / std
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)  # (C, H, W)
+
+
+def _to_color_mode(img: Image.Image, color_mode: str) -> Image.Image:
+    """Upright (EXIF orientation applied), alpha composited on black, in the model's mode."""
+    if img.getexif().get(0x0112, 1) != 1:  # orientation tag: camera pictures taken sideways
+        img = ImageOps.exif_transpose(img)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        # Composite on black so transparent pixels read as background (no ink), not garbage.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert(color_mode)
 
 
 def preprocess_bytes(

@@ -85,6 +85,9 @@ def _binary_size(tensor: RequestInput) -> int | None:
     return size
 
 
+MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
+
+
 def input_array(decoded: DecodedRequest, spec: TensorSpec) -> np.ndarray:
     """The model's one input as an array of the declared shape (model shape checked later)."""
     inputs = decoded.request.inputs
@@ -98,6 +101,9 @@ def input_array(decoded: DecodedRequest, spec: TensorSpec) -> np.ndarray:
         raise BadInput(
             f"input {spec.name!r} has datatype {tensor.datatype}; this model takes {spec.datatype}"
         )
+    if any(d > MAX_DIM for d in tensor.shape):
+        msg = f"input {tensor.name!r}: shape {tensor.shape} has a dimension over {MAX_DIM}"
+        raise BadInput(msg)
     count = math.prod(tensor.shape)
     raw = decoded.binary.get(0)
     flat = _from_binary(tensor, raw, count) if raw is not None else _from_json(tensor, count)

@@ -139,6 +139,8 @@ BAD_JSON = [
      "unknown output 'probabilities'; this model has outputs ['logits']"),
     ({"inputs": [{**tensor(ZERO), "datatype": "FP33"}]},
      "invalid inference request: inputs.0.datatype: Input should be 'BOOL'"),
+    ({"inputs": [{**tensor(ZERO), "shape": [0, 2**63], "data": []}]},
+     "input 'input': shape [0, 9223372036854775808] has a dimension over 2147483647"),
     ({"inputs": [tensor(np.zeros((33, 1, 8, 8), np.float32))]},
      "33 images in one request, over the limit of 32: split the batch"),
 ]  # fmt: skip

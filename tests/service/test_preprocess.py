@@ -94,3 +94,45 @@ def test_decompression_bomb_is_refused_before_decoding():
 def test_spec_validates_channel_count():
     with pytest.raises(ValueError, match="mean and std need 3"):
         PreprocessSpec(color_mode="RGB", height=8, width=8, mean=[0.5], std=[0.5])
+
+
+def _tiff(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="TIFF")
+    return buf.getvalue()
+
+
+def test_corrupt_tiff_tags_are_a_400_not_a_crash():
+    # Found by fuzzing: a tag of the wrong type makes Pillow raise TypeError while loading.
+    data = bytearray(_tiff(Image.fromarray(np.zeros((64, 64), np.uint16))))
+    data[72] = 5
+    with pytest.raises(BadInput, match="corrupt or truncated image"):
+        preprocess_bytes(bytes(data), GRAY)
+
+
+def test_image_in_a_mode_pillow_cannot_convert_is_415():
+    lab = _tiff(Image.new("RGB", (8, 8)).convert("LAB"))
+    with pytest.raises(UnsupportedMediaType, match="cannot convert a LAB image to L"):
+        preprocess_bytes(lab, GRAY)
+
+
+def test_exif_orientation_is_applied():
+    """A camera JPEG stored sideways with orientation 6 reads as the upright picture."""
+    upright = np.zeros((8, 8), np.uint8)
+    upright[0, :] = 255  # a bar along the top
+    stored = Image.fromarray(np.rot90(upright, 1).copy())  # as the camera wrote the pixels
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    buf = io.BytesIO()
+    stored.save(buf, format="PNG", exif=exif)
+    x = preprocess_bytes(buf.getvalue(), GRAY)
+    top, bottom = x[0, 0].mean(), x[0, -1].mean()
+    assert top > bottom  # the bar is on top, as displayed
+
+
+def test_multi_picture_jpeg_is_accepted_as_jpeg():
+    img = Image.fromarray(np.full((8, 8), 200, np.uint8)).convert("RGB")
+    buf = io.BytesIO()
+    img.save(buf, format="MPO", save_all=True, append_images=[img])
+    x = preprocess_bytes(buf.getvalue(), GRAY)
+    np.testing.assert_allclose(x, (200 / 255 - 0.3) / 0.4, atol=0.02)  # JPEG is lossy
