@@ -1,8 +1,9 @@
 """Dynamic batching: concurrent requests for one model and variant share one onnxruntime run.
 
 Each (model, variant) has a lane: a FIFO of waiting requests, one worker task, and one thread of
-its own where the lane's runs happen, one at a time. Decoding and preprocessing use anyio's
-worker threads, so they go on in parallel with inference instead of queueing behind it.
+its own where the lane's runs happen, one at a time. Decoding and preprocessing use the CPU
+worker threads of service.workers, so they go on in parallel with inference instead of queueing
+behind it.
 
 The policy, per lane:
 - a request that finds the lane idle runs at once, alone: a lone request is never delayed;
@@ -178,9 +179,10 @@ class BatchingRunner:
 
     async def _infer(self, lane: _Lane, batch: list[_Request]) -> np.ndarray:
         started = time.monotonic()
+        queue_wait = self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant)
         for request in batch:
             wait = started - request.enqueued
-            self.metrics.queue_wait.labels(lane.name, lane.variant).observe(wait)
+            queue_wait.observe(wait)
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
         logits = await lane.loop.run_in_executor(lane.executor, model.run, lane.variant, x)
@@ -189,8 +191,8 @@ class BatchingRunner:
 
     def _record(self, lane: _Lane, requests: int, rows: int, seconds: float) -> None:
         self.batch_rows[rows] += 1
-        labels = (lane.name, lane.variant)
-        self.metrics.batch_size.labels(*labels).observe(rows)
-        self.metrics.inference_seconds.labels(*labels).observe(seconds)
-        self.metrics.images.labels(*labels).inc(rows)
-        self.metrics.inferences.labels(*labels).inc(requests)
+        m, labels = self.metrics, (lane.name, lane.variant)
+        m.child(m.batch_size, *labels).observe(rows)
+        m.child(m.inference_seconds, *labels).observe(seconds)
+        m.child(m.images, *labels).inc(rows)
+        m.child(m.inferences, *labels).inc(requests)

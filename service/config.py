@@ -89,11 +89,13 @@ class Settings(BaseSettings):
         "requests to fill its batch. A request that finds the model idle runs at once.",
     )
     max_queue_size: int = Field(
-        32,
+        128,
         ge=1,
         description="Most requests per model inside the server at once (reading, decoding, "
         "queued for a batch or running); the next gets 503 with Retry-After at once. Bounds "
-        "memory: about max_queue_size x max_body_bytes per model at worst.",
+        "memory: about max_queue_size x max_body_bytes per model at worst. Keep it above the "
+        "number of clients expected at once (a load balancer's connections per replica): "
+        "below it, a steady load is answered mostly 503 instead of waiting a few ms.",
     )
     request_timeout_s: float = Field(
         10.0,

@@ -7,7 +7,10 @@ the bundles served (an unknown name counts as "unknown"), never raw paths.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # Seconds: from a fraction of a millisecond (one digit) to the request timeout's range.
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -19,6 +22,7 @@ class Metrics:
     """Every metric the service exports; `registry` is what GET /metrics renders."""
 
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "bnfold_requests",
@@ -83,3 +87,12 @@ class Metrics:
             LANE,
             registry=r,
         )
+
+    def child(self, metric: MetricWrapperBase, *values: str) -> Any:
+        """`metric.labels(*values)`, looked up once: labels() takes a lock and checks its
+        arguments on every call, and requests ask for the same few children all the time."""
+        key = (id(metric), values)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*values)
+        return found

@@ -293,7 +293,7 @@ class ModelRuntime:
 
     def _count(self, name: str, change: int) -> None:
         self.admitted[name] += change
-        self.metrics.queue_depth.labels(name).set(self.admitted[name])
+        self.metrics.child(self.metrics.queue_depth, name).set(self.admitted[name])
 
     async def reload(self, name: str) -> LoadedModel:
         """Re-verify a bundle's checksums and recreate its sessions; a failure is kept as the

@@ -6,9 +6,12 @@ to send. Decoding the images themselves is `service.preprocess`'s job, not this 
 
 from __future__ import annotations
 
+import codecs
+from dataclasses import dataclass
+
 from fastapi import Request
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
+from python_multipart.exceptions import FormParserError
+from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 from service.inference import Upload, check_image_count
@@ -35,43 +38,153 @@ def refuse_content_encoding(request: Request) -> None:
         )
 
 
-async def read_images(request: Request, max_images: int, also: str = "") -> list[Upload]:
-    """Every image in the request, in order: multipart files or the raw body."""
+async def read_images(request: Request, max_images: int, also: str = "") -> ImageBody:
+    """The request's image body, read once, unparsed: multipart or one raw image.
+
+    Parsing the multipart body (`ImageBody.uploads`) is CPU work like decoding: it belongs in
+    the worker thread that decodes the images, not on the event loop.
+    """
     refuse_content_encoding(request)
     ctype = media_type(request)
     if ctype == "multipart/form-data":
-        return await _multipart_images(request, max_images)
+        header = request.headers.get("content-type", "")
+        return ImageBody(await request.body(), multipart=header, max_images=max_images)
     if ctype.startswith(RAW_IMAGE_TYPES):
-        return [Upload(await request.body())]
+        return ImageBody(await request.body())
     shown = ctype or "no Content-Type"
     raise UnsupportedMediaType(f"unsupported Content-Type {shown}: {HOW_TO_SEND}{also}")
 
 
-async def _multipart_images(request: Request, max_images: int) -> list[Upload]:
-    try:
-        form = await request.form(max_files=max_images, max_fields=8)
-    except HTTPException as exc:  # Starlette reports multipart trouble as a 400
-        if str(exc.detail).startswith("Too many files"):
-            raise PayloadTooLarge(
-                f"more than {max_images} images in one request: split the batch"
-            ) from None
-        raise BadInput(f"malformed multipart body: {exc.detail}") from None
-    try:
-        uploads = [await _upload(key, value) for key, value in form.multi_items()]
-    finally:
-        await form.close()
-    if not uploads:
-        raise BadInput(f"the multipart body holds no files: {HOW_TO_SEND}")
-    check_image_count(len(uploads), max_images)
-    return uploads
+@dataclass
+class ImageBody:
+    """A request body that holds images: raw bytes, and the multipart Content-Type if any."""
+
+    data: bytes
+    multipart: str | None = None  # the full Content-Type header (with its boundary)
+    max_images: int = 1
+
+    def uploads(self) -> list[Upload]:
+        """Blocking: every image, in order (the raw body is one image)."""
+        if self.multipart is None:
+            return [Upload(self.data)]
+        uploads = [_upload(key, value) for key, value in _parse_multipart(self)]
+        if not uploads:
+            raise BadInput(f"the multipart body holds no files: {HOW_TO_SEND}")
+        check_image_count(len(uploads), self.max_images)
+        return uploads
 
 
-async def _upload(key: str, value: UploadFile | str) -> Upload:
+MAX_TEXT_PART = 1024 * 1024  # text fields are refused anyway; never hold more of one than this
+MAX_TEXT_FIELDS = 8
+
+
+def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
+    """The form's fields in order, file contents held in memory (the body already is).
+
+    python-multipart's parser driven directly over the body in hand: no spooled temporary
+    files, no second copy of the body. Limits and messages follow Starlette's `request.form`.
+    """
+    assert body.multipart is not None
+    _, params = parse_options_header(body.multipart)
+    charset = params.get(b"charset", b"utf-8").decode("latin-1")
+    try:
+        charset = codecs.lookup(charset).name
+    except LookupError:
+        charset = "latin-1"
+    boundary = params.get(b"boundary")
+    if not boundary:
+        raise BadInput("malformed multipart body: Missing boundary in multipart.")
+    items: list[tuple[str, Upload | str]] = []
+    files = fields = 0
+    part: dict = {}
+    header_name = header_value = b""
+
+    def on_part_begin() -> None:
+        nonlocal part
+        part = {"disposition": b"", "data": []}
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        part["data"].append(data[start:end])
+        if part["filename"] is None and sum(map(len, part["data"])) > MAX_TEXT_PART:
+            raise _Malformed(f"Part exceeded maximum size of {MAX_TEXT_PART // 1024}KB.")
+
+    def on_part_end() -> None:
+        data = b"".join(part["data"])
+        if part["filename"] is None:
+            items.append((part["name"], _decode(data, charset)))
+        else:
+            items.append((part["name"], Upload(data, part["filename"] or None)))
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        nonlocal header_name
+        header_name += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        nonlocal header_value
+        header_value += data[start:end]
+
+    def on_header_end() -> None:
+        nonlocal header_name, header_value
+        if header_name.lower() == b"content-disposition":
+            part["disposition"] = header_value
+        header_name = header_value = b""
+
+    def on_headers_finished() -> None:
+        nonlocal files, fields
+        _, options = parse_options_header(part["disposition"])
+        if b"name" not in options:
+            raise _Malformed('The Content-Disposition header field "name" must be provided.')
+        part["name"] = _decode(options[b"name"], charset)
+        if b"filename" in options:
+            files += 1
+            if files > body.max_images:
+                raise PayloadTooLarge(
+                    f"more than {body.max_images} images in one request: split the batch"
+                )
+            part["filename"] = _decode(options[b"filename"], charset)
+        else:
+            fields += 1
+            if fields > MAX_TEXT_FIELDS:
+                raise _Malformed(f"Too many fields. Maximum number of fields is {MAX_TEXT_FIELDS}.")
+            part["filename"] = None
+
+    callbacks = {
+        "on_part_begin": on_part_begin,
+        "on_part_data": on_part_data,
+        "on_part_end": on_part_end,
+        "on_header_field": on_header_field,
+        "on_header_value": on_header_value,
+        "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished,
+    }
+    try:
+        parser = MultipartParser(boundary, callbacks)
+        parser.write(body.data)
+        parser.finalize()
+    except _Malformed as exc:
+        raise BadInput(f"malformed multipart body: {exc}") from None
+    except FormParserError:
+        raise BadInput("malformed multipart body: Invalid multipart data.") from None
+    return items
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _decode(value: bytes, charset: str) -> str:
+    try:
+        return value.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return value.decode("latin-1")
+
+
+def _upload(key: str, value: Upload | str) -> Upload:
     if key not in IMAGE_FIELDS:
         raise BadInput(f"unexpected form field {key!r}: send images under the field 'files'")
-    if not isinstance(value, UploadFile):
+    if not isinstance(value, Upload):
         raise BadInput(f"form field {key!r} holds text, not a file: use curl -F {key}=@digit.png")
-    return Upload(await value.read(), value.filename or None)
+    return value
 
 
 async def read_json_or_binary(request: Request) -> bytes:

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import anyio
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query, Request, Response
 
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
@@ -24,6 +23,7 @@ from service.schemas import (
 )
 from service.sessions import GRAPH_OPT
 from service.v2codec import input_array, parse_request
+from service.workers import run_cpu
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
 
@@ -93,22 +93,25 @@ async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
 )
 async def predict(
     model: ModelName, request: Request, variant: Variant = VariantQuery, top_k: int = TopK
-) -> PredictResponse:
+) -> Response:
     """Classify images; `predictions` come in request order."""
     runtime, settings = get_runtime(request), get_settings(request)
     async with runtime.admit(model) as loaded:
         manifest = loaded.manifest
         assert manifest is not None
-        uploads = await read_images(request, settings.max_images_per_request)
-        x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+        body = await read_images(request, settings.max_images_per_request)
+        spec = manifest.input.preprocess
+        uploads, x = await preprocess_uploads(body.uploads, spec, settings.max_pixels)
         logits = await runtime.infer(model, variant, x)
     names = [u.filename for u in uploads]
-    return PredictResponse(
+    answer = PredictResponse(
         model_name=model,
         model_version=manifest.version,
         variant=variant,
         predictions=predictions(logits, manifest.classes, top_k, names),
     )
+    # Serialized here: FastAPI would validate the model it was just built from once more.
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 COMPARE_BODY = {**IMAGE_BODY, JSON_TYPE: InferenceRequest}
@@ -128,12 +131,13 @@ async def compare(model: ModelName, request: Request, top_k: int = TopK) -> Comp
         assert manifest is not None
         if media_type(request) == JSON_TYPE:
             body = await read_json_or_binary(request)
-            decoded = await anyio.to_thread.run_sync(parse_request, body)
+            decoded = await run_cpu(parse_request, body)
             x, names = input_array(decoded, manifest.input), None
         else:
             also = "; or a V2 JSON tensor with Content-Type application/json"
-            uploads = await read_images(request, settings.max_images_per_request, also)
-            x = await preprocess_uploads(uploads, manifest.input.preprocess, settings.max_pixels)
+            body = await read_images(request, settings.max_images_per_request, also)
+            spec = manifest.input.preprocess
+            uploads, x = await preprocess_uploads(body.uploads, spec, settings.max_pixels)
             names = [u.filename for u in uploads]
         return await compare_variants(runtime, model, x, top_k, names)
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
-import anyio
 from fastapi import APIRouter, Header, Request, Response
 
 from service.api.bodies import read_json_or_binary
@@ -35,6 +34,7 @@ from service.v2codec import (
     requested_outputs,
     variant_of,
 )
+from service.workers import run_cpu
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
 PLATFORM = "onnxruntime_onnx"
@@ -155,7 +155,7 @@ async def _infer(request: Request, name: str, version: str | None, header_length
     async with runtime.admit(name, version) as model:
         assert model.manifest is not None
         body = await read_json_or_binary(request)
-        decoded = await anyio.to_thread.run_sync(parse_request, body, header_length)
+        decoded = await run_cpu(parse_request, body, header_length)
         x = input_array(decoded, model.manifest.input)  # (N, C, H, W) float32
         variant = variant_of(decoded.request.parameters)
         outputs = requested_outputs(decoded.request, model.manifest.output)

@@ -216,6 +216,11 @@ def test_a_bad_file_among_many_is_named(client, digits):
          "the multipart body holds no files"),
         ({"content": b"junk", "headers": {"content-type": "multipart/form-data"}}, 400,
          "malformed multipart body: Missing boundary in multipart."),
+        ({"content": b"junk", "headers": {"content-type": MULTIPART_XYZ}}, 400,
+         "malformed multipart body: Invalid multipart data."),
+        ({"content": b'--xyz\r\nContent-Disposition: form-data; filename="a.png"\r\n\r\nx\r\n'
+                     b"--xyz--\r\n", "headers": {"content-type": MULTIPART_XYZ}}, 400,
+         'malformed multipart body: The Content-Disposition header field "name" must be'),
         ({"params": {"variant": "half"}, "content": b"x", "headers": {"content-type": "image/png"}},
          400, "invalid request: query.variant: Input should be 'folded' or 'unfolded'"),
         ({"params": {"top_k": 0}, "content": b"x", "headers": {"content-type": "image/png"}},

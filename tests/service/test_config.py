@@ -16,7 +16,7 @@ def test_defaults(monkeypatch):
     s = Settings()
     assert (s.models_dir, s.host, s.port, s.provider) == (Path("models"), "0.0.0.0", 8000, "auto")
     assert s.max_body_bytes == 10 * 1024 * 1024 and s.max_pixels == 4096 * 4096
-    assert (s.max_batch_size, s.max_delay_ms, s.max_queue_size) == (32, 2.0, 32)
+    assert (s.max_batch_size, s.max_delay_ms, s.max_queue_size) == (32, 2.0, 128)
     # A drain must outlast the request timeout, so queued requests end with an answer.
     assert s.request_timeout_s < s.drain_timeout_s
 

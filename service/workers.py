@@ -1,0 +1,87 @@
+"""CPU work of requests (multipart parsing, image decoding, JSON tensors) off the event loop.
+
+A few threads of their own, apart from anyio's pool and from the batching lanes' inference
+threads, so decoding goes on in parallel with inference. Handing work to an idle thread costs
+the event loop a lock release and a GIL hand-off, more than decoding a small image takes; so a
+thread that finishes a job takes the next queued one itself, and under load the event loop
+only appends to a queue. A lone request still starts at once on an idle thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import os
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+THREADS = min(4, os.cpu_count() or 1)
+
+
+class CpuPool:
+    """`await pool.run(fn, *args)`: fn(*args) in one of `threads` worker threads."""
+
+    def __init__(self, threads: int = THREADS) -> None:
+        self.threads = threads
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="bnfold-cpu")
+        self._jobs: deque[tuple] = deque()
+        self._lock = threading.Lock()
+        self._active = 0  # threads draining the queue now
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        # The caller's context (the request id for log lines) goes with the job.
+        job = (contextvars.copy_context(), fn, args, loop, future)
+        with self._lock:
+            self._jobs.append(job)
+            start = self._active < self.threads
+            if start:
+                self._active += 1
+        if start:
+            self._executor.submit(self._drain)
+        return await future
+
+    def _drain(self) -> None:
+        while True:
+            with self._lock:
+                if not self._jobs:
+                    self._active -= 1
+                    return
+                context, fn, args, loop, future = self._jobs.popleft()
+            if future.cancelled():  # the caller gave up (timeout) before its turn
+                continue
+            try:
+                result = context.run(fn, *args)
+            except BaseException as exc:  # handed to the caller, raised there
+                _deliver(loop, future, None, exc)
+            else:
+                _deliver(loop, future, result, None)
+
+
+def _deliver(loop: asyncio.AbstractEventLoop, future: asyncio.Future, result, exc) -> None:
+    with contextlib.suppress(RuntimeError):  # a closed event loop: nobody waits for it
+        loop.call_soon_threadsafe(_settle, future, result, exc)
+
+
+def _settle(future: asyncio.Future, result, exc) -> None:
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+cpu_pool = CpuPool()
+
+
+async def run_cpu(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a CPU worker thread (see the module docstring); its exceptions propagate."""
+    return await cpu_pool.run(fn, *args)
