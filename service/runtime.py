@@ -195,6 +195,17 @@ class ThreadRunner:
         return None
 
 
+def check_output(logits: np.ndarray) -> None:
+    """Finite inputs can still overflow float32 inside the model (values near 3e38): refuse to
+    answer NaN/Inf, which JSON cannot carry and no client can use."""
+    if not np.isfinite(logits).all():
+        rows = np.flatnonzero(~np.isfinite(logits).all(axis=1)).tolist()
+        raise BadInput(
+            f"the model's output is not finite for input row(s) {rows[:10]}: the input values "
+            "are too large for float32 arithmetic; send preprocessed values of the order of 1"
+        )
+
+
 class ModelRuntime:
     """Every bundle in `settings.models_dir`, loaded at start, and the one way to run them."""
 
@@ -314,7 +325,9 @@ class ModelRuntime:
             raise BadInput(f"unknown variant {variant!r}; use 'folded' or 'unfolded'")
         x = np.ascontiguousarray(x, dtype=np.float32)
         check_input(model.manifest.input, x, self.settings.max_images_per_request)
-        return await self.runner.run(model, variant, x)
+        logits = await self.runner.run(model, variant, x)
+        check_output(logits)
+        return logits
 
     async def probe(
         self, name: str, x: np.ndarray

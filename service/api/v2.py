@@ -63,6 +63,11 @@ async def ready(request: Request) -> ServerReady:
     return ServerReady(ready=True)
 
 
+# Load balancers often probe with HEAD; same answers, kept out of the OpenAPI schema.
+router.add_api_route("/health/live", live, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema=False)
+
+
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
     return ServerMetadata(name="bnfold", version=server_version(), extensions=EXTENSIONS)

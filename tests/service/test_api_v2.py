@@ -199,3 +199,19 @@ def test_binary_size_mismatch_is_400(client):
         "the body carries 252 bytes of binary tensor data after the JSON header, "
         "but the inputs' binary_data_size add up to 256"
     )
+
+
+def test_finite_input_that_overflows_the_model_is_400_not_nan_json(client):
+    """3e38 is a finite FP32 value, but the model's arithmetic overflows to NaN/Inf: answering
+    them would be invalid JSON (bare NaN), so the server refuses with the reason."""
+    x = np.full((1, 1, 8, 8), 3e38, np.float32)
+    r = client.post(INFER, json={"inputs": [tensor(x)]})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith("the model's output is not finite for input row(s) [0]")
+    r = client.post("/v1/models/digits/compare", json={"inputs": [tensor(x)]})
+    assert r.status_code == 400 and "not finite" in r.json()["error"]
+
+
+def test_health_answers_head_for_load_balancers(client):
+    assert client.head("/v2/health/live").status_code == 200
+    assert client.head("/v2/health/ready").status_code == 200
