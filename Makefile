@@ -55,6 +55,7 @@ bench: $(DEV_STAMP) system-deps
 lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
 
 format: $(DEV_STAMP)
 	$(VENV)/bin/ruff format .
