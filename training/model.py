@@ -153,9 +153,18 @@ def build_model(cfg: ModelConfig) -> BNNet:
 
 def resnet18_like(num_classes: int = 10, size: int = 128) -> ModelConfig:
     """ResNet-18 widths and depth on 3 x size x size input (the benchmarks' heavy model)."""
-    return ModelConfig(in_channels=3, input_height=size, input_width=size, num_classes=num_classes,
-                       widths=[64, 128, 256, 512], blocks_per_stage=2, residual=True, hidden=256,
-                       stem_stride=2, stem_pool=True)
+    return ModelConfig(
+        in_channels=3,
+        input_height=size,
+        input_width=size,
+        num_classes=num_classes,
+        widths=[64, 128, 256, 512],
+        blocks_per_stage=2,
+        residual=True,
+        hidden=256,
+        stem_stride=2,
+        stem_pool=True,
+    )
 
 
 def count_batchnorms(model: nn.Module) -> int:
