@@ -17,7 +17,6 @@ from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 from service.inference import Upload, check_image_count
 
 IMAGE_FIELDS = ("files", "file")
-RAW_IMAGE_TYPES = ("image/", "application/octet-stream")
 JSON_TYPE = "application/json"
 HOW_TO_SEND = (
     "send images as multipart/form-data (curl -F files=@digit.png) or one image as the raw "
@@ -49,7 +48,7 @@ async def read_images(request: Request, max_images: int, also: str = "") -> Imag
     if ctype == "multipart/form-data":
         header = request.headers.get("content-type", "")
         return ImageBody(await request.body(), multipart=header, max_images=max_images)
-    if ctype.startswith(RAW_IMAGE_TYPES):
+    if ctype.startswith("image/") or ctype == "application/octet-stream":
         return ImageBody(await request.body())
     shown = ctype or "no Content-Type"
     raise UnsupportedMediaType(f"unsupported Content-Type {shown}: {HOW_TO_SEND}{also}")

@@ -207,6 +207,8 @@ def test_a_bad_file_among_many_is_named(client, digits):
         ({"content": b"x", "headers": {"content-type": "text/plain"}}, 415,
          "unsupported Content-Type text/plain: send images as multipart/form-data"),
         ({"content": b"x"}, 415, "unsupported Content-Type no Content-Type: send images"),
+        ({"content": b"x", "headers": {"content-type": "application/octet-streamxyz"}}, 415,
+         "unsupported Content-Type application/octet-streamxyz"),
         ({"data": {"files": "digit.png"}}, 415, "unsupported Content-Type application/x-www-form"),
         ({"files": [("image", ("a.png", b"x", "image/png"))]}, 400,
          "unexpected form field 'image': send images under the field 'files'"),
