@@ -30,7 +30,7 @@ fi
 echo "install_browser: installing Debian chromium with apt-get"
 export DEBIAN_FRONTEND=noninteractive
 $SUDO apt-get update -q
-$SUDO apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core
 
 if [ ! -x "$CHROMIUM" ]; then
     echo "install_browser: apt-get finished but $CHROMIUM is missing" >&2
