@@ -7,9 +7,11 @@ reference, so the figure reads as "how many float32 ulps of the logit scale" at 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from service.bundle import DiffStats
+from service.bundle import DiffStats, LayerDiff, LayerProbe
 
 
 def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> DiffStats:
@@ -30,6 +32,26 @@ def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> D
         max_rel_diff=max_abs / scale if scale > 0 else 0.0,
         top1_agreement=agreement,
     )
+
+
+def layer_diffs(
+    probes: Sequence[LayerProbe],
+    folded: Sequence[np.ndarray],
+    unfolded: Sequence[np.ndarray],
+) -> list[LayerDiff]:
+    """One row per probe: its folded layer's output vs the matching unfolded (BN) output."""
+    rows = []
+    for probe, a, b in zip(probes, folded, unfolded, strict=True):
+        s = diff_stats(a, b, classify=False)
+        rows.append(
+            LayerDiff(
+                **probe.model_dump(),
+                max_abs_diff=s.max_abs_diff,
+                mean_abs_diff=s.mean_abs_diff,
+                max_rel_diff=s.max_rel_diff,
+            )
+        )
+    return rows
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

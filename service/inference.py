@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.bundle import LayerDiff, Manifest, Variant
-from service.equivalence import diff_stats, softmax
+from service.equivalence import diff_stats, layer_diffs, softmax
 from service.errors import BnfoldError, PayloadTooLarge
 from service.preprocess import PreprocessSpec, preprocess_bytes
 from service.runtime import ModelRuntime
@@ -120,15 +120,4 @@ async def _per_layer(
     tensors = await runtime.probe(name, x)
     if tensors is None:
         return [], runtime.get(name).probe_error
-    rows = []
-    for probe, a, b in zip(manifest.layer_probes, *tensors, strict=True):
-        s = diff_stats(a, b, classify=False)
-        rows.append(
-            LayerDiff(
-                **probe.model_dump(),
-                max_abs_diff=s.max_abs_diff,
-                mean_abs_diff=s.mean_abs_diff,
-                max_rel_diff=s.max_rel_diff,
-            )
-        )
-    return rows, None
+    return layer_diffs(manifest.layer_probes, *tensors), None

@@ -17,6 +17,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop(proc: subprocess.Popen, timeout: float = 15.0) -> None:
+    """SIGTERM (the server drains), then SIGKILL if it is still running after `timeout`."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
     """Poll /v2/health/ready until 200; fail with the server's log if it exits or never is."""
     deadline = time.monotonic() + timeout

@@ -33,7 +33,7 @@ from service.bundle import (
     sha256_file,
     write_bundle_atomically,
 )
-from service.equivalence import diff_stats
+from service.equivalence import diff_stats, layer_diffs
 from service.preprocess import PreprocessSpec
 from service.sessions import make_probe_session, make_session
 from training.fold import FoldReport, fold_batchnorm
@@ -146,20 +146,7 @@ def per_layer_diffs(
     us = make_probe_session(unfolded_path, [p.unfolded_tensor for p in probes])
     f_out = fs.run([p.folded_tensor for p in probes], {INPUT_NAME: x})
     u_out = us.run([p.unfolded_tensor for p in probes], {INPUT_NAME: x})
-    rows = []
-    for p, a, b in zip(probes, f_out, u_out, strict=True):
-        s = diff_stats(a, b, classify=False)
-        rows.append(
-            LayerDiff(
-                bn=p.bn,
-                folded_tensor=p.folded_tensor,
-                unfolded_tensor=p.unfolded_tensor,
-                max_abs_diff=s.max_abs_diff,
-                mean_abs_diff=s.mean_abs_diff,
-                max_rel_diff=s.max_rel_diff,
-            )
-        )
-    return rows
+    return layer_diffs(probes, f_out, u_out)
 
 
 def measure_equivalence(

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, stop, wait_ready
 
 MAX_BODY_BYTES = 1_000_000  # small, so the 413 test sends little
 
@@ -36,11 +36,6 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         wait_ready(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=10)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{log.read_text()}"  # drained
     assert "Traceback" not in log.read_text()

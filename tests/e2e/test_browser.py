@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Digit, png_bytes
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 
@@ -96,12 +96,7 @@ def server(page_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         wait_ready(base, proc, log)
         yield base
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=15)
 
 
 @pytest.fixture(scope="module")
