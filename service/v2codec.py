@@ -85,6 +85,15 @@ def _binary_size(tensor: RequestInput) -> int | None:
     return size
 
 
+def parse_tensor_request(
+    body: bytes, spec: TensorSpec, header_length: int | None = None
+) -> tuple[DecodedRequest, np.ndarray]:
+    """parse_request then input_array: CPU work for a worker thread, so a large JSON tensor is
+    turned into an array off the event loop (np.array over nested lists is the slow part)."""
+    decoded = parse_request(body, header_length)
+    return decoded, input_array(decoded, spec)
+
+
 MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
 
 

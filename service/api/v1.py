@@ -22,7 +22,7 @@ from service.schemas import (
     PredictResponse,
 )
 from service.sessions import GRAPH_OPT
-from service.v2codec import input_array, parse_request
+from service.v2codec import parse_tensor_request
 from service.workers import run_cpu
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
@@ -131,8 +131,8 @@ async def compare(model: ModelName, request: Request, top_k: int = TopK) -> Comp
         assert manifest is not None
         if media_type(request) == JSON_TYPE:
             body = await read_json_or_binary(request)
-            decoded = await run_cpu(parse_request, body)
-            x, names = input_array(decoded, manifest.input), None
+            _, x = await run_cpu(parse_tensor_request, body, manifest.input)
+            names = None
         else:
             also = "; or a V2 JSON tensor with Content-Type application/json"
             body = await read_images(request, settings.max_images_per_request, also)

@@ -29,8 +29,7 @@ from service.schemas import (
 from service.v2codec import (
     HEADER_LENGTH,
     encode_response,
-    input_array,
-    parse_request,
+    parse_tensor_request,
     requested_outputs,
     variant_of,
 )
@@ -160,8 +159,8 @@ async def _infer(request: Request, name: str, version: str | None, header_length
     async with runtime.admit(name, version) as model:
         assert model.manifest is not None
         body = await read_json_or_binary(request)
-        decoded = await run_cpu(parse_request, body, header_length)
-        x = input_array(decoded, model.manifest.input)  # (N, C, H, W) float32
+        spec = model.manifest.input
+        decoded, x = await run_cpu(parse_tensor_request, body, spec, header_length)  # (N, C, H, W)
         variant = variant_of(decoded.request.parameters)
         outputs = requested_outputs(decoded.request, model.manifest.output)
         logits = await runtime.infer(name, variant, x, version)
