@@ -31,6 +31,7 @@ RUN python scripts/requirements_from_pyproject.py train > requirements.txt \
     && pip install --no-compile --extra-index-url "${TORCH_INDEX_URL}" \
        -r requirements.txt -c constraints.txt
 COPY README.md ./
+COPY bnfold/ bnfold/
 COPY service/ service/
 COPY training/ training/
 RUN pip install --no-compile --no-deps . \
@@ -62,6 +63,7 @@ COPY scripts/requirements_from_pyproject.py scripts/
 RUN python scripts/requirements_from_pyproject.py serve --gpu > requirements.txt \
     && pip install --no-compile -r requirements.txt -c constraints.txt
 COPY README.md ./
+COPY bnfold/ bnfold/
 COPY service/ service/
 COPY training/ training/
 RUN pip install --no-compile --no-deps . \
@@ -82,6 +84,7 @@ FROM base AS serve
 COPY --from=serve-deps /usr/local/lib/python3.11/site-packages /usr/local/lib/python3.11/site-packages
 COPY --from=serve-deps /usr/local/bin /usr/local/bin
 COPY pyproject.toml README.md ./
+COPY bnfold/ bnfold/
 COPY service/ service/
 COPY training/ training/
 RUN pip install --no-compile --no-deps . \

@@ -24,7 +24,7 @@ $(SERVE_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	touch $@
 
 $(DEV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PIP) -e ".[serve,train,dev]"
+	$(PIP) -e ".[serve,train,dev,keras]"
 	touch $@ $(SERVE_STAMP)
 
 serve: $(SERVE_STAMP)

@@ -21,8 +21,8 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torch import nn
 
-from service.bundle import Manifest, load_bundle
-from service.preprocess import PreprocessSpec
+from bnfold.bundle import Manifest, load_bundle
+from bnfold.preprocess import PreprocessSpec
 from training.data import digits_to_uint8, load_digits_dataset
 from training.export import export_bundle
 from training.fold import fold_batchnorm

@@ -82,7 +82,7 @@ def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
 
 def preprocess_cost_ms(models: dict, repeats: int = 200) -> dict[str, float]:
     """Decode + preprocess of the benchmark PNG, in process: the per-image floor of serving."""
-    from service.preprocess import preprocess_bytes
+    from bnfold.preprocess import preprocess_bytes
 
     out = {}
     for name, m in models.items():

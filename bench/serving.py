@@ -23,7 +23,7 @@ from bench.model_exec import InprocessLimit
 from bench.models import BenchModel
 from bench.plan import Plan
 from bench.wrk_load import run_wrk
-from service.preprocess import preprocess_bytes
+from bnfold.preprocess import preprocess_bytes
 
 BOUNDARY = "bnfold-bench-boundary"
 PEERS = ("bare", "minimal", "litserve", "limit")

@@ -1,5 +1,5 @@
-"""bnfold service: the model bundle contract, shared preprocessing, and the HTTP server.
+"""bnfold service: the HTTP server over the bundles in the models folder.
 
-Importing this package pulls in nothing heavy: training imports `service.bundle` and
-`service.preprocess` without the web stack or onnxruntime.
+Importing this package pulls in nothing heavy; the contract it serves (bundle schema,
+preprocessing, sessions) lives in the `bnfold` core package.
 """

@@ -12,8 +12,8 @@ import sys
 
 from pydantic import ValidationError
 
+from bnfold.errors import validation_message
 from service.config import Settings
-from service.errors import validation_message
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,9 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bnfold-serve: invalid setting: {validation_message(exc.errors())}", file=sys.stderr)
         return 2
+    from bnfold.sessions import resolve_providers
     from service.logs import configure_logging
     from service.server import serve
-    from service.sessions import resolve_providers
 
     try:
         resolve_providers(settings.provider)

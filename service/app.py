@@ -16,12 +16,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from bnfold.errors import BnfoldError, validation_message
 from service.api import operations, page, v1, v2
 from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_openapi
 from service.config import Settings
-from service.errors import BnfoldError, validation_message
 from service.metrics import Metrics
 from service.runtime import ModelRuntime, Runner
 

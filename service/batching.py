@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from service.bundle import Variant
-from service.errors import ServiceUnavailable
+from bnfold.bundle import Variant
+from bnfold.errors import ServiceUnavailable
 from service.metrics import Metrics
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from service.preprocess import DEFAULT_MAX_PIXELS
+from bnfold.preprocess import DEFAULT_MAX_PIXELS
 
 Provider = Literal["auto", "cpu", "cuda"]
 LogLevel = Literal["critical", "error", "warning", "info", "debug"]

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.bundle import LayerDiff, Manifest, Variant
-from service.equivalence import diff_stats, layer_diffs, softmax
-from service.errors import BnfoldError, PayloadTooLarge
-from service.preprocess import PreprocessSpec, preprocess_bytes
+from bnfold.bundle import LayerDiff, Manifest, Variant
+from bnfold.equivalence import diff_stats, layer_diffs, softmax
+from bnfold.errors import BnfoldError, PayloadTooLarge
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes
 from service.runtime import ModelRuntime
 from service.schemas import ClassProbability, CompareResponse, Prediction
 from service.workers import run_cpu

@@ -22,9 +22,8 @@ import anyio
 import numpy as np
 import onnxruntime as ort
 
-from service.bundle import VARIANTS, Manifest, TensorSpec, Variant, discover_bundles, load_bundle
-from service.config import Settings
-from service.errors import (
+from bnfold.bundle import VARIANTS, Manifest, TensorSpec, Variant, discover_bundles, load_bundle
+from bnfold.errors import (
     BadInput,
     BnfoldError,
     BundleError,
@@ -34,8 +33,9 @@ from service.errors import (
     PayloadTooLarge,
     ServiceUnavailable,
 )
+from bnfold.sessions import make_probe_session, make_session, resolve_providers
+from service.config import Settings
 from service.metrics import Metrics
-from service.sessions import make_probe_session, make_session, resolve_providers
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API, with the examples /docs shows.
 
 pydantic only, no FastAPI: the V2 codec validates inference requests with these models too.
-Manifest parts (input spec, fold rows, equivalence report) are reused from `service.bundle`,
+Manifest parts (input spec, fold rows, equivalence report) are reused from `bnfold.bundle`,
 the one schema of the bundle format.
 """
 
@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
-from service.bundle import (
+from bnfold.bundle import (
     FoldRow,
     InputSpec,
     LayerDiff,

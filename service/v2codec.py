@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from service.bundle import VARIANTS, TensorSpec, Variant
-from service.errors import BadInput, validation_message
+from bnfold.bundle import VARIANTS, TensorSpec, Variant
+from bnfold.errors import BadInput, validation_message
 from service.schemas import InferenceRequest, Parameters, RequestInput
 
 HEADER_LENGTH = "Inference-Header-Content-Length"

@@ -87,8 +87,8 @@ def direct(bundle_src: Path) -> DirectOnnx:
 @pytest.fixture(scope="session")
 def digit_batch(digits: list[Digit], bundle_src: Path) -> np.ndarray:
     """The digits through the shared preprocessing: (N, 1, 8, 8) float32."""
-    from service.bundle import read_manifest
-    from service.preprocess import preprocess_bytes
+    from bnfold.bundle import read_manifest
+    from bnfold.preprocess import preprocess_bytes
 
     spec = read_manifest(bundle_src).input.preprocess
     return np.stack([preprocess_bytes(d.png, spec) for d in digits])

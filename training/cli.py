@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from service.preprocess import PreprocessSpec
+from bnfold.preprocess import PreprocessSpec
 from training.data import (
     DataError,
     Splits,
@@ -166,8 +166,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    from service.bundle import read_manifest
-    from training.verify import verify_bundle
+    from bnfold.bundle import read_manifest
+    from bnfold.verify import verify_bundle
 
     bundle = Path(args.bundle)
     if not bundle.is_dir():

@@ -1,6 +1,6 @@
 """Data sets: the embedded digits (default) or a user's image folder, through the serving path.
 
-Every image, whatever its source, becomes a tensor through `service.preprocess`, the same code the
+Every image, whatever its source, becomes a tensor through `bnfold.preprocess`, the same code the
 server runs on uploads, so training and serving cannot disagree on pixels.
 """
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.errors import BnfoldError
-from service.preprocess import PreprocessSpec, preprocess_bytes, preprocess_uint8
+from bnfold.errors import BnfoldError
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes, preprocess_uint8
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 

@@ -1,6 +1,6 @@
 """Fold, export both ONNX variants, measure their equivalence, write the bundle atomically.
 
-Traps avoided (BACKGROUND.md): torch's default dynamo exporter and the TorchScript exporter's
+Traps avoided: torch's default dynamo exporter and the TorchScript exporter's
 constant folding both fuse BN silently. The unfolded model is exported with the TorchScript
 exporter and `training=PRESERVE` (the model is in eval mode, so BN exports with running
 statistics); its BatchNormalization nodes are counted. The folded model is the original module
@@ -22,7 +22,7 @@ import onnx
 import torch
 from torch import nn
 
-from service.bundle import (
+from bnfold.bundle import (
     EquivalenceReport,
     InputSpec,
     LayerDiff,
@@ -33,9 +33,10 @@ from service.bundle import (
     sha256_file,
     write_bundle_atomically,
 )
-from service.equivalence import diff_stats, layer_diffs
-from service.preprocess import PreprocessSpec
-from service.sessions import make_probe_session, make_session
+from bnfold.equivalence import diff_stats, layer_diffs
+from bnfold.preprocess import PreprocessSpec
+from bnfold.sessions import make_probe_session, make_session, run_session
+from bnfold.verify import count_bn_nodes
 from training.fold import FoldReport, fold_batchnorm
 
 log = logging.getLogger(__name__)
@@ -83,10 +84,6 @@ def export_onnx(model: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
     return proto
 
 
-def count_bn_nodes(proto: onnx.ModelProto) -> int:
-    return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
-
-
 def scope_to_module_path(node_name: str) -> str:
     """'/features/features.0/conv/Conv' -> 'features.0.conv' (TorchScript exporter scopes)."""
     segments = node_name.strip("/").split("/")[:-1]
@@ -125,15 +122,6 @@ def layer_probes(
             continue
         probes.append(LayerProbe(bn=row.bn, folded_tensor=a, unfolded_tensor=b))
     return probes
-
-
-def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
-    """Logits for x (N, C, H, W), in chunks of `batch`."""
-    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
-    outs = [
-        session.run([name_out], {name_in: x[i : i + batch]})[0] for i in range(0, len(x), batch)
-    ]
-    return np.concatenate(outs)
 
 
 def per_layer_diffs(

@@ -25,7 +25,7 @@ import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from service.bundle import FoldRow
+from bnfold.bundle import FoldRow
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import litserve as ls
 import numpy as np
 import onnxruntime as ort
 
-from service.preprocess import PreprocessSpec, preprocess_bytes
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes
 
 
 class OnnxClassifier(ls.LitAPI):

@@ -16,7 +16,7 @@ import numpy as np
 import onnxruntime as ort
 from fastapi import FastAPI, File, UploadFile
 
-from service.preprocess import PreprocessSpec, preprocess_bytes
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes
 
 BUNDLE = Path(os.environ.get("BENCH_BUNDLE", "models/digits"))
 MANIFEST = json.loads((BUNDLE / "bundle.json").read_text())

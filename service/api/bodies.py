@@ -1,7 +1,7 @@
 """Request bodies as the routes need them: images from multipart or a raw body, V2 tensors.
 
 Content-Type decides how a body is read; anything else is refused with 415 and a hint of what
-to send. Decoding the images themselves is `service.preprocess`'s job, not this module's.
+to send. Decoding the images themselves is `bnfold.preprocess`'s job, not this module's.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 from service.inference import Upload, check_image_count
 
 IMAGE_FIELDS = ("files", "file")

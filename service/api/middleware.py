@@ -11,7 +11,7 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import PayloadTooLarge
+from bnfold.errors import PayloadTooLarge
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 
+from bnfold.bundle import EquivalenceReport, Variant
+from bnfold.errors import ServiceUnavailable
+from bnfold.sessions import GRAPH_OPT
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
 from service.api.state import ModelName, get_runtime, get_settings
-from service.bundle import EquivalenceReport, Variant
-from service.errors import ServiceUnavailable
 from service.inference import compare_variants, predictions, preprocess_uploads
 from service.runtime import LoadedModel
 from service.schemas import (
@@ -21,7 +22,6 @@ from service.schemas import (
     ModelSummary,
     PredictResponse,
 )
-from service.sessions import GRAPH_OPT
 from service.v2codec import parse_tensor_request
 from service.workers import run_cpu
 

@@ -11,10 +11,10 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Header, Request, Response
 
+from bnfold.errors import ServiceUnavailable
 from service.api.bodies import read_json_or_binary
 from service.api.openapi import BINARY, errors, request_body
 from service.api.state import ModelName, ModelVersion, get_runtime
-from service.errors import ServiceUnavailable
 from service.runtime import LoadedModel
 from service.schemas import (
     InferenceRequest,

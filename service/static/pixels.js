@@ -1,4 +1,4 @@
-// Image -> model-resolution pixels, the way service/preprocess.py `image_to_tensor` does it
+// Image -> model-resolution pixels, the way bnfold/preprocess.py `image_to_tensor` does it
 // before scaling and normalizing: composite transparency on black, convert to the bundle's
 // color mode, resize with its Pillow filter. The page uses it to show what the model receives,
 // and to turn a drawing into an image at the model's resolution (what is shown is what is sent).

@@ -360,8 +360,8 @@ def test_preview_matches_the_service_preprocessing(
     tab: Tab, api: httpx.Client, bundle_src: Path, width: int, height: int
 ) -> None:
     """An RGB image to shrink: the browser's preview must be the server's pixels."""
-    from service.bundle import read_manifest
-    from service.preprocess import preprocess_bytes
+    from bnfold.bundle import read_manifest
+    from bnfold.preprocess import preprocess_bytes
 
     rng = np.random.default_rng(0)
     yy, xx = np.mgrid[0:height, 0:width]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
-from service.preprocess import PreprocessSpec, preprocess_bytes, preprocess_uint8
+from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes, preprocess_uint8
 
 GRAY = PreprocessSpec(color_mode="L", height=8, width=8, resample="box", mean=[0.3], std=[0.4])
 RGB = PreprocessSpec(color_mode="RGB", height=4, width=4, mean=[0.5, 0.4, 0.3], std=[0.2] * 3)

@@ -12,9 +12,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from service.bundle import TensorSpec
+from bnfold.bundle import TensorSpec
+from bnfold.errors import BadInput, NotFound, PayloadTooLarge, ServiceUnavailable
 from service.config import Settings
-from service.errors import BadInput, NotFound, PayloadTooLarge, ServiceUnavailable
 from service.runtime import ModelRuntime, ThreadRunner, check_input, load_model
 
 CPU = ["CPUExecutionProvider"]

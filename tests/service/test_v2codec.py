@@ -8,8 +8,8 @@ import struct
 import numpy as np
 import pytest
 
-from service.bundle import TensorSpec
-from service.errors import BadInput
+from bnfold.bundle import TensorSpec
+from bnfold.errors import BadInput
 from service.v2codec import encode_response, input_array, parse_request, requested_outputs
 
 INPUT = TensorSpec(name="input", shape=[-1, 1, 8, 8])

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from service.preprocess import PreprocessSpec, preprocess_bytes
+from bnfold.preprocess import PreprocessSpec, preprocess_bytes
 from training.data import (
     DataError,
     digits_spec,

@@ -9,11 +9,11 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from service.bundle import load_bundle, read_manifest, sha256_file, write_bundle_atomically
-from service.errors import BundleError
+from bnfold.bundle import load_bundle, read_manifest, sha256_file, write_bundle_atomically
+from bnfold.errors import BundleError
+from bnfold.verify import count_bn_nodes
 from training.export import (
     REL_TOLERANCE,
-    count_bn_nodes,
     export_bundle,
     scope_to_module_path,
 )

@@ -6,7 +6,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from service.bundle import load_bundle
+from bnfold.bundle import load_bundle
 from training.model import ModelConfig
 from training.train import TrainConfig, fit, load_checkpoint, random_shift
 

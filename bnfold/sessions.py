@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 
 GRAPH_OPT = {
@@ -78,3 +79,12 @@ def make_probe_session(
 ) -> ort.InferenceSession:
     """Probe sessions run unoptimized in both variants so every named tensor exists as exported."""
     return make_session(probe_model_bytes(model_path, tensor_names), "unfolded", providers)
+
+
+def run_session(session, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """Logits for x (N, C, H, W), in chunks of `batch`."""
+    name_in, name_out = session.get_inputs()[0].name, session.get_outputs()[0].name
+    outs = [
+        session.run([name_out], {name_in: x[i : i + batch]})[0] for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(outs)

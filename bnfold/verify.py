@@ -14,11 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from service.bundle import load_bundle
-from service.equivalence import diff_stats
-from service.errors import BnfoldError
-from service.sessions import make_session
-from training.export import count_bn_nodes, run_session
+from bnfold.bundle import load_bundle
+from bnfold.equivalence import diff_stats
+from bnfold.errors import BnfoldError
+from bnfold.sessions import make_session, run_session
+
+
+def count_bn_nodes(proto: onnx.ModelProto) -> int:
+    """BatchNormalization nodes in the graph (the fold report says how many must remain)."""
+    return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
 
 
 @dataclass

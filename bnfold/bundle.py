@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.errors import BundleError
-from service.preprocess import PreprocessSpec
+from bnfold.errors import BundleError
+from bnfold.preprocess import PreprocessSpec
 
 SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"

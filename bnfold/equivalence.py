@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from service.bundle import DiffStats, LayerDiff, LayerProbe
+from bnfold.bundle import DiffStats, LayerDiff, LayerProbe
 
 
 def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> DiffStats:

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
+from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 
 ColorMode = str  # "L" (grayscale, 1 channel) or "RGB" (3 channels)
 
