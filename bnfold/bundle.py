@@ -26,6 +26,9 @@ VARIANTS = ("folded", "unfolded")
 Variant = Literal["folded", "unfolded"]
 
 
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a bundle name: also a folder name
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
@@ -107,7 +110,7 @@ class Manifest(_Strict):
     """bundle.json."""
 
     schema_version: Literal[1] = SCHEMA_VERSION
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+    name: str = Field(pattern=NAME_PATTERN)
     version: str = "1"
     created: str
     classes: list[str] = Field(min_length=2)
