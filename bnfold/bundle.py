@@ -55,7 +55,7 @@ class OnnxFile(_Strict):
 class FoldRow(_Strict):
     """What happened to one BatchNorm layer."""
 
-    bn: str = Field(description="Qualified name of the BatchNorm module.")
+    bn: str = Field(description="Qualified name of the BatchNorm module (ONNX: node name(s)).")
     folded: bool
     into: str | None = Field(None, description="Layer the BN was folded into.")
     direction: Literal["backward", "forward"] | None = None
@@ -63,6 +63,16 @@ class FoldRow(_Strict):
     scale_min: float | None = Field(None, description="min |gamma / sqrt(var + eps)|")
     scale_max: float | None = Field(None, description="max |gamma / sqrt(var + eps)|")
     warning: str | None = None
+    op: Literal["BatchNormalization", "Mul/Add"] = Field(
+        "BatchNormalization",
+        description="The folded pattern: a BatchNorm layer or node, or a per-channel constant "
+        "Mul/Add chain (how Keras and other converters export BN).",
+    )
+    probe: str | None = Field(
+        None,
+        description="A tensor with equal values in the unfolded and the folded ONNX graph "
+        "(the BN output for a backward fold, the layer output for a forward fold).",
+    )
 
 
 class DiffStats(_Strict):
