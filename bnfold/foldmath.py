@@ -97,7 +97,7 @@ def fold_backward(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fold `y = s * layer(x) + t` into the layer: (W', b') in w's dtype, b' of shape (out,).
 
-    `b` may be None (no bias). `s`, `t` are (out,) or broadcastable scalars (shape (1,)).
+    `b` may be None (no bias). `s`, `t` are (out,).
     """
     w64 = f64(w)
     cout = out_channels(w64.shape, layout, groups)
@@ -175,12 +175,10 @@ def _out_broadcast(s: np.ndarray, shape: tuple[int, ...], layout: Layout, groups
 
 
 def _per_channel(v: np.ndarray, n: int, what: str) -> np.ndarray:
-    """v as float64 (n,); a single value is broadcast (a scalar Mul/Add)."""
+    """v as float64 (n,); callers expand a scalar Mul/Add themselves (no silent broadcast)."""
     v64 = f64(v).reshape(-1)
-    if v64.size == 1:
-        return np.full(n, v64[0])
     if v64.size != n:
-        raise ValueError(f"per-channel map has {v64.size} channels but the layer has {n} {what}")
+        raise ValueError(f"BN has {v64.size} channels but the layer has {n} {what} channels")
     return v64
 
 

@@ -19,17 +19,19 @@ from __future__ import annotations
 import copy
 import logging
 from collections import Counter
-from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from bnfold import foldmath
 from bnfold.bundle import FoldRow
+from bnfold.foldreport import FoldReport
 
 logger = logging.getLogger(__name__)
 
-SCALE_WARN_THRESHOLD = 1e3
+SCALE_WARN_THRESHOLD = foldmath.SCALE_WARN_THRESHOLD
 NO_STATS_REASON = (
     "no running statistics (track_running_stats=False): uses batch statistics at eval, "
     "cannot be folded"
@@ -42,11 +44,16 @@ _CONVT_RANK = {nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2, nn.ConvTranspose3d:
 _BN_RANK = {nn.BatchNorm1d: 1, nn.BatchNorm2d: 2, nn.BatchNorm3d: 3, nn.SyncBatchNorm: None}
 
 
-# ---------------------------------------------------------------- pure math on tensors
+# ---------------------------------------------------------------- tensor wrappers over foldmath
 
 
-def _f64(x: torch.Tensor) -> torch.Tensor:
-    return x.detach().to(torch.float64)
+def _np64(x: torch.Tensor | None) -> np.ndarray | None:
+    return None if x is None else x.detach().to(torch.float64).cpu().numpy()
+
+
+def _tensor(x: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """A foldmath result (already rounded once to the target dtype) as a tensor like `like`."""
+    return torch.from_numpy(np.ascontiguousarray(x)).to(dtype=like.dtype, device=like.device)
 
 
 def _scale_shift64(
@@ -55,13 +62,9 @@ def _scale_shift64(
     eps: float,
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(s, t) in float64; gamma=1, beta=0 when absent (affine=False)."""
-    var64 = _f64(var)
-    gamma64 = torch.ones_like(var64) if gamma is None else _f64(gamma)
-    beta64 = torch.zeros_like(var64) if beta is None else _f64(beta)
-    s = gamma64 / torch.sqrt(var64 + eps)
-    return s, beta64 - _f64(mean) * s
+) -> tuple[np.ndarray, np.ndarray]:
+    """(s, t) as float64 numpy; gamma=1, beta=0 when absent (affine=False)."""
+    return foldmath.bn_scale_shift(_np64(mean), _np64(var), eps, _np64(gamma), _np64(beta))
 
 
 def bn_scale_shift(
@@ -76,7 +79,7 @@ def bn_scale_shift(
     """Eval-mode BN as `y = s * x + t`, computed in float64, returned in `dtype` (var's)."""
     s, t = _scale_shift64(mean, var, eps, gamma, beta)
     dtype = dtype or var.dtype
-    return s.to(dtype), t.to(dtype)
+    return torch.from_numpy(s).to(dtype), torch.from_numpy(t).to(dtype)
 
 
 def fold_conv_bn_weights(
@@ -96,19 +99,11 @@ def fold_conv_bn_weights(
     Returns (W', b') in w's dtype: `W'[o] = W[o] * s[o]`, `b' = (b - mean) * s + beta`.
     """
     s, t = _scale_shift64(mean, var, eps, gamma, beta)
-    w64 = _f64(w)
-    if transposed:
-        # (in, out/groups, k...): output channel g*opg + j is [g*in/groups:(g+1)*in/groups, j]
-        cin, opg, kernel = w.shape[0], w.shape[1], w.shape[2:]
-        _check_channels(s, groups * opg, "ConvTranspose output channels")
-        grouped = w64.reshape(groups, cin // groups, opg, *kernel)
-        w_new = (grouped * s.reshape(groups, 1, opg, *[1] * len(kernel))).reshape(w.shape)
-    else:
-        _check_channels(s, w.shape[0], "output channels")
-        w_new = w64 * s.reshape(-1, *[1] * (w.dim() - 1))  # scale along axis 0
-    b64 = torch.zeros_like(s) if b is None else _f64(b)
-    b_new = b64 * s + t  # = (b - mean) * s + beta
-    return w_new.to(w.dtype), b_new.to(w.dtype)
+    layout = "transposed" if transposed else "out_in"
+    w_new, b_new = foldmath.fold_backward(
+        _np64(w), _np64(b), s, t, layout=layout, groups=groups if transposed else 1
+    )
+    return _tensor(w_new, w), _tensor(b_new, w)
 
 
 def fold_bn_forward_weights(
@@ -124,58 +119,11 @@ def fold_bn_forward_weights(
 
     Exact for a Linear and for a conv without zero padding. Returns (W2', b2') in w2's dtype.
     """
-    if transposed:
-        raise ValueError(
-            "Forward fold into a ConvTranspose is not supported. Only Linear and "
-            "Conv1d/2d/3d can absorb a preceding BN."
-        )
-    out, ipg, kernel = w2.shape[0], w2.shape[1], w2.shape[2:]
-    _check_channels(s, groups * ipg, "input channels")
-    # (out, in/groups, k...) -> (groups, out/groups, in/groups, k...): input channel g*ipg + i
-    grouped = _f64(w2).reshape(groups, out // groups, ipg, *kernel)
-    per_channel = (groups, 1, ipg, *[1] * len(kernel))
-    w_new = (grouped * _f64(s).reshape(per_channel)).reshape(w2.shape)
-    shift = (grouped * _f64(t).reshape(per_channel)).sum(dim=tuple(range(2, grouped.dim())))
-    b_new = shift.reshape(out) + (0.0 if b2 is None else _f64(b2))
-    return w_new.to(w2.dtype), b_new.to(w2.dtype)
-
-
-def _check_channels(s: torch.Tensor, expected: int, what: str) -> None:
-    if s.numel() != expected:
-        raise ValueError(f"BN has {s.numel()} channels but the layer has {expected} {what}")
-
-
-# ---------------------------------------------------------------- report
-
-
-@dataclass
-class FoldReport:
-    """One FoldRow per BatchNorm call in the traced graph."""
-
-    rows: list[FoldRow] = field(default_factory=list)
-
-    @property
-    def folded(self) -> list[FoldRow]:
-        return [r for r in self.rows if r.folded]
-
-    @property
-    def refused(self) -> list[FoldRow]:
-        return [r for r in self.rows if not r.folded]
-
-    @property
-    def warnings(self) -> list[FoldRow]:
-        return [r for r in self.rows if r.warning]
-
-    def summary(self) -> str:
-        """One line per BN: what happened, the range of |s|, any warning."""
-        return "\n".join(_summary_line(r) for r in self.rows)
-
-
-def _summary_line(r: FoldRow) -> str:
-    what = f"folded {r.direction} into {r.into}" if r.folded else r.reason
-    scale = "" if r.scale_max is None else f"  |s| in [{r.scale_min:.3g}, {r.scale_max:.3g}]"
-    warn = f"  WARNING: {r.warning}" if r.warning else ""
-    return f"{r.bn}: {what}{scale}{warn}"
+    w_new, b_new = foldmath.fold_forward(
+        _np64(w2), _np64(b2), _np64(s), _np64(t),
+        layout="transposed" if transposed else "out_in", groups=groups,
+    )  # fmt: skip
+    return _tensor(w_new, w2), _tensor(b_new, w2)
 
 
 # ---------------------------------------------------------------- graph surgery
@@ -278,7 +226,7 @@ class _Surgery:
     def _precondition(self, bn_node: fx.Node, bn: nn.Module, s, t) -> str | None:
         if bn.training:
             return "not folded: BN module is in training mode (batch statistics); call .eval()"
-        if not (torch.isfinite(s).all() and torch.isfinite(t).all()):
+        if not (np.isfinite(s).all() and np.isfinite(t).all()):
             return "not folded: running statistics give a non-finite scale or shift"
         if len(bn_node.args) != 1 or bn_node.kwargs or not isinstance(bn_node.args[0], fx.Node):
             return "not folded: BN is called with extra arguments"
@@ -330,16 +278,15 @@ class _Surgery:
     def _apply(self, bn_node: fx.Node, layer_node: fx.Node, s, t, direction: str) -> str:
         """Rewrite the layer's parameters, route the BN's users past it, drop the BN node."""
         layer = self.modules[str(layer_node.target)]
-        transposed = type(layer) in _CONVT_RANK
         groups = getattr(layer, "groups", 1)
+        w64, b64 = _np64(layer.weight), _np64(layer.bias)
         if direction == "backward":
-            bn = self.modules[str(bn_node.target)]
-            stats = (bn.running_mean, bn.running_var, bn.eps, bn.weight, bn.bias)
-            w, b = fold_conv_bn_weights(
-                layer.weight, layer.bias, *stats, transposed=transposed, groups=groups
-            )
+            layout = "transposed" if type(layer) in _CONVT_RANK else "out_in"
+            w, b = foldmath.fold_backward(w64, b64, s, t, layout=layout, groups=groups)
         else:
-            w, b = fold_bn_forward_weights(layer.weight, layer.bias, s, t, groups=groups)
+            w, b = foldmath.fold_forward(w64, b64, s, t, layout="out_in", groups=groups)
+        # Round once, from float64 to the parameter dtype.
+        w, b = _tensor(w, layer.weight), _tensor(b, layer.weight)
         # Fresh Parameters (a missing bias becomes one): never write through shared tensors.
         layer.weight = nn.Parameter(w, requires_grad=layer.weight.requires_grad)
         layer.bias = nn.Parameter(b, requires_grad=layer.weight.requires_grad)
@@ -360,16 +307,11 @@ class _Surgery:
         return f"{node.op} {getattr(node.target, '__name__', node.target)}"
 
 
-def _scale_row(name: str, s: torch.Tensor) -> FoldRow:
+def _scale_row(name: str, s: np.ndarray) -> FoldRow:
     """A row carrying min/max |s|, with a warning when s is large enough to hurt float32."""
-    mags = s.abs()
-    lo, hi = float(mags.min()), float(mags.max())
-    warning = None
-    if hi > SCALE_WARN_THRESHOLD:
-        warning = (
-            f"scale up to {hi:.3g} amplifies float32 rounding: running_var near zero with a "
-            "large gamma?"
-        )
+    lo, hi = foldmath.scale_range(s)
+    warning = foldmath.scale_warning(s)
+    if warning:
         logger.warning("%s: %s", name, warning)
     return FoldRow(bn=name, folded=False, scale_min=lo, scale_max=hi, warning=warning)
 
