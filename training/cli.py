@@ -1,20 +1,22 @@
 """`bnfold-train`: train, export a checkpoint to a bundle, verify a bundle.
 
-Errors a user can fix (missing data folder, empty class, bad option value) print one line and
-exit 2, not a traceback. Under torchrun (`torchrun --nproc_per_node N -m training.cli train ...`)
+Errors a user can fix (missing data folder, empty class, bad option value, a bundle that would be
+overwritten) print one line and exit 2, not a traceback; every flag is checked before anything is
+trained or written. Under torchrun (`torchrun --nproc_per_node N -m training.cli train ...`)
 `train` runs data-parallel; rank 0 alone prints, writes the checkpoint and exports the bundle.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 
 import numpy as np
 
+from bnfold.bundle import NAME_PATTERN
+from bnfold.errors import BnfoldError
 from bnfold.preprocess import PreprocessSpec
 from training.data import (
     DataError,
@@ -73,6 +75,8 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
     if args.resume is not None and not args.resume.is_file():
         raise DataError(f"checkpoint {args.resume} does not exist")
     splits = load_splits(args.data, args.seed, args.image_size, args.color_mode)
+    if not args.no_export:
+        check_bundle_target(args.models_dir, args.name, args.force)
     sample = splits.train.x[0]
     model_cfg = ModelConfig(
         in_channels=sample.shape[0],
@@ -118,11 +122,31 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
     return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits)
 
 
+def check_bundle_target(models_dir: str, name: str, force: bool) -> None:
+    """Refuse, before any work, to replace a bundle (the shipped one included) without --force."""
+    root = Path(models_dir)
+    if root.exists() and not root.is_dir():
+        raise DataError(f"--models-dir {root} is a file, not a folder")
+    if (root / name).exists() and not force:
+        raise DataError(
+            f"bundle {root / name} already exists: pass --force to replace it, or choose "
+            "another --name"
+        )
+
+
 def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Splits | None) -> int:
     from training.export import export_bundle
     from training.train import load_checkpoint, model_from_checkpoint
 
-    ckpt = load_checkpoint(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path)
+    except Exception:  # torch raises pickle, zip or runtime errors for a file that is not one
+        raise DataError(
+            f"{ckpt_path} is not a bnfold checkpoint (torch.load with weights_only=True cannot "
+            "read it)"
+        ) from None
+    if not isinstance(ckpt, dict) or not {"state_dict", "model_config", "epoch"} <= ckpt.keys():
+        raise DataError(f"{ckpt_path} is not a bnfold checkpoint (no state_dict/model_config)")
     extra = ckpt["train_config"].get("extra", {})
     if splits is None:
         splits = load_splits(
@@ -131,11 +155,9 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
             extra.get("image_size", 32),
             extra.get("color_mode", "L"),
         )
-    summary_path = Path(ckpt_path).parent / "summary.json"
-    metrics = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    metrics["data"] = extra.get("data", "digits")
+    model = model_from_checkpoint(ckpt)
     manifest = export_bundle(
-        model_from_checkpoint(ckpt),
+        model,
         name=name,
         classes=ckpt["classes"],
         spec=splits.test.spec,
@@ -143,7 +165,7 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
         split="test",
         out_dir=Path(models_dir),
         architecture=ckpt["model_config"],
-        training_metrics=metrics,
+        training_metrics=checkpoint_metrics(ckpt, model, splits),
     )
     eq = manifest.equivalence
     folded = sum(r.folded for r in manifest.fold_report)
@@ -159,9 +181,33 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
     return 0 if eq.passed else 1
 
 
+def checkpoint_metrics(ckpt: dict, model, splits: Splits) -> dict:
+    """What the bundle says about training, taken from the checkpoint it holds and measured on
+    its weights now, never from a summary file that another run may have left behind."""
+    from training.train import evaluate
+
+    test = evaluate(model, splits.test.x, splits.test.y)
+    history = ckpt.get("history") or []
+    metrics = {
+        "epochs": ckpt["epoch"],
+        "test_acc": test["acc"],
+        "test_loss": test["loss"],
+        "val_acc": history[-1]["val_acc"] if history else None,
+        "n_train": len(splits.train.y),
+        "n_val": len(splits.val.y),
+        "n_test": len(splits.test.y),
+        "seed": ckpt["train_config"]["seed"],
+        "data": ckpt["train_config"].get("extra", {}).get("data", "digits"),
+    }
+    if ckpt.get("distributed"):
+        metrics |= ckpt["distributed"]
+    return metrics
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise DataError(f"checkpoint {args.checkpoint} does not exist")
+    check_bundle_target(args.models_dir, args.name, args.force)
     return export_checkpoint(Path(args.checkpoint), args.name, args.models_dir, None)
 
 
@@ -172,6 +218,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle)
     if not bundle.is_dir():
         raise DataError(f"bundle folder {bundle} does not exist")
+    if not (bundle / "bundle.json").is_file():
+        raise DataError(f"{bundle} is not a bundle: it has no bundle.json")
     x = verification_inputs(bundle, read_manifest(bundle), args.data)
     res = verify_bundle(bundle, x)
     print("\n".join(res.lines))
@@ -191,6 +239,40 @@ def verification_inputs(bundle: Path, manifest, data: str | None) -> np.ndarray:
     mean, std = np.asarray(spec.mean), np.asarray(spec.std)
     x = (pixels * spec.scale - mean) / std
     return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (no usage block) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _number(kind: type, low: float, *, inclusive: bool = True):
+    """An argparse type: a `kind` (int/float) >= low (or > low), finite."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        if not np.isfinite(value) or value < low or (value == low and not inclusive):
+            bound = f">= {low:g}" if inclusive else f"> {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _name(text: str) -> str:
+    import re
+
+    if not re.fullmatch(NAME_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a bundle name: letters, digits, '_', '.', '-', up to 64, "
+            "starting with a letter or digit"
+        )
+    return text
 
 
 def _widths(text: str) -> list[int]:
@@ -218,22 +300,27 @@ def _momentum(text: str) -> float | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bnfold-train", description=__doc__.splitlines()[0])
+    p = _Parser(prog="bnfold-train", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train a model, then fold and export its bundle")
     t.add_argument("--data", help="'digits' (default, embedded) or an image folder root/<class>/")
-    t.add_argument("--name", default="digits", help="bundle name: models/<name>/")
-    t.add_argument("--epochs", type=int, default=30)
+    t.add_argument("--name", type=_name, default="digits", help="bundle name: models/<name>/")
+    t.add_argument("--epochs", type=_number(int, 1), default=30)
     t.add_argument(
-        "--batch-size", type=int, default=64, help="per process under torchrun (global = N x this)"
+        "--batch-size",
+        type=_number(int, 1),
+        default=64,
+        help="per process under torchrun (global = N x this)",
     )
-    t.add_argument("--lr", type=float, default=1e-2)
-    t.add_argument("--seed", type=int, default=DEFAULT_SEED)
+    t.add_argument("--lr", type=_number(float, 0, inclusive=False), default=1e-2)
+    t.add_argument("--seed", type=_number(int, 0), default=DEFAULT_SEED)
     t.add_argument("--widths", type=_widths, default=[32, 64], help="channels per stage: 32,64")
-    t.add_argument("--blocks-per-stage", type=int, default=1)
+    t.add_argument("--blocks-per-stage", type=_number(int, 1), default=1)
     t.add_argument("--residual", action="store_true", help="ResNet basic blocks")
-    t.add_argument("--hidden", type=int, default=64)
-    t.add_argument("--bn-eps", type=float, default=1e-5, help="Keras default is 1e-3")
+    t.add_argument("--hidden", type=_number(int, 1), default=64)
+    t.add_argument(
+        "--bn-eps", type=_number(float, 0, inclusive=False), default=1e-5, help="Keras: 1e-3"
+    )
     t.add_argument(
         "--bn-momentum",
         type=_momentum,
@@ -246,12 +333,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="pre",
         help="pre: conv->BN->ReLU; post: conv->ReLU->BN",
     )
-    t.add_argument("--image-size", type=int, default=32, help="for an image folder")
+    t.add_argument("--image-size", type=_number(int, 1), default=32, help="for an image folder")
     t.add_argument("--color-mode", choices=["L", "RGB"], default="L", help="for an image folder")
     t.add_argument("--runs-dir", default="runs")
     t.add_argument("--models-dir", default="models")
     t.add_argument("--resume", type=Path, help="checkpoint to resume from")
     t.add_argument("--no-export", action="store_true", help="train only")
+    t.add_argument("--force", action="store_true", help="replace models/<name>/ if it exists")
     t.add_argument(
         "--sync-bn",
         action="store_true",
@@ -266,8 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="fold and export a checkpoint to models/<name>/")
     e.add_argument("checkpoint")
-    e.add_argument("--name", default="digits")
+    e.add_argument("--name", type=_name, default="digits")
     e.add_argument("--models-dir", default="models")
+    e.add_argument("--force", action="store_true", help="replace models/<name>/ if it exists")
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("verify", help="check a bundle: checksums, BN counts, equivalence")
     v.add_argument("bundle")
@@ -281,8 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ValueError) as exc:
-        print(f"bnfold-train: error: {exc}", file=sys.stderr)
+    except (DataError, BnfoldError, ValueError, OSError) as exc:
+        message = exc.message if isinstance(exc, BnfoldError) else str(exc)
+        print(f"bnfold-train: error: {' '.join(message.split())}", file=sys.stderr)
         return 2
 
 

@@ -183,11 +183,18 @@ def fit(
     start_epoch, history = 0, []
     if resume is not None:
         ckpt = load_for_resume(resume, dist)
+        check_same_architecture(resume, ckpt["model_config"], model_cfg)
         model.load_state_dict(ckpt["state_dict"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         generator.set_state(ckpt["rng"])
         start_epoch, history = ckpt["epoch"], list(ckpt["history"])
+        if start_epoch >= train_cfg.epochs:
+            # Nothing would train, and the export would describe weights it did not make.
+            raise ValueError(
+                f"{resume} already trained {start_epoch} epochs: pass --epochs greater than "
+                f"{start_epoch} to continue it"
+            )
         log.info("resumed from %s at epoch %d", resume, start_epoch)
     net = model if dist is None else wrap_ddp(model, dist)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=train_cfg.label_smoothing)
@@ -253,7 +260,7 @@ def finish(
         model, splits.test.x, splits.test.y, device=None if dist is None else dist.device
     )
     summary = {
-        "epochs": train_cfg.epochs,
+        "epochs": len(history),
         "test_acc": test["acc"],
         "test_loss": test["loss"],
         "val_acc": history[-1]["val_acc"] if history else None,
@@ -300,6 +307,23 @@ def load_for_resume(path: Path, dist: DistContext | None) -> dict:
             f"{_describe_layout(now)}: resume with the same number of processes"
         )
     return ckpt
+
+
+def check_same_architecture(path: Path, saved: dict, now: ModelConfig) -> None:
+    """A resume continues the same model: name the flags that differ instead of a shape error."""
+    differ = [
+        f"{k}={saved.get(k)!r} (this run {v!r})"
+        for k, v in now.to_dict().items()
+        if k in saved and _plain(saved[k]) != _plain(v)
+    ]
+    if differ:
+        raise ValueError(
+            f"{path} was trained with {', '.join(differ)}: resume with the same model flags"
+        )
+
+
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _describe_layout(world_size: int | None) -> str:
