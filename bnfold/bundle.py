@@ -24,6 +24,11 @@ SCHEMA_VERSION = 1
 MANIFEST_NAME = "bundle.json"
 VARIANTS = ("folded", "unfolded")
 Variant = Literal["folded", "unfolded"]
+# Files a bundle may hold: the two float32 variants, and optionally the int8 one (quantized from
+# the folded model; bnfold.quantize).
+FileVariant = Literal["folded", "unfolded", "int8"]
+INT8 = "int8"
+INT8_FILE = "quantized.onnx"
 
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # a bundle name: also a folder name
@@ -45,11 +50,42 @@ class InputSpec(TensorSpec):
     preprocess: PreprocessSpec
 
 
+class QuantSettings(_Strict):
+    """How the int8 variant was made: onnxruntime.quantization.quantize_static, static QDQ."""
+
+    format: Literal["QDQ"] = "QDQ"
+    weight_type: Literal["int8"] = "int8"
+    per_channel: bool = Field(True, description="One weight scale per output channel.")
+    activation_type: Literal["uint8", "int8"] = "uint8"
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"
+    calibration_images: int = Field(ge=1)
+    calibration_source: str = Field(description="Where the calibration images came from.")
+    pre_process: str = Field(description="What ran before quantize_static.")
+    float_logits: bool = Field(True, description="The output layer returns float32 logits.")
+    onnxruntime: str = Field(description="onnxruntime version that quantized.")
+
+
+class QuantNodeCounts(_Strict):
+    """Nodes of the QDQ file, and what onnxruntime runs after fusing it (CPU, full optimization)."""
+
+    quantize_linear: int = Field(ge=0)
+    dequantize_linear: int = Field(ge=0)
+    ops: dict[str, int] = Field(description="Other op types in the QDQ file.")
+    int8_kernels: dict[str, int] = Field(description="Integer kernels onnxruntime runs.")
+    float_ops: dict[str, int] = Field(description="Ops onnxruntime still runs in float32.")
+
+
+class Quantization(_Strict):
+    settings: QuantSettings
+    nodes: QuantNodeCounts
+
+
 class OnnxFile(_Strict):
     path: str = Field(description="File name relative to the bundle folder.")
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
     batchnorm_nodes: int = Field(ge=0, description="BatchNormalization nodes in the graph.")
     opset: int
+    quantization: Quantization | None = Field(None, description="The int8 file only.")
 
 
 class FoldRow(_Strict):
@@ -103,6 +139,22 @@ class LayerProbe(_Strict):
     unfolded_tensor: str
 
 
+class Int8Report(_Strict):
+    """int8 vs folded float32 on held-out images, and the pass criterion that gates the file."""
+
+    split: str
+    n_images: int
+    settings: QuantSettings
+    int8_vs_folded: DiffStats | None = None
+    accuracy_folded: float | None = Field(None, description="None when no labels were given.")
+    accuracy_int8: float | None = None
+    accuracy_drop_points: float | None = Field(None, description="100 x (folded - int8).")
+    min_top1_agreement: float
+    max_accuracy_drop_points: float
+    passed: bool
+    reason: str | None = Field(None, description="Why the int8 file was not written.")
+
+
 class EquivalenceReport(_Strict):
     """Folded vs unfolded, measured with onnxruntime on held-out images at export."""
 
@@ -114,6 +166,7 @@ class EquivalenceReport(_Strict):
     unfolded_vs_float64: DiffStats
     per_layer: list[LayerDiff]
     passed: bool
+    int8: Int8Report | None = Field(None, description="Present when int8 was requested.")
 
 
 class Manifest(_Strict):
@@ -126,7 +179,7 @@ class Manifest(_Strict):
     classes: list[str] = Field(min_length=2)
     input: InputSpec
     output: TensorSpec
-    files: dict[Variant, OnnxFile]
+    files: dict[FileVariant, OnnxFile]
     fold_report: list[FoldRow]
     layer_probes: list[LayerProbe] = Field(default_factory=list)
     architecture: dict = Field(default_factory=dict, description="The ModelConfig trained.")

@@ -16,6 +16,8 @@ import onnxruntime as ort
 GRAPH_OPT = {
     "folded": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "unfolded": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    # Full optimization fuses each DequantizeLinear -> op -> QuantizeLinear into an int8 kernel.
+    "int8": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
