@@ -69,9 +69,17 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0,
         ge=0,
-        description="On SIGTERM (or Ctrl+C) readiness answers 503 at once and new requests are "
-        "refused; requests in flight and queued get this long to finish, then the server exits "
-        "(0 when none was cut off). Keep it above request_timeout_s.",
+        description="On SIGTERM (or Ctrl+C) readiness answers 503 at once and the listening "
+        "socket closes (new connections are refused); every request on a connection already "
+        "open is served, with Connection: close. They get this long in all, then the server "
+        "exits (0 when none was cut off, else 1). Keep it above request_timeout_s.",
+    )
+    keep_alive_timeout_s: int = Field(
+        5,
+        ge=1,
+        description="Seconds an idle keep-alive HTTP connection stays open (uvicorn's "
+        "timeout_keep_alive). While draining, a connection idle at SIGTERM is closed after this "
+        "long unless a request arrives on it (that request is then served).",
     )
 
     # --- Dynamic batching and backpressure (issue 7).

@@ -222,8 +222,7 @@ class ModelRuntime:
         self.models: dict[str, LoadedModel] = {}
         self.loaded = False
         self.admitted: Counter[str] = Counter()  # requests inside the server, per model
-        self.draining = False  # set on SIGTERM: not ready, new requests refused
-        self.cut_off = 0  # requests cancelled because the drain timeout ran out
+        self.draining = False  # set on SIGTERM: not ready; requests already sent are served
 
     async def start(self) -> None:
         """Resolve the provider (bad choice fails start-up) and load every bundle off the loop."""
@@ -273,7 +272,7 @@ class ModelRuntime:
         return model
 
     def begin_drain(self) -> None:
-        """SIGTERM: readiness answers 503 from now on and new requests are refused."""
+        """SIGTERM: readiness answers 503 from now on (requests that reach us are served)."""
         self.draining = True
 
     @asynccontextmanager

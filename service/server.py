@@ -1,16 +1,27 @@
 """Running the app under uvicorn with a graceful shutdown that ends in exit code 0.
 
-On SIGTERM (or Ctrl+C): readiness answers 503 at once and new requests are refused with 503
-(the runtime's drain flag, read by the access middleware); uvicorn closes the listening socket,
-lets requests in flight and queued finish for up to `drain_timeout_s`, runs the lifespan
-shutdown, and `serve` returns 0, or 1 when the drain timeout cut requests off. Plain uvicorn
-re-raises the signal after its shutdown, so the process would die of SIGTERM (exit -15) even
-after a clean drain.
+On SIGTERM (or Ctrl+C), in this order:
+
+1. at once, in the signal handler: readiness answers 503 (the runtime's drain flag);
+2. within uvicorn's 0.1 s tick, `shutdown`: connections already in the listen backlog are
+   taken in, the listening socket closes (new connections are refused from here on), and every
+   open connection is told that its current or next request is its last (service/shutdown.py);
+3. every request on those connections is served to the end with `Connection: close`; an idle
+   connection is closed after the keep-alive timeout unless a request arrived on it;
+4. once no connection is left (at most `drain_timeout_s`; past it the requests still running
+   are cancelled), the lifespan shutdown stops the batcher and `serve` returns 0, or 1 when the
+   drain timeout cut requests off.
+
+Plain uvicorn re-raises the signal after its shutdown, so the process would die of SIGTERM
+(exit -15) even after a clean drain; this server does not.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import signal
+import socket
 from types import FrameType
 
 import uvicorn
@@ -18,14 +29,19 @@ import uvicorn
 from service.app import create_app
 from service.config import Settings
 from service.runtime import ModelRuntime
+from service.shutdown import DrainingHttpProtocol, adopt_backlog, serve_adopted
+
+log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose exit signals start the runtime's drain and are not re-raised."""
+    """uvicorn.Server whose exit signals start the drain described above and are not
+    re-raised; `cut_off` counts the requests the drain timeout cancelled."""
 
     def __init__(self, config: uvicorn.Config, runtime: ModelRuntime) -> None:
         super().__init__(config)
         self.runtime = runtime
+        self.cut_off = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only set flags. The signal is not recorded in
@@ -36,15 +52,61 @@ class DrainingServer(uvicorn.Server):
         else:
             self.should_exit = True
 
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.runtime.begin_drain()  # also when uvicorn stops for a reason of its own
+        log.info("draining: listener closed, finishing the requests on open connections")
+        adopted = adopt_backlog(self.servers)
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        await serve_adopted(adopted, self._protocol)
+        for connection in list(self.server_state.connections):
+            connection.shutdown()
+        try:
+            await asyncio.wait_for(self._drained(), timeout=self.config.timeout_graceful_shutdown)
+        except TimeoutError:
+            self._cut_off()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
+
+    def _protocol(self) -> asyncio.Protocol:
+        """A new connection's protocol, as uvicorn's own listener would make it."""
+        return self.config.http_protocol_class(  # type: ignore[call-arg]
+            config=self.config, server_state=self.server_state, app_state=self.lifespan.state
+        )
+
+    async def _drained(self) -> None:
+        """Until every connection closed and every request task ended (or a second Ctrl+C)."""
+        state = self.server_state
+        while (state.connections or state.tasks) and not self.force_exit:
+            await asyncio.sleep(0.05)
+
+    def _cut_off(self) -> None:
+        """The drain timeout ran out: close what is left; requests in progress are lost."""
+        for connection in list(self.server_state.connections):
+            if isinstance(connection, DrainingHttpProtocol):
+                self.cut_off += connection.close_now()
+        for task in self.server_state.tasks:
+            task.cancel(msg="drain timeout exceeded")
+        self.cut_off = max(self.cut_off, len(self.server_state.tasks))
+        log.error(
+            "drain timeout (%g s) exceeded: %d request(s) cut off",
+            self.config.timeout_graceful_shutdown,
+            self.cut_off,
+        )
+
 
 def uvicorn_config(settings: Settings) -> uvicorn.Config:
     return uvicorn.Config(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=DrainingHttpProtocol,
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers propagate to ours (service.logs)
         access_log=False,  # the access middleware writes one line per request, with its id
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         timeout_graceful_shutdown=settings.drain_timeout_s,
     )
 
@@ -54,4 +116,4 @@ def serve(settings: Settings) -> int:
     config = uvicorn_config(settings)
     server = DrainingServer(config, config.app.state.runtime)
     server.run()
-    return 1 if server.runtime.cut_off else 0
+    return 1 if server.cut_off else 0

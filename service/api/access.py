@@ -1,4 +1,4 @@
-"""The outermost middleware: a request id, refusal while draining, one access line, metrics.
+"""The outermost middleware: a request id, one access line, metrics.
 
 Pure ASGI like the guards in middleware.py, so it sees every answer, the 413s and 500s those
 guards send included, and adds the X-Request-ID header to each.
@@ -15,15 +15,12 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.middleware import send_json
 from service.logs import request_id
 from service.runtime import ModelRuntime
 
 REQUEST_ID_HEADER = b"x-request-id"
 # An incoming id is kept when it is short and plain (UUIDs, trace ids): it goes into log lines.
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Probes and scrapes are answered while draining: they must see the truth, not a refusal.
-ANSWERED_WHILE_DRAINING = frozenset({"/v2/health/live", "/v2/health/ready", "/metrics"})
 CANCELLED = 499  # status recorded for a request cut off by the drain timeout (no answer sent)
 
 access_log = logging.getLogger("service.access")
@@ -48,8 +45,8 @@ os.register_at_fork(after_in_child=_ids.seed)  # forked workers must not repeat 
 
 
 class AccessMiddleware:
-    """Every HTTP request: its id (header and logs), the drain refusal, the access line and
-    the request metrics (count by endpoint/model/code, latency by endpoint, in flight)."""
+    """Every HTTP request: its id (header and logs), the access line and the request
+    metrics (count by endpoint/model/code, latency by endpoint, in flight)."""
 
     def __init__(self, app: ASGIApp, runtime: ModelRuntime) -> None:
         self.app = app
@@ -73,24 +70,14 @@ class AccessMiddleware:
 
         self.metrics.in_flight.inc()
         try:
-            if self.runtime.draining and scope["path"] not in ANSWERED_WHILE_DRAINING:
-                await self._refuse(send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
+            await self.app(scope, receive, send_with_id)
         except asyncio.CancelledError:
             status = CANCELLED
-            if self.runtime.draining:
-                self.runtime.cut_off += 1
             raise
         finally:
             self.metrics.in_flight.dec()
             self._record(scope, status, time.perf_counter() - started)
             request_id.reset(token)
-
-    async def _refuse(self, send: Send) -> None:
-        retry = str(self.runtime.settings.retry_after_s)
-        body = {"error": "the server is shutting down: send the request again (another replica)"}
-        await send_json(send, 503, body, {"Retry-After": retry, "Connection": "close"})
 
     def _record(self, scope: Scope, status: int, seconds: float) -> None:
         route = scope.get("route")

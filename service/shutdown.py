@@ -1,0 +1,107 @@
+"""The HTTP side of a graceful shutdown: every request on an accepted connection is answered.
+
+uvicorn's own shutdown closes every connection that has no response in progress at the moment
+it runs. A client that sent its request a moment before (still in the socket buffer, or headers
+half parsed), or that reuses a keep-alive connection right after, sees the connection reset:
+its request is lost. Here, instead:
+
+- connections the kernel had already accepted, still waiting in the listen backlog, are taken
+  in before the listening socket closes (`adopt_backlog`); only connections that arrive after
+  it closes are refused;
+- every request on an open connection is served to the end, slow bodies included, and its
+  response carries `Connection: close` (uvicorn then closes the connection after it);
+- a connection idle at SIGTERM may still bring one more request within the keep-alive timeout;
+  it is closed once idle that long, as it would have been anyway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from collections.abc import Callable, Iterable
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+log = logging.getLogger(__name__)
+
+
+class DrainingHttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol, with `shutdown()` that finishes what the client sent."""
+
+    draining = False
+    _partial = False  # a request has begun (bytes parsed) but its headers are not complete
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._partial = True
+
+    def on_headers_complete(self) -> None:
+        super().on_headers_complete()
+        self._partial = False
+        if self.draining and self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def idle(self) -> bool:
+        """No request in progress: nothing parsed since the last response completed."""
+        return (self.cycle is None or self.cycle.response_complete) and not self._partial
+
+    def shutdown(self) -> None:
+        """SIGTERM: the request in progress (or the next one) is the connection's last."""
+        self.draining = True
+        if self.cycle is not None and not self.cycle.response_complete:
+            self.cycle.keep_alive = False
+        elif self.idle():  # a request may be on its way: give it the keep-alive timeout
+            self.loop.call_later(self.timeout_keep_alive, self.close_if_idle)
+
+    def close_if_idle(self) -> None:
+        if self.idle() and not self.transport.is_closing():
+            self.transport.close()
+
+    def close_now(self) -> bool:
+        """Drain timeout: close the connection; True when that cut a request off."""
+        cut = not self.idle()
+        if not self.transport.is_closing():
+            self.transport.close()
+        return cut
+
+
+def adopt_backlog(servers: Iterable[asyncio.AbstractServer]) -> list[socket.socket]:
+    """Accept every connection already waiting in the listen backlog (without blocking).
+
+    The kernel completed these handshakes before the listener closed: their clients have sent,
+    or are sending, a request. Call `serve_adopted` on the result after closing the servers.
+    """
+    accepted: list[socket.socket] = []
+    for server in servers:
+        for listener in server.sockets or ():
+            # A duplicate of the listening descriptor, non-blocking, closed before the server
+            # closes its own: otherwise the socket would go on listening.
+            dup = socket.socket(fileno=os.dup(listener.fileno()))
+            dup.setblocking(False)
+            try:
+                while True:
+                    try:
+                        conn, _ = dup.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    accepted.append(conn)
+            finally:
+                dup.close()
+    return accepted
+
+
+async def serve_adopted(
+    accepted: list[socket.socket], factory: Callable[[], asyncio.Protocol]
+) -> None:
+    """Hand each adopted socket to a new protocol instance on this loop."""
+    loop = asyncio.get_running_loop()
+    for conn in accepted:
+        try:
+            await loop.connect_accepted_socket(factory, conn)
+        except OSError as exc:  # the client gave up meanwhile
+            log.debug("adopted connection lost: %s", exc)
+            with contextlib.suppress(OSError):
+                conn.close()
