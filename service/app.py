@@ -20,7 +20,7 @@ from bnfold.errors import BnfoldError, validation_message
 from service.api import operations, page, v1, v2
 from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
-from service.api.openapi import install_openapi
+from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
 from service.metrics import Metrics
 from service.runtime import ModelRuntime, Runner
@@ -55,7 +55,12 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
             await runtime.aclose()
 
     app = FastAPI(
-        title="bnfold", version=v2.server_version(), description=DESCRIPTION, lifespan=lifespan
+        title="bnfold",
+        version=v2.server_version(),
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,  # install_docs serves /docs from local assets, not a CDN
+        redoc_url=None,
     )
     app.state.settings = settings
     app.state.runtime = runtime
@@ -68,6 +73,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(AccessMiddleware, runtime=runtime)  # added last: outermost
     install_openapi(app)
+    install_docs(app)
     return app
 
 

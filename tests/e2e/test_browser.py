@@ -3,8 +3,9 @@ server (`python -m service`) on a free loopback port.
 
 What the page shows is checked against the API itself (httpx on the same bytes): the labels,
 probabilities, difference numbers and per-layer rows; what it says the model sees is checked
-against the service's own preprocessing. Screenshots go to tests/artifacts/ (and docs/page.png
-for the README).
+against the service's own preprocessing. Screenshots go to a temporary folder
+($BNFOLD_TEST_ARTIFACTS or the system's); `BNFOLD_UPDATE_DOCS_SCREENSHOT=1` also writes
+docs/page.png for the README, so an ordinary test run leaves the tree as it was.
 
 Needs /usr/bin/chromium: `scripts/install_browser.sh` installs it (`make test` runs it first).
 Playwright never downloads a browser here; it is pointed at the system one.
@@ -18,6 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,8 +35,9 @@ from tests.servers import free_port, stop, wait_ready
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-ARTIFACTS = REPO / "tests" / "artifacts"
+ARTIFACTS = Path(os.environ.get("BNFOLD_TEST_ARTIFACTS", tempfile.gettempdir())) / "bnfold-e2e"
 DOCS_SCREENSHOT = REPO / "docs" / "page.png"
+UPDATE_DOCS = os.environ.get("BNFOLD_UPDATE_DOCS_SCREENSHOT") == "1"
 CHROMIUM = Path("/usr/bin/chromium")
 # Root on CI machines: no sandbox; no GPU; nothing that phones home.
 CHROMIUM_ARGS = [
@@ -235,6 +238,19 @@ def test_page_and_assets_are_served_by_the_service(api: httpx.Client) -> None:
     assert "/" not in api.get("/openapi.json").json()["paths"]
 
 
+def test_api_docs_render_from_the_server_alone(tab: Tab) -> None:
+    """Swagger UI and ReDoc load every asset from the server (no CDN) and render the API."""
+    response = tab.page.goto(tab.base + "/docs")
+    assert response is not None and response.status == 200
+    tab.page.wait_for_selector(".opblock-summary-path")  # Swagger UI drew the operations
+    paths = tab.page.locator(".opblock-summary-path").all_text_contents()
+    assert "/v2/models/{model}/infer" in [p.replace("\u200b", "") for p in paths]
+    response = tab.page.goto(tab.base + "/redoc")
+    assert response is not None and response.status == 200
+    tab.page.wait_for_selector("[data-section-id]")  # ReDoc drew its sections
+    assert len(tab.requests) >= 6  # html, js, css, favicon, openapi.json twice: all local
+
+
 def test_model_card_shows_the_manifest(tab: Tab, api: httpx.Client) -> None:
     detail = api.get("/v1/models/digits").json()
     report = api.get("/v1/models/digits/equivalence").json()
@@ -345,7 +361,7 @@ def test_uploaded_digit_matches_the_api(tab: Tab, api: httpx.Client, digits: lis
     # What the model sees: an 8x8 PNG goes through unresized, so the preview is its pixels.
     np.testing.assert_array_equal(tab.preview_pixels(), digit.pixels)
 
-    tab.screenshot(ARTIFACTS / "page.png", DOCS_SCREENSHOT)
+    tab.screenshot(ARTIFACTS / "page.png", *([DOCS_SCREENSHOT] if UPDATE_DOCS else []))
 
 
 # Pillow >= 13 resizes a much taller than wide reduction vertically first, which the page
