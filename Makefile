@@ -27,8 +27,10 @@ $(DEV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	$(PIP) -e ".[serve,train,dev,keras]"
 	touch $@ $(SERVE_STAMP)
 
+# exec: the server replaces the recipe's shell, so the SIGTERM that make forwards to its child
+# (`kill <pid of make serve>`) reaches the server, which drains and exits.
 serve: $(SERVE_STAMP)
-	BNFOLD_HOST=$${BNFOLD_HOST:-127.0.0.1} $(VENV)/bin/bnfold-serve
+	BNFOLD_HOST=$${BNFOLD_HOST:-127.0.0.1} exec $(VENV)/bin/bnfold-serve
 
 # System packages the end-to-end tests need (Debian's chromium for the browser test, wrk for the
 # benchmark harness); each script is idempotent and returns at once when they are present.
@@ -43,7 +45,7 @@ test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -m "not e2e"
 
 train: $(DEV_STAMP)
-	$(VENV)/bin/bnfold-train train --name digits --seed 0
+	$(VENV)/bin/bnfold-train train --name digits --seed 0 --force
 
 verify: $(DEV_STAMP)
 	$(VENV)/bin/bnfold-train verify models/digits
