@@ -34,6 +34,13 @@ def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> D
     )
 
 
+def is_equivalent(stats: DiffStats, tolerance_abs: float) -> bool:
+    """The one definition of "equivalent", used by export, verify and live compare: every logit
+    within the bundle's tolerance and the same top-1 class for every input."""
+    agreement = 1.0 if stats.top1_agreement is None else stats.top1_agreement
+    return stats.max_abs_diff <= tolerance_abs and agreement == 1.0
+
+
 def layer_diffs(
     probes: Sequence[LayerProbe],
     folded: Sequence[np.ndarray],

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from bnfold.bundle import LayerDiff, Manifest, Variant
-from bnfold.equivalence import diff_stats, layer_diffs, softmax
+from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs, softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
 from bnfold.preprocess import PreprocessSpec, preprocess_bytes
 from service.runtime import ModelRuntime
@@ -108,7 +108,7 @@ async def compare_variants(
         max_rel_diff=stats.max_rel_diff,
         top1_agreement=stats.top1_agreement if stats.top1_agreement is not None else 1.0,
         tolerance_abs=tolerance,
-        within_tolerance=stats.max_abs_diff <= tolerance,
+        within_tolerance=is_equivalent(stats, tolerance),
         per_layer=per_layer,
         per_layer_note=note,
     )
