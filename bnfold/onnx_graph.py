@@ -1,0 +1,289 @@
+"""An editable index over one ONNX graph: producers, consumers, constants, shapes, renames.
+
+What the ONNX fold needs to decide and apply a fold, and nothing else. Torch-free.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+# Nodes that move elements without changing values: a per-channel map commutes with them as
+# long as the channel axis survives (checked with shapes, see map_axis).
+SHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose", "Identity"})
+# Float types the fold handles: float16 is folded in float64 and rounded once to float16.
+FLOAT_DTYPES = (np.float32, np.float64, np.float16)
+
+Dim = int | str | None  # a known size, a symbolic one (dim_param), or unknown
+
+
+class Graph:
+    """Index of `model.graph` (mutated in place by the fold)."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.g = model.graph
+        self.dims, self.dtypes = _infer_shapes(model)
+        self._names = itertools.count()
+        self.refresh()
+
+    # ------------------------------------------------------------ index
+
+    def refresh(self) -> None:
+        """Rebuild producer / consumer maps after an edit."""
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        for node in self.g.node:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in _node_reads(node):
+                self.consumers[name].append(node)
+        self.inits = {i.name: i for i in self.g.initializer}
+        self.graph_inputs = {i.name for i in self.g.input}
+        self.graph_outputs = {o.name for o in self.g.output}
+
+    def used_names(self) -> set[str]:
+        """Every tensor name some node reads, or the graph outputs."""
+        return set(self.consumers) | self.graph_outputs
+
+    def private(self, name: str) -> bool:
+        """True when exactly one node reads `name` and it is not a graph output."""
+        return len(self.consumers.get(name, [])) == 1 and name not in self.graph_outputs
+
+    def sole_consumer(self, name: str) -> onnx.NodeProto | None:
+        return self.consumers[name][0] if self.private(name) else None
+
+    def users_text(self, name: str, besides: onnx.NodeProto | None = None) -> str:
+        """Who else reads `name`: for refusal reasons."""
+        others = [describe(n) for n in self.consumers.get(name, []) if n is not besides]
+        if name in self.graph_outputs:
+            others.append("a graph output")
+        return ", ".join(others) or "nothing"
+
+    # ------------------------------------------------------------ constants
+
+    def constant(self, name: str) -> np.ndarray | None:
+        """The value of `name` when it is a constant (initializer or Constant node), else None.
+
+        An initializer that is also a graph input can be overridden at run time: not constant.
+        """
+        if not name or name in self.graph_inputs:
+            return None
+        if name in self.inits:
+            return numpy_helper.to_array(self.inits[name])
+        node = self.producer.get(name)
+        if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            return _constant_node_value(node)
+        return None
+
+    def not_constant_reason(self, name: str) -> str:
+        if name in self.graph_inputs:
+            return f"'{name}' is a graph input (overridable at run time), not a constant"
+        node = self.producer.get(name)
+        return f"'{name}' is computed by {describe(node)}, not a constant" if node else "missing"
+
+    def set_constant(self, name: str, value: np.ndarray) -> None:
+        """Replace the constant `name` (read only by the node being folded) with `value`."""
+        if name in self.inits:
+            self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
+            return
+        node = self.producer[name]  # a Constant node: becomes an initializer of the same name
+        self.g.node.remove(node)
+        self.g.initializer.append(numpy_helper.from_array(value, name))
+        self.refresh()
+
+    def new_constant(self, hint: str, value: np.ndarray) -> str:
+        """Add an initializer under a fresh name derived from `hint`; returns the name."""
+        name = self.fresh_name(hint)
+        self.g.initializer.append(numpy_helper.from_array(value, name))
+        self.inits[name] = self.g.initializer[-1]
+        return name
+
+    def fresh_name(self, hint: str) -> str:
+        taken = set(self.producer) | set(self.inits) | set(self.consumers) | self.graph_inputs
+        name = hint
+        while name in taken:
+            name = f"{hint}_{next(self._names)}"
+        return name
+
+    # ------------------------------------------------------------ edits
+
+    def remove_nodes(self, nodes: list[onnx.NodeProto]) -> None:
+        for node in nodes:
+            self.g.node.remove(node)
+        self.refresh()
+
+    def rename_tensor(self, old: str, new: str) -> None:
+        """Every node output / input `old` becomes `new` (old's value_info is dropped)."""
+        for node in self.g.node:
+            for i, out in enumerate(node.output):
+                if out == old:
+                    node.output[i] = new
+            for i, inp in enumerate(node.input):
+                if inp == old:
+                    node.input[i] = new
+        self.dims.setdefault(new, self.dims.get(old))
+        self._drop_value_info({old})
+        self.refresh()
+
+    def insert_after(self, anchor: onnx.NodeProto, node: onnx.NodeProto) -> None:
+        index = list(self.g.node).index(anchor)
+        self.g.node.insert(index + 1, node)
+        self.refresh()
+
+    def drop_orphans(self, used_before: set[str]) -> None:
+        """Remove initializers and Constant nodes the fold left unread (and their value_info)."""
+        used = self.used_names()
+        gone = {n for n in used_before - used if n not in self.graph_inputs}
+        for init in [i for i in self.g.initializer if i.name in gone]:
+            self.g.initializer.remove(init)
+        for node in [n for n in self.g.node if n.op_type == "Constant" and n.output[0] in gone]:
+            self.g.node.remove(node)
+        present = {o for n in self.g.node for o in n.output} | {i.name for i in self.g.initializer}
+        self._drop_value_info({v.name for v in self.g.value_info} - present)
+        self.refresh()
+
+    def _drop_value_info(self, names: set[str]) -> None:
+        for vi in [v for v in self.g.value_info if v.name in names]:
+            self.g.value_info.remove(vi)
+
+    # ------------------------------------------------------------ shapes
+
+    def rank(self, name: str) -> int | None:
+        dims = self.dims.get(name)
+        return None if dims is None else len(dims)
+
+
+def describe(node: onnx.NodeProto | None) -> str:
+    """`Conv 'conv1'` (or the output name for an unnamed node)."""
+    if node is None:
+        return "nothing"
+    return f"{node.op_type} '{node_name(node)}'"
+
+
+def node_name(node: onnx.NodeProto) -> str:
+    return node.name or (node.output[0] if node.output else node.op_type)
+
+
+def attr(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
+    for a in [a for a in node.attribute if a.name == name]:
+        node.attribute.remove(a)
+    node.attribute.append(onnx.helper.make_attribute(name, float(value)))
+
+
+def map_axis(
+    node: onnx.NodeProto, axis: int, repeat: int, src: list[Dim] | None, dst: list[Dim] | None
+) -> tuple[int, int] | None:
+    """Where channel `axis` of a shape-only node's input lands in its output, or None.
+
+    `repeat` > 1 means the channel value is constant over `repeat` consecutive indices of that
+    axis (after a Flatten merged the channel with trailing dims). A Reshape that keeps the
+    prefix before the channel and keeps the channel (or merges it with the dims right after
+    it) moves it exactly; anything else (a split, a shuffle across the channel) is refused.
+    """
+    if node.op_type == "Identity":
+        return axis, repeat
+    if node.op_type == "Transpose":
+        rank = len(src) if src is not None else None
+        perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
+        return None if perm is None else (list(perm).index(axis), repeat)
+    if src is None or dst is None or not isinstance(src[axis], int):
+        return None
+    prefix = _prod(src[:axis])
+    if prefix is None:
+        return None
+    for j in range(len(dst)):
+        if _prod(dst[:j]) != prefix or not isinstance(dst[j], int):
+            continue
+        if dst[j] == src[axis]:
+            return j, repeat
+        for m in range(axis + 2, len(src) + 1):  # merge src[axis:m] into dst[j]
+            merged = _prod(src[axis:m])
+            if merged is not None and merged == (dst[j], ()):
+                inner = _prod(src[axis + 1 : m])
+                return j, repeat * inner[0]
+    return None
+
+
+def _prod(dims: list[Dim]) -> tuple[int, tuple[str, ...]] | None:
+    """A product of dims as (known factor, sorted symbols); None when a dim is unknown."""
+    known, symbols = 1, []
+    for d in dims:
+        if d is None:
+            return None
+        if isinstance(d, int):
+            known *= d
+        else:
+            symbols.append(d)
+    return known, tuple(sorted(symbols))
+
+
+def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[Dim]], dict[str, int]]:
+    """Dims and element types of every tensor shape inference can see."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # onnx raises InferenceError and others: fall back to declared shapes
+        inferred = model
+    dims: dict[str, list[Dim]] = {}
+    dtypes: dict[str, int] = {}
+    g = inferred.graph
+    for vi in itertools.chain(g.input, g.value_info, g.output):
+        tt = vi.type.tensor_type
+        if not vi.type.HasField("tensor_type"):
+            continue
+        dtypes[vi.name] = tt.elem_type
+        if tt.HasField("shape"):
+            dims[vi.name] = [_dim(d) for d in tt.shape.dim]
+    for init in g.initializer:
+        dims[init.name] = list(init.dims)
+        dtypes[init.name] = init.data_type
+    return dims, dtypes
+
+
+def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
+    if d.HasField("dim_value"):
+        return int(d.dim_value)
+    return d.dim_param if d.HasField("dim_param") and d.dim_param else None
+
+
+def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name in ("value_float", "value_floats"):
+            return np.array(onnx.helper.get_attribute_value(a), dtype=np.float32)
+        if a.name in ("value_int", "value_ints"):
+            return np.array(onnx.helper.get_attribute_value(a), dtype=np.int64)
+    return None  # sparse_value / value_string(s): not a float constant we fold
+
+
+def _node_reads(node: onnx.NodeProto) -> Iterator[str]:
+    """The node's inputs, plus outer-scope names its subgraphs (If/Loop/Scan bodies) read."""
+    yield from (i for i in node.input if i)
+    for a in node.attribute:
+        graphs = [a.g] if a.HasField("g") else list(a.graphs)
+        for sub in graphs:
+            yield from _outer_reads(sub)
+
+
+def _outer_reads(graph: onnx.GraphProto) -> Iterator[str]:
+    local = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    for node in graph.node:
+        for name in _node_reads(node):
+            if name not in local:
+                yield name
+        local.update(node.output)
+    yield from (o.name for o in graph.output if o.name not in local)
