@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Literal
 
@@ -213,9 +213,13 @@ def read_manifest(bundle_dir: Path) -> Manifest:
         raise BundleError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
 
 
-def verify_checksums(bundle_dir: Path, manifest: Manifest) -> None:
-    """Raise BundleError unless every ONNX file exists and matches its sha256."""
+def verify_checksums(
+    bundle_dir: Path, manifest: Manifest, variants: Collection[str] | None = None
+) -> None:
+    """Raise BundleError unless every ONNX file (or those of `variants`) matches its sha256."""
     for variant, f in manifest.files.items():
+        if variants is not None and variant not in variants:
+            continue
         path = Path(bundle_dir) / f.path
         if not path.is_file():
             raise BundleError(f"{path}: {variant} model file is missing")
@@ -227,10 +231,12 @@ def verify_checksums(bundle_dir: Path, manifest: Manifest) -> None:
             )
 
 
-def load_bundle(bundle_dir: Path) -> Manifest:
-    """Read the manifest and verify checksums: the service's gate before creating sessions."""
+def load_bundle(bundle_dir: Path, variants: Collection[str] | None = None) -> Manifest:
+    """Read the manifest and verify checksums (of `variants`' files, default all): the service's
+    gate before creating sessions. The service checks the optional int8 file on its own, so a
+    corrupted one costs only that variant."""
     manifest = read_manifest(bundle_dir)
-    verify_checksums(bundle_dir, manifest)
+    verify_checksums(bundle_dir, manifest, variants)
     return manifest
 
 
