@@ -86,6 +86,9 @@ class OnnxFile(_Strict):
     batchnorm_nodes: int = Field(ge=0, description="BatchNormalization nodes in the graph.")
     opset: int
     quantization: Quantization | None = Field(None, description="The int8 file only.")
+    op_counts: dict[str, int] | None = Field(
+        None, description="Nodes per op type in the graph (written by `bnfold import`)."
+    )
 
 
 class FoldRow(_Strict):
@@ -167,6 +170,23 @@ class EquivalenceReport(_Strict):
     per_layer: list[LayerDiff]
     passed: bool
     int8: Int8Report | None = Field(None, description="Present when int8 was requested.")
+    inputs: str | None = Field(
+        None, description="What the inputs were and how they were made, when not a data split."
+    )
+
+
+class ImportRecord(_Strict):
+    """Where an imported model (`bnfold import`) came from and what serving changed in it."""
+
+    source: str = Field(description="File name of the ONNX model as given.")
+    sha256: str = Field(pattern="^[0-9a-f]{64}$", description="sha256 of that file.")
+    external_data: list[str] = Field(default_factory=list, description="Its weight files.")
+    producer: str = Field(description="producer_name and producer_version of the file.")
+    ir_version: int
+    changes: list[str] = Field(
+        default_factory=list,
+        description="Every change made for serving; unfolded.onnx is the source otherwise.",
+    )
 
 
 class Manifest(_Strict):
@@ -186,6 +206,8 @@ class Manifest(_Strict):
     training: dict = Field(default_factory=dict, description="Metrics of the training run.")
     versions: dict[str, str] = Field(default_factory=dict, description="torch, onnx, ...")
     equivalence: EquivalenceReport
+    imported: ImportRecord | None = Field(None, description="Set by `bnfold import`.")
+    layer_probes_note: str | None = Field(None, description="Why layer_probes is empty.")
 
 
 def sha256_file(path: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -48,6 +49,11 @@ class PreprocessSpec(BaseModel):
     scale: float = Field(default=1.0 / 255.0, gt=0, description="Multiplies uint8 pixel values.")
     mean: list[float] = Field(description="Per-channel mean subtracted after scaling.")
     std: list[float] = Field(description="Per-channel std dividing after the mean.")
+    layout: Literal["NCHW", "NHWC"] = Field(
+        default="NCHW",
+        description="Axis order of the model input: NCHW (PyTorch, the default) or NHWC "
+        "(Keras/TensorFlow exports).",
+    )
 
     @property
     def channels(self) -> int:
@@ -100,7 +106,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
 
 
 def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """Color-convert, resize, scale and normalize one image. Returns (C, H, W) float32."""
+    """Color-convert, resize, scale and normalize one image.
+
+    Returns (C, H, W) float32, or (H, W, C) when `spec.layout` is NHWC.
+    """
     try:
         img = _to_color_mode(img, spec.color_mode)
     except (ValueError, OSError, TypeError) as exc:
@@ -115,7 +124,9 @@ def image_to_tensor(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
         pixels = pixels[:, :, None]
     mean = np.asarray(spec.mean, dtype=np.float32)
     std = np.asarray(spec.std, dtype=np.float32)
-    x = (pixels * np.float32(spec.scale) - mean) / std
+    x = (pixels * np.float32(spec.scale) - mean) / std  # (H, W, C)
+    if spec.layout == "NHWC":
+        return np.ascontiguousarray(x, dtype=np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)  # (C, H, W)
 
 
@@ -134,7 +145,7 @@ def _to_color_mode(img: Image.Image, color_mode: str) -> Image.Image:
 def preprocess_bytes(
     data: bytes, spec: PreprocessSpec, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray:
-    """Raw image bytes -> (C, H, W) float32 model input."""
+    """Raw image bytes -> (C, H, W) float32 model input ((H, W, C) for NHWC)."""
     return image_to_tensor(decode_image(data, max_pixels), spec)
 
 
@@ -146,3 +157,20 @@ def preprocess_uint8(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
     if pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
     return image_to_tensor(Image.fromarray(pixels), spec)
+
+
+GENERATED_INPUTS = (
+    "uniform random 8-bit pixels (each value 0..255 equally likely, numpy default_rng seed {seed}) "
+    "at the model's input size, through this preprocessing"
+)
+
+
+def generated_batch(spec: PreprocessSpec, n: int, seed: int = 0) -> np.ndarray:
+    """n random images through the serving path: (N, C, H, W) float32 ((N, H, W, C) for NHWC).
+
+    For checking equivalence when no sample images are given; GENERATED_INPUTS describes it.
+    """
+    rng = np.random.default_rng(seed)
+    shape = (n, spec.height, spec.width) + ((3,) if spec.channels == 3 else ())
+    pixels = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    return np.stack([preprocess_uint8(p, spec) for p in pixels])

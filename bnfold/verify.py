@@ -1,28 +1,107 @@
-"""`bnfold-train verify`: re-check a bundle end to end before anyone serves it.
+"""Verify a bundle end to end before anyone serves it (`bnfold verify`, `bnfold-train verify`).
 
 Checks: the manifest parses, every ONNX file matches its sha256 and passes onnx.checker, the
-BatchNormalization node counts match the fold report (unfolded keeps every BN, folded keeps only
-the refused ones), and folded vs unfolded logits, re-measured with onnxruntime, stay within the
-bundle's stated tolerance with full top-1 agreement.
+BatchNormalization node counts match the fold report (unfolded keeps every BN row's node, folded
+only the refused ones; Mul/Add rows, how Keras exports BN, have no BN node), the recorded op
+counts match, an imported bundle's folded graph has nothing left to fold, and folded vs
+unfolded logits, re-measured with onnxruntime, stay within the bundle's stated tolerance with
+full top-1 agreement.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from bnfold.bundle import load_bundle
-from bnfold.equivalence import diff_stats
+from bnfold.bundle import (
+    VARIANTS,
+    EquivalenceReport,
+    FoldRow,
+    LayerDiff,
+    LayerProbe,
+    Manifest,
+    load_bundle,
+)
+from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BnfoldError
-from bnfold.sessions import make_session, run_session
+from bnfold.preprocess import generated_batch
+from bnfold.sessions import make_probe_session, make_session
+
+# Pass criterion for folded vs unfolded logits, relative to the logit scale (max |logit|): the
+# rule training/export.py states. float32 epsilon is 1.19e-7; 2e-5 of the scale is ~170 ulps.
+REL_TOLERANCE = 2e-5
+N_VERIFY = 64  # generated inputs when the caller gives none
 
 
 def count_bn_nodes(proto: onnx.ModelProto) -> int:
     """BatchNormalization nodes in the graph (the fold report says how many must remain)."""
     return sum(n.op_type == "BatchNormalization" for n in proto.graph.node)
+
+
+def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
+    """BN nodes each variant must hold: one per BatchNormalization row, folded ones removed."""
+    bn_rows = [r for r in rows if r.op == "BatchNormalization"]
+    return {"unfolded": len(bn_rows), "folded": sum(not r.folded for r in bn_rows)}
+
+
+def tolerance_for(unfolded_logits: np.ndarray) -> float:
+    scale = float(np.max(np.abs(unfolded_logits))) if unfolded_logits.size else 1.0
+    return REL_TOLERANCE * max(1.0, scale)
+
+
+def run_logits(session, input_name: str, output: str, x: np.ndarray, batch: int = 256):
+    """One output for x, in chunks of `batch` rows."""
+    outs = [
+        session.run([output], {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)
+    ]
+    return np.concatenate(outs)
+
+
+def per_layer_diffs(
+    bundle_dir: Path, input_name: str, probes: list[LayerProbe], x: np.ndarray
+) -> list[LayerDiff]:
+    """Each probe's tensor in the folded vs the unfolded graph (both run unoptimized)."""
+    if not probes:
+        return []
+    out = {}
+    for variant, attr in (("folded", "folded_tensor"), ("unfolded", "unfolded_tensor")):
+        names = [getattr(p, attr) for p in probes]
+        session = make_probe_session(Path(bundle_dir) / f"{variant}.onnx", names)
+        out[variant] = session.run(names, {input_name: x})
+    return layer_diffs(probes, out["folded"], out["unfolded"])
+
+
+def measure_equivalence(
+    bundle_dir: Path,
+    input_name: str,
+    output: str,
+    probes: list[LayerProbe],
+    x: np.ndarray,
+    split: str,
+    ref64: np.ndarray,
+    inputs: str | None = None,
+) -> EquivalenceReport:
+    """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, each vs float64."""
+    d = Path(bundle_dir)
+    folded = run_logits(make_session(d / "folded.onnx", "folded"), input_name, output, x)
+    unfolded = run_logits(make_session(d / "unfolded.onnx", "unfolded"), input_name, output, x)
+    fvu = diff_stats(folded, unfolded)
+    tol = tolerance_for(unfolded)
+    return EquivalenceReport(
+        split=split,
+        n_images=len(x),
+        tolerance_abs=tol,
+        folded_vs_unfolded=fvu,
+        folded_vs_float64=diff_stats(folded, ref64),
+        unfolded_vs_float64=diff_stats(unfolded, ref64),
+        per_layer=per_layer_diffs(d, input_name, probes, x[:256]),
+        passed=is_equivalent(fvu, tol),
+        inputs=inputs,
+    )
 
 
 @dataclass
@@ -38,41 +117,74 @@ class VerifyResult:
         self.lines.append(f"ok   {msg}")
 
 
-def verify_bundle(bundle_dir: Path, x: np.ndarray) -> VerifyResult:
-    """Verify the bundle at bundle_dir, re-measuring equivalence on inputs x (N, C, H, W)."""
+def verify_bundle(bundle_dir: Path, x: np.ndarray | None = None) -> VerifyResult:
+    """Verify the bundle at bundle_dir, re-measuring equivalence on inputs x in the model's
+    layout ((N, C, H, W) or (N, H, W, C)); generated inputs when x is None."""
     res = VerifyResult(ok=True)
     try:
         manifest = load_bundle(bundle_dir)
     except BnfoldError as exc:
         res.fail(exc.message)
         return res
-    res.good("manifest valid, sha256 of folded.onnx and unfolded.onnx match")
-    n_rows, n_refused = len(manifest.fold_report), sum(not r.folded for r in manifest.fold_report)
-    expected = {"unfolded": n_rows, "folded": n_refused}
-    for variant, f in manifest.files.items():
-        proto = onnx.load(str(Path(bundle_dir) / f.path))
-        try:
-            onnx.checker.check_model(proto, full_check=True)
-        except onnx.checker.ValidationError as exc:
-            res.fail(f"{f.path}: onnx.checker: {exc}")
-            continue
-        n = count_bn_nodes(proto)
-        if n != expected[variant] or n != f.batchnorm_nodes:
-            res.fail(f"{f.path}: {n} BatchNormalization nodes, expected {expected[variant]}")
-        else:
-            res.good(f"{f.path}: {n} BatchNormalization nodes as the fold report says")
+    res.good("manifest valid, sha256 of every model file matches")
+    protos = {}
+    for variant in VARIANTS:
+        protos[variant] = _check_file(res, Path(bundle_dir), manifest, variant)
+    if res.ok and manifest.imported is not None:
+        _check_nothing_left(res, protos["folded"])
     if not res.ok:
         return res
-    folded = run_session(make_session(Path(bundle_dir) / "folded.onnx", "folded"), x)
-    unfolded = run_session(make_session(Path(bundle_dir) / "unfolded.onnx", "unfolded"), x)
+    if x is None:
+        x = generated_batch(manifest.input.preprocess, N_VERIFY)
+    _check_logits(res, Path(bundle_dir), manifest, x)
+    return res
+
+
+def _check_file(res: VerifyResult, bundle_dir: Path, manifest: Manifest, variant: str):
+    """onnx.checker, BN count by the fold report's rows, recorded op counts."""
+    f = manifest.files[variant]
+    proto = onnx.load(str(bundle_dir / f.path))
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        res.fail(f"{f.path}: onnx.checker: {exc}")
+        return proto
+    expected = expected_bn_nodes(manifest.fold_report)[variant]
+    n = count_bn_nodes(proto)
+    if n != expected or n != f.batchnorm_nodes:
+        res.fail(f"{f.path}: {n} BatchNormalization nodes, expected {expected}")
+    else:
+        res.good(f"{f.path}: {n} BatchNormalization nodes as the fold report says")
+    if f.op_counts is not None:
+        counts = dict(Counter(node.op_type for node in proto.graph.node))
+        if counts != f.op_counts:
+            res.fail(f"{f.path}: node counts {counts} differ from the manifest's {f.op_counts}")
+    return proto
+
+
+def _check_nothing_left(res: VerifyResult, folded: onnx.ModelProto) -> None:
+    """Folding the folded graph again must fold nothing: no foldable BN or Mul/Add is left."""
+    from bnfold.onnx_fold import fold_onnx
+
+    _, again = fold_onnx(folded)
+    if again.folded:
+        left = ", ".join(f"{r.bn} ({r.op})" for r in again.folded)
+        res.fail(f"folded.onnx still has foldable nodes: {left}")
+    else:
+        res.good("folded.onnx: no foldable BatchNormalization or Mul/Add left")
+
+
+def _check_logits(res: VerifyResult, bundle_dir: Path, manifest: Manifest, x: np.ndarray) -> None:
+    name, out = manifest.input.name, manifest.output.name
+    folded = run_logits(make_session(bundle_dir / "folded.onnx", "folded"), name, out, x)
+    unfolded = run_logits(make_session(bundle_dir / "unfolded.onnx", "unfolded"), name, out, x)
     stats = diff_stats(folded, unfolded)
     tol = manifest.equivalence.tolerance_abs
     msg = (
         f"folded vs unfolded on {len(x)} inputs: max |diff| {stats.max_abs_diff:.3g} "
         f"(tolerance {tol:.3g}), top-1 agreement {stats.top1_agreement:.4f}"
     )
-    if stats.max_abs_diff <= tol and stats.top1_agreement == 1.0:
+    if is_equivalent(stats, tol):
         res.good(msg)
     else:
         res.fail(msg)
-    return res

@@ -1,0 +1,200 @@
+"""`bnfold`: fold an ONNX model, import one into a served bundle, verify a bundle. No torch.
+
+    bnfold fold IN.onnx OUT.onnx             fold BN and per-channel Mul/Add, print the report
+    bnfold import MODEL.onnx --name NAME ... write models/<name>/ (folded, unfolded, bundle.json)
+    bnfold verify models/<name>              checksums, node counts, equivalence re-measured
+
+A mistake (a bad file, flag or name) prints one line on stderr and exits 2 without writing
+anything; a folded model that is not equivalent exits 1 and writes nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from bnfold.errors import BnfoldError
+
+PROG = "bnfold"
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line on stderr (exit 2), not usage + error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _size(text: str) -> int | tuple[int, int]:
+    """'32' (with a second value) or '32x48'."""
+    try:
+        if "x" in text.lower():
+            h, w = (int(v) for v in text.lower().split("x"))
+            if h < 1 or w < 1:
+                raise ValueError
+            return h, w
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected H W or HxW in pixels, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {value}")
+    return value
+
+
+def parse_size(values: list | None) -> tuple[int, int] | None:
+    if not values:
+        return None
+    if len(values) == 1 and isinstance(values[0], tuple):
+        return values[0]
+    if len(values) == 2 and all(isinstance(v, int) for v in values):
+        return values[0], values[1]
+    raise BnfoldError("--size takes H W or HxW, e.g. --size 32 32 or --size 32x32")
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    from bnfold.onnx_fold import FoldError, fold_onnx_file
+    from bnfold.onnx_load import ModelImportError, load_onnx
+
+    src, dst = Path(args.src), Path(args.dst)
+    load_onnx(src)  # the same one-line refusals as import: not ONNX, truncated, checker, data
+    if dst.is_dir():
+        raise ModelImportError(f"{dst} is a folder: give the output .onnx file name")
+    try:
+        report = fold_onnx_file(src, dst)
+    except FoldError as exc:
+        raise ModelImportError(f"{src}: cannot fold: {exc}") from None
+    print(report.summary() or "no BatchNormalization or per-channel Mul/Add found")
+    print(f"wrote {dst}: folded {len(report.folded)}, refused {len(report.refused)}")
+    return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from bnfold.image_input import read_class_file
+    from bnfold.importer import ImportOptions, NotEquivalentError, import_model
+
+    opts = ImportOptions(
+        name=args.name,
+        models_dir=Path(args.models_dir),
+        classes=read_class_file(Path(args.classes)) if args.classes else None,
+        num_classes=args.num_classes,
+        layout=args.layout,
+        size=parse_size(args.size),
+        color_mode=args.color_mode,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        samples=Path(args.samples) if args.samples else None,
+        input_name=args.input,
+        force=args.force,
+    )
+    try:
+        manifest = import_model(Path(args.model), opts)
+    except NotEquivalentError as exc:
+        print(f"{PROG}: {exc.message}", file=sys.stderr)
+        return 1
+    print_import_summary(manifest, Path(args.models_dir) / args.name)
+    return 0
+
+
+def print_import_summary(manifest, target: Path) -> None:
+    rows = manifest.fold_report
+    for row in rows:
+        what = f"folded {row.direction} into {row.into}" if row.folded else f"kept: {row.reason}"
+        print(f"{row.op} {row.bn}: {what}" + (f"  WARNING: {row.warning}" if row.warning else ""))
+    eq = manifest.equivalence
+    print(
+        f"imported {target}: folded {sum(r.folded for r in rows)}/{len(rows)}; on {eq.n_images} "
+        f"{eq.split} inputs max |folded - unfolded| {eq.folded_vs_unfolded.max_abs_diff:.3g} "
+        f"(tolerance {eq.tolerance_abs:.3g}), vs float64: folded "
+        f"{eq.folded_vs_float64.max_abs_diff:.3g}, unfolded "
+        f"{eq.unfolded_vs_float64.max_abs_diff:.3g}; top-1 agreement "
+        f"{eq.folded_vs_unfolded.top1_agreement:.4f}"
+    )
+    for change in manifest.imported.changes:
+        print(f"changed for serving: {change}")
+    if manifest.layer_probes_note:
+        print(f"note: {manifest.layer_probes_note}")
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bnfold.bundle import read_manifest
+    from bnfold.importer import ImportOptions, equivalence_inputs
+    from bnfold.verify import verify_bundle
+
+    bundle = Path(args.bundle)
+    if not bundle.is_dir():
+        raise BnfoldError(f"bundle folder {bundle} does not exist")
+    x = None
+    if args.samples:
+        spec = read_manifest(bundle).input.preprocess
+        x = equivalence_inputs(spec, ImportOptions(name="-", samples=Path(args.samples)))[0]
+    res = verify_bundle(bundle, x)
+    print("\n".join(res.lines))
+    print(f"{bundle}: {'verified' if res.ok else 'VERIFICATION FAILED'}")
+    return 0 if res.ok else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    f = sub.add_parser("fold", help="fold an ONNX model into another ONNX file")
+    f.add_argument("src", metavar="IN.onnx")
+    f.add_argument("dst", metavar="OUT.onnx")
+    f.set_defaults(func=cmd_fold)
+    i = sub.add_parser("import", help="import an ONNX classifier as models/<name>/")
+    i.add_argument("model", metavar="MODEL.onnx")
+    i.add_argument("--name", required=True, help="bundle name: <models-dir>/<name>/")
+    i.add_argument("--models-dir", default="models")
+    c = i.add_mutually_exclusive_group()
+    c.add_argument("--classes", metavar="FILE", help="class names, one per line")
+    c.add_argument("--num-classes", type=int, metavar="N", help="classes named 0..N-1")
+    i.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from the input shape")
+    i.add_argument(
+        "--size", nargs="+", type=_size, metavar="H W", help="H W or HxW (variable-size inputs)"
+    )
+    i.add_argument("--color-mode", choices=["L", "RGB"], help="default: from the channel count")
+    i.add_argument("--scale", type=float, default=1.0 / 255.0, help="multiplies 0..255 pixels")
+    i.add_argument("--mean", type=float, nargs="+", help="subtracted after scaling (1 or C)")
+    i.add_argument("--std", type=float, nargs="+", help="divides after the mean (1 or C)")
+    i.add_argument("--samples", metavar="FOLDER", help="images to measure equivalence on")
+    i.add_argument("--input", metavar="NAME", help="the image input, when the model has several")
+    i.add_argument("--force", action="store_true", help="replace an existing bundle")
+    i.set_defaults(func=cmd_import)
+    v = sub.add_parser("verify", help="check a bundle: checksums, node counts, equivalence")
+    v.add_argument("bundle")
+    v.add_argument("--samples", metavar="FOLDER", help="images to re-measure on (else generated)")
+    v.set_defaults(func=cmd_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `bnfold` command."""
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.simplefilter("ignore")  # library notices would break the one-line error contract
+    args = build_parser().parse_args(argv)
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(3)  # its C++ warnings go to stderr otherwise
+    try:
+        return args.func(args)
+    except BnfoldError as exc:
+        return _fail(exc.message, 2)
+    except (OSError, ValueError) as exc:  # file system, or a value no check above foresaw
+        return _fail(f"{type(exc).__name__}: {exc}", 2)
+    except Exception as exc:  # a bug of ours: still one line; BNFOLD_DEBUG=1 shows the traceback
+        if os.environ.get("BNFOLD_DEBUG"):
+            raise
+        return _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with BNFOLD_DEBUG=1", 1)
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

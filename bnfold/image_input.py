@@ -1,0 +1,184 @@
+"""Which tensor of an imported ONNX model is the image, in what layout, and what it answers.
+
+The server feeds one float32 image batch, (N, C, H, W) or (N, H, W, C), and reads one
+(N, classes) float32 logits output. These functions find both in a user's graph, with the
+flags the user gave, and refuse with one actionable sentence what does not fit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from bnfold.onnx_load import (
+    ModelImportError,
+    dims,
+    elem_type_name,
+    has_shape,
+    ort_session,
+    real_inputs,
+    run_zeros,
+)
+
+CHANNELS = (1, 3)  # gray or RGB: what the shared preprocessing makes from an image
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    name: str
+    layout: str  # "NCHW" or "NHWC"
+    channels: int
+    height: int
+    width: int
+    batch: int | str | None  # as the graph declares it: fixed size, symbolic name, unknown
+
+    @property
+    def served_shape(self) -> list[int]:
+        """The manifest's input shape: -1 marks the variable batch."""
+        if self.layout == "NCHW":
+            return [-1, self.channels, self.height, self.width]
+        return [-1, self.height, self.width, self.channels]
+
+
+def resolve_image_input(
+    model: onnx.ModelProto,
+    path: Path,
+    input_name: str | None,
+    layout: str | None,
+    size: tuple[int, int] | None,
+) -> ImageInput:
+    """The image input: one float32 rank-4 tensor with 1 or 3 channels in a known layout."""
+    vi = _pick_input(model, path, input_name)
+    if elem_type_name(vi) != "float":
+        raise ModelImportError(
+            f"{path}: input {vi.name!r} is {elem_type_name(vi)}; bnfold serves float32 image "
+            "tensors (N, C, H, W) or (N, H, W, C)"
+        )
+    shape = dims(vi) if has_shape(vi) else None
+    if shape is None or len(shape) != 4:
+        got = "no declared shape" if shape is None else f"shape {_show(shape)}"
+        raise ModelImportError(
+            f"{path}: input {vi.name!r} has {got}; bnfold serves rank-4 image tensors "
+            "(N, C, H, W) or (N, H, W, C)"
+        )
+    layout = layout or _infer_layout(shape, vi.name, path)
+    c, h, w = (shape[1], shape[2], shape[3]) if layout == "NCHW" else (shape[3], shape[1], shape[2])
+    if c not in CHANNELS:
+        raise ModelImportError(
+            f"{path}: input {vi.name!r} {_show(shape)} read as {layout} has {c} channels; "
+            "bnfold serves gray (1) or RGB (3) images (is --layout right?)"
+        )
+    h, w = _size(h, w, size, vi.name, path)
+    return ImageInput(vi.name, layout, c, h, w, shape[0])
+
+
+def _pick_input(model: onnx.ModelProto, path: Path, input_name: str | None):
+    inputs = real_inputs(model)
+    names = [i.name for i in inputs]
+    if input_name is None:
+        if len(inputs) != 1:
+            raise ModelImportError(
+                f"{path}: the model has {len(inputs)} inputs ({', '.join(names) or 'none'}); "
+                "name the image input with --input NAME"
+            )
+        return inputs[0]
+    if input_name not in names:
+        raise ModelImportError(
+            f"{path}: no input named {input_name!r}; the model's inputs are {', '.join(names)}"
+        )
+    others = [n for n in names if n != input_name]
+    if others:
+        raise ModelImportError(
+            f"{path}: inputs {', '.join(others)} would have no value: the server feeds only the "
+            f"image {input_name!r}; export a model whose only input is the image"
+        )
+    return inputs[names.index(input_name)]
+
+
+def _infer_layout(shape: list, name: str, path: Path) -> str:
+    nchw, nhwc = shape[1] in CHANNELS, shape[3] in CHANNELS
+    if nchw != nhwc:
+        return "NCHW" if nchw else "NHWC"
+    raise ModelImportError(
+        f"{path}: cannot tell the layout of input {name!r} {_show(shape)}: pass "
+        "--layout NCHW or --layout NHWC"
+    )
+
+
+def _size(h, w, size: tuple[int, int] | None, name: str, path: Path) -> tuple[int, int]:
+    """Height and width: fixed by the graph, given by --size, and the two must agree."""
+    fixed = isinstance(h, int) and isinstance(w, int)
+    if size is None:
+        if not fixed:
+            raise ModelImportError(
+                f"{path}: input {name!r} has a variable height/width: pass --size H W"
+            )
+        return h, w
+    for got, want in ((h, size[0]), (w, size[1])):
+        if isinstance(got, int) and got != want:
+            raise ModelImportError(
+                f"{path}: --size {size[0]}x{size[1]} differs from input {name!r}'s fixed size "
+                f"{h}x{w}"
+            )
+    return size
+
+
+def _show(shape: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tuple[str, int]:
+    """The first graph output, checked to answer (N, classes) float32 for a batch of 2."""
+    out = model.graph.output[0]
+    if elem_type_name(out) != "float":
+        raise ModelImportError(
+            f"{path}: output {out.name!r} is {elem_type_name(out)}; bnfold serves float32 logits"
+        )
+    session = ort_session(model, path)
+    shape = [2, *image.served_shape[1:]]
+    try:
+        result = run_zeros(session, image.name, shape)[0]
+    except Exception as exc:  # onnxruntime's own error types
+        from bnfold.onnx_load import ort_message
+
+        raise ModelImportError(
+            f"{path}: the model fails on a batch of 2 images {shape}: {ort_message(exc)}; "
+            "re-export it with a variable batch axis"
+        ) from None
+    if result.ndim != 2 or result.shape[0] != 2:
+        raise ModelImportError(
+            f"{path}: output {out.name!r} has shape {list(result.shape)} for 2 images; bnfold "
+            "serves classifiers answering (batch, classes) logits"
+        )
+    if result.shape[1] < 2:
+        raise ModelImportError(
+            f"{path}: output {out.name!r} has {result.shape[1]} value per image; bnfold serves "
+            "classifiers with at least 2 classes"
+        )
+    return out.name, int(result.shape[1])
+
+
+def check_classes(names: list[str] | None, count: int | None, n_out: int, output: str) -> list[str]:
+    """Class names from --classes, else '0'..'N-1'; their count must be the output size."""
+    if names is None:
+        names = [str(i) for i in range(count if count is not None else n_out)]
+    if len(names) != n_out:
+        raise ModelImportError(
+            f"{len(names)} class names given but output {output!r} has {n_out} values per "
+            f"image: give exactly {n_out}"
+        )
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ModelImportError(f"duplicate class names: {', '.join(dup)}")
+    return names
+
+
+def read_class_file(path: Path) -> list[str]:
+    """One class name per line; blank lines and surrounding spaces ignored."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ModelImportError(f"--classes {path}: cannot read it ({exc})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]

@@ -1,0 +1,289 @@
+"""`bnfold import`: any ONNX image classifier in, a verified bundle `models/<name>/` out.
+
+The bundle is the one training writes: `unfolded.onnx` (the user's model, changed only where
+serving needs it, each change recorded in `bundle.json`), `folded.onnx` (bnfold.onnx_fold), and
+`bundle.json` with checksums, node counts, the fold report, layer probes and the equivalence
+report: folded (full optimization) vs unfolded (BN executed) in onnxruntime, and both vs a
+float64 evaluation of the original graph (bnfold.reference), on sample images through the
+shared preprocessing or on generated inputs whose distribution the report states.
+Torch-free: onnx, onnxruntime and numpy.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from bnfold.bundle import (
+    NAME_PATTERN,
+    EquivalenceReport,
+    ImportRecord,
+    InputSpec,
+    LayerProbe,
+    Manifest,
+    OnnxFile,
+    TensorSpec,
+    sha256_file,
+    write_bundle_atomically,
+)
+from bnfold.errors import BnfoldError
+from bnfold.image_input import ImageInput, check_classes, logits_output, resolve_image_input
+from bnfold.onnx_fold import FoldError, fold_onnx
+from bnfold.onnx_load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
+from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.reference import evaluate_float64
+from bnfold.verify import count_bn_nodes, measure_equivalence
+
+N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
+MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)
+
+
+class NotEquivalentError(BnfoldError):
+    """The folded model is not equivalent within the tolerance: no bundle is written."""
+
+    def __init__(self, message: str, report: EquivalenceReport) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+@dataclass
+class ImportOptions:
+    """What the bundle needs that the ONNX file does not say (CLI flags, one field each)."""
+
+    name: str
+    models_dir: Path = Path("models")
+    classes: list[str] | None = None
+    num_classes: int | None = None
+    layout: str | None = None  # "NCHW" | "NHWC"; inferred from the input shape when None
+    size: tuple[int, int] | None = None  # (height, width); from the input shape when None
+    color_mode: str | None = None  # "L" | "RGB"; from the channel count when None
+    scale: float = 1.0 / 255.0
+    mean: list[float] | None = None  # one value or one per channel; default 0
+    std: list[float] | None = None  # one value or one per channel; default 1
+    samples: Path | None = None
+    input_name: str | None = None
+    force: bool = False
+    seed: int = 0
+
+
+def check_target(opts: ImportOptions) -> Path:
+    """Refuse, before any work, a bad name or a bundle that would be replaced without force."""
+    import re
+
+    if not re.fullmatch(NAME_PATTERN, opts.name):
+        raise ModelImportError(
+            f"invalid --name {opts.name!r}: use letters, digits, '_', '.', '-' (up to 64, "
+            "starting with a letter or digit)"
+        )
+    root = Path(opts.models_dir)
+    if root.exists() and not root.is_dir():
+        raise ModelImportError(f"--models-dir {root} is a file, not a folder")
+    target = root / opts.name
+    if target.exists() and not opts.force:
+        raise ModelImportError(
+            f"bundle {target} already exists: pass --force to replace it, or choose another --name"
+        )
+    return target
+
+
+def preprocess_spec(image: ImageInput, opts: ImportOptions) -> PreprocessSpec:
+    """Color mode from the channel count, size from the graph or --size, scale/mean/std."""
+    mode = "L" if image.channels == 1 else "RGB"
+    if opts.color_mode and opts.color_mode != mode:
+        raise ModelImportError(
+            f"--color-mode {opts.color_mode} needs {1 if opts.color_mode == 'L' else 3} "
+            f"channel(s), but input {image.name!r} has {image.channels}: use --color-mode {mode}"
+        )
+    per_channel = {}
+    for flag, values, default in (("mean", opts.mean, 0.0), ("std", opts.std, 1.0)):
+        values = list(values) if values else [default]
+        if len(values) == 1:
+            values = values * image.channels
+        if len(values) != image.channels:
+            raise ModelImportError(
+                f"--{flag} has {len(values)} values; give 1 or {image.channels} (one per channel)"
+            )
+        per_channel[flag] = values
+    if any(s <= 0 for s in per_channel["std"]) or opts.scale <= 0:
+        raise ModelImportError("--scale and --std values must be > 0")
+    return PreprocessSpec(
+        color_mode=mode,
+        height=image.height,
+        width=image.width,
+        scale=opts.scale,
+        layout=image.layout,
+        **per_channel,
+    )
+
+
+def prepare_for_serving(loaded: LoadedOnnx, image: ImageInput) -> tuple[onnx.ModelProto, list]:
+    """The user's model as served: a variable batch axis; every change described."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    changes = []
+    if loaded.external_files:
+        changes.append(
+            f"weights stored inside the file (were in {', '.join(loaded.external_files)})"
+        )
+    if isinstance(image.batch, int):
+        _set_dim0(next(i for i in model.graph.input if i.name == image.name), "batch")
+        for out in model.graph.output:
+            _set_dim0(out, "batch")
+        del model.graph.value_info[:]  # intermediate shapes noted with the fixed batch
+        changes.append(
+            f"input {image.name!r} and the outputs: batch axis {image.batch} -> variable "
+            "'batch' (the server batches requests); intermediate shape annotations removed"
+        )
+    return model, changes
+
+
+def _set_dim0(vi: onnx.ValueInfoProto, name: str) -> None:
+    shape = vi.type.tensor_type.shape
+    if shape.dim:
+        shape.dim[0].Clear()
+        shape.dim[0].dim_param = name
+
+
+def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.ndarray, str, str]:
+    """(x, split, description): sample images through the shared preprocessing, or generated."""
+    if opts.samples is None:
+        x = generated_batch(spec, N_GENERATED, opts.seed)
+        return x, "generated", f"{N_GENERATED} " + GENERATED_INPUTS.format(seed=opts.seed)
+    folder = Path(opts.samples)
+    if not folder.is_dir():
+        raise ModelImportError(f"--samples {folder}: not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ModelImportError(f"--samples {folder}: no files in it")
+    files = files[:MAX_SAMPLES]
+    rows = []
+    for p in files:
+        try:
+            rows.append(preprocess_bytes(p.read_bytes(), spec))
+        except BnfoldError as exc:
+            raise ModelImportError(f"--samples: {p}: {exc.message}") from None
+    desc = (
+        f"{len(files)} sample images from {folder} (sorted by path, first {MAX_SAMPLES} at "
+        "most), through this bundle's preprocessing"
+    )
+    return np.stack(rows), "samples", desc
+
+
+def layer_probes(report_rows, unfolded: onnx.ModelProto, folded: onnx.ModelProto):
+    """One probe per folded row whose `probe` tensor exists in both graphs, and a note if none."""
+    produced = [{o for n in m.graph.node for o in n.output} for m in (unfolded, folded)]
+    probes = [
+        LayerProbe(bn=r.bn, folded_tensor=r.probe, unfolded_tensor=r.probe)
+        for r in report_rows
+        if r.folded and r.probe and all(r.probe in names for names in produced)
+    ]
+    if probes:
+        return probes, None
+    if not any(r.folded for r in report_rows):
+        return [], "nothing was folded, so there are no per-layer differences to show"
+    return [], "the folded graph has no tensor matching a folded layer's output (no probe points)"
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
+
+
+def import_model(path: Path, opts: ImportOptions) -> Manifest:
+    """Validate, fold, measure, and write `models/<name>/` atomically; the manifest written."""
+    target = check_target(opts)
+    loaded = load_onnx(Path(path))
+    ort_session(loaded.model, loaded.path)  # an opset or op onnxruntime cannot run: refuse now
+    image = resolve_image_input(loaded.model, loaded.path, opts.input_name, opts.layout, opts.size)
+    spec = preprocess_spec(image, opts)
+    unfolded, changes = prepare_for_serving(loaded, image)
+    output, n_out = logits_output(unfolded, loaded.path, image)
+    classes = check_classes(opts.classes, opts.num_classes, n_out, output)
+    try:
+        folded, report = fold_onnx(unfolded)
+    except FoldError as exc:
+        raise ModelImportError(f"{loaded.path}: cannot fold: {exc}") from None
+    ort_session(folded, loaded.path, "folded")
+    probes, note = layer_probes(report.rows, unfolded, folded)
+    x, split, inputs = equivalence_inputs(spec, opts)
+    ref64 = _float64_logits(loaded.model, image, x)
+    holder: list[Manifest] = []
+
+    def fill(tmp: Path) -> None:
+        files = {v: _save(tmp, v, m) for v, m in (("folded", folded), ("unfolded", unfolded))}
+        eq = measure_equivalence(
+            tmp, image.name, output, probes, x, split, ref64=ref64, inputs=inputs
+        )
+        if not eq.passed:
+            raise NotEquivalentError(_not_equivalent(eq), eq)
+        manifest = Manifest(
+            name=opts.name,
+            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            classes=classes,
+            input=InputSpec(name=image.name, shape=image.served_shape, preprocess=spec),
+            output=TensorSpec(name=output, shape=[-1, n_out]),
+            files=files,
+            fold_report=report.rows,
+            layer_probes=probes,
+            layer_probes_note=note,
+            versions=_versions(loaded.model),
+            equivalence=eq,
+            imported=ImportRecord(
+                source=loaded.path.name,
+                sha256=loaded.sha256,
+                external_data=loaded.external_files,
+                producer=f"{loaded.model.producer_name} {loaded.model.producer_version}".strip(),
+                ir_version=loaded.model.ir_version,
+                changes=changes,
+            ),
+        )
+        (tmp / "bundle.json").write_text(manifest.model_dump_json(indent=2) + "\n")
+        holder.append(manifest)
+
+    write_bundle_atomically(target, fill)
+    return holder[0]
+
+
+def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
+    path = folder / f"{variant}.onnx"
+    onnx.save_model(model, str(path))
+    return OnnxFile(
+        path=path.name,
+        sha256=sha256_file(path),
+        batchnorm_nodes=count_bn_nodes(model),
+        opset=default_opset(model),
+        op_counts=op_counts(model),
+    )
+
+
+def _float64_logits(model: onnx.ModelProto, image: ImageInput, x: np.ndarray) -> np.ndarray:
+    """The original graph (as given, fixed batch included) in float64, chunked to fit it."""
+    chunk = image.batch if isinstance(image.batch, int) else 32
+    n = len(x)
+    pad = (-n) % chunk
+    if pad:  # a fixed batch the input count does not divide: pad with copies, drop after
+        x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
+    return evaluate_float64(model, image.name, x, batch=chunk)[:n]
+
+
+def _not_equivalent(eq: EquivalenceReport) -> str:
+    s = eq.folded_vs_unfolded
+    return (
+        f"folded model not equivalent: max |folded - unfolded| {s.max_abs_diff:.3g} "
+        f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement {s.top1_agreement}; "
+        "no bundle written"
+    )
+
+
+def _versions(model: onnx.ModelProto) -> dict[str, str]:
+    import onnxruntime
+
+    return {
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "opset": str(default_opset(model)),
+    }

@@ -1,0 +1,101 @@
+"""A float64 evaluation of any ONNX graph: the reference both variants are measured against.
+
+`onnx.reference.ReferenceEvaluator` (numpy kernels) runs a copy of the graph in which every
+float tensor is float64: initializers, Constant nodes, ConstantOfShape values, Cast targets and
+the graph's inputs and outputs. The rest of the graph (shape arithmetic in int64, ...) is kept
+as it is. Numpy's float64 kernels round about 2^29 times finer than float32, so the result is
+the exact function of the weights as stored, to well below any float32 difference we measure.
+Slow (pure numpy): meant for a few hundred small images, not for serving.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import onnx
+from onnx import TensorProto, numpy_helper
+from onnx.reference import ReferenceEvaluator
+
+# Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
+FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
+DTYPE_ATTRS = {"Cast": "to", "EyeLike": "dtype", "RandomNormal": "dtype", "RandomUniform": "dtype"}
+
+
+def _tensor64(t: TensorProto) -> TensorProto:
+    """A float tensor (data inline, external data already loaded) as float64, same name."""
+    if t.data_type not in FLOAT_TYPES or t.data_type == TensorProto.DOUBLE:
+        return t
+    return numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name)
+
+
+def _cast_value_info(vi: onnx.ValueInfoProto) -> None:
+    tt = vi.type.tensor_type
+    if tt.elem_type in FLOAT_TYPES:
+        tt.elem_type = TensorProto.DOUBLE
+
+
+def _cast_node(node: onnx.NodeProto) -> None:
+    """Cast float tensors held in attributes, retarget float dtype attributes, recurse."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.TENSOR:
+            attr.t.CopyFrom(_tensor64(attr.t))
+        elif attr.type == onnx.AttributeProto.GRAPH:
+            _cast_graph(attr.g)
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for g in attr.graphs:
+                _cast_graph(g)
+        elif attr.name == DTYPE_ATTRS.get(node.op_type) and attr.i in FLOAT_TYPES:
+            attr.i = TensorProto.DOUBLE
+    if node.op_type == "Constant" and node.attribute[0].name in ("value_float", "value_floats"):
+        # value_float(s) always make float32: replace by an equal float64 tensor
+        a = node.attribute[0]
+        values = np.asarray(a.f if a.name == "value_float" else list(a.floats), dtype=np.float64)
+        del node.attribute[:]
+        node.attribute.append(onnx.helper.make_attribute("value", numpy_helper.from_array(values)))
+
+
+def _cast_graph(graph: onnx.GraphProto) -> None:
+    for i, t in enumerate(graph.initializer):
+        graph.initializer[i].CopyFrom(_tensor64(t))
+    for vi in (*graph.input, *graph.output):
+        _cast_value_info(vi)
+    del graph.value_info[:]  # intermediate float32 annotations would contradict the copy
+    for node in graph.node:
+        _cast_node(node)
+
+
+def float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` computing in float64 (external data must already be loaded)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    _cast_graph(out.graph)
+    return out
+
+
+class Float64Reference:
+    """Evaluates one model in float64; build once, call for each batch."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.evaluator = ReferenceEvaluator(float64_model(model))
+
+    def run(
+        self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> list[np.ndarray]:
+        """The named outputs (default: the graph's outputs) as float64 arrays."""
+        feeds64 = {
+            k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
+            for k, v in feeds.items()
+        }
+        results = self.evaluator.run(list(outputs) if outputs else None, feeds64)
+        return [np.asarray(r, dtype=np.float64) for r in results]
+
+
+def evaluate_float64(
+    model: onnx.ModelProto, input_name: str, x: np.ndarray, batch: int = 32
+) -> np.ndarray:
+    """The model's first output in float64 for x, in chunks of `batch` rows (memory)."""
+    ref = Float64Reference(model)
+    first = model.graph.output[0].name
+    chunks = [ref.run({input_name: x[i : i + batch]}, [first])[0] for i in range(0, len(x), batch)]
+    return np.concatenate(chunks)
