@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q -c constraints.txt
 DEV_STAMP := $(VENV)/.dev-installed
 SERVE_STAMP := $(VENV)/.serve-installed
 
-.PHONY: help serve test test-fast train verify lint format bench clean system-deps
+.PHONY: help serve test test-fast train verify lint format bench clean system-deps docker-deps
 
 help:
 	@echo "make serve   serve models/ on http://127.0.0.1:8000 (KServe V2 + /v1 + web page)"
@@ -34,9 +34,15 @@ serve: $(SERVE_STAMP)
 
 # System packages the end-to-end tests need (Debian's chromium for the browser test, wrk for the
 # benchmark harness); each script is idempotent and returns at once when they are present.
-system-deps:
+system-deps: docker-deps
 	bash scripts/install_browser.sh
 	VENV=$(VENV) bash scripts/install_bench_deps.sh
+
+# A Docker engine (dockerd without a bridge network, BuildKit) and the local python:3.11-slim
+# stand-in for the image test (tests/deploy/test_image.py); idempotent like the others.
+docker-deps:
+	bash scripts/docker_engine.sh
+	bash scripts/docker_base_image.sh
 
 test: $(DEV_STAMP) system-deps
 	$(PY) -m pytest
