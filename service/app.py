@@ -22,8 +22,9 @@ from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
-from service.metrics import Metrics
-from service.runtime import ModelRuntime, Runner
+from service.core import Core
+from service.dataplane import Runner
+from service.errors import wire_error
 
 DESCRIPTION = """
 Serves batch-normalized CNNs whose BatchNorm layers were folded into the weights, next to the
@@ -40,19 +41,21 @@ Operations: `GET /metrics` (Prometheus), `POST /v1/models/{model}/reload` (re-ve
 """
 
 
-def create_app(settings: Settings | None = None, runner: Runner | None = None) -> FastAPI:
-    """The application; `runner` replaces how batches reach sessions (default: batching)."""
-    settings = settings or Settings()
-    metrics = Metrics()
-    runtime = ModelRuntime(settings, runner, metrics)  # ready answers 503 until started
+def create_app(
+    settings: Settings | None = None, runner: Runner | None = None, core: Core | None = None
+) -> FastAPI:
+    """The REST application over `core` (built here when not given; `runner` replaces how
+    batches reach sessions, default batching). The lifespan loads the bundles."""
+    core = core or Core.build(settings or Settings(), runner)  # ready answers 503 until started
+    settings = core.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await runtime.start()
+        await core.start()
         try:
             yield
         finally:
-            await runtime.aclose()
+            await core.aclose()
 
     app = FastAPI(
         title="bnfold",
@@ -63,7 +66,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
         redoc_url=None,
     )
     app.state.settings = settings
-    app.state.runtime = runtime
+    app.state.core = core
     app.include_router(v2.router)
     app.include_router(v1.router)
     app.include_router(operations.router)
@@ -71,7 +74,7 @@ def create_app(settings: Settings | None = None, runner: Runner | None = None) -
     _add_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(InternalErrorMiddleware)
-    app.add_middleware(AccessMiddleware, runtime=runtime)  # added last: outermost
+    app.add_middleware(AccessMiddleware, core=core)  # added last: outermost
     install_openapi(app)
     install_docs(app)
     return app
@@ -88,8 +91,10 @@ def error_response(status: int, message: str, headers: dict | None = None) -> JS
 
 
 async def _bnfold_error(request: Request, exc: Exception) -> JSONResponse:
+    """Every data-plane error, through the one table REST and gRPC share."""
     assert isinstance(exc, BnfoldError)
-    return error_response(exc.status_code, exc.message, exc.headers)
+    wire = wire_error(exc)
+    return error_response(wire.http_status, wire.message, wire.headers or None)
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:

@@ -27,12 +27,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnfold.bundle import Variant
 from bnfold.errors import ServiceUnavailable
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
-    from service.runtime import LoadedModel
+    from service.registry import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ class _Request:
 @dataclass(eq=False)
 class _Lane:
     name: str
-    variant: Variant
+    variant: str
     loop: asyncio.AbstractEventLoop
     executor: ThreadPoolExecutor
     waiting: deque[_Request] = field(default_factory=deque)
@@ -74,7 +73,7 @@ class BatchingRunner:
         self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
         self.closed = False
 
-    async def run(self, model: LoadedModel, variant: Variant, x: np.ndarray) -> np.ndarray:
+    async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
         """Queue x (N, C, H, W) and wait for its logits (N, classes), computed in some batch."""
         if self.closed:
             raise ServiceUnavailable("the server is shutting down")
@@ -104,7 +103,7 @@ class BatchingRunner:
             lane.executor.shutdown(wait=False, cancel_futures=True)
         self.lanes = {}
 
-    def _lane(self, name: str, variant: Variant) -> _Lane:
+    def _lane(self, name: str, variant: str) -> _Lane:
         loop = asyncio.get_running_loop()
         lane = self.lanes.get((name, variant))
         if lane is None or lane.loop is not loop:  # a lane belongs to one event loop

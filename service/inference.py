@@ -1,5 +1,5 @@
-"""What the /v1 endpoints ask of a model: images -> batch, logits -> predictions, and the
-live folded-vs-unfolded comparison. HTTP-free; inference goes through `ModelRuntime.infer`.
+"""Images -> batch and logits -> predictions: what the data plane (service/dataplane.py) does
+around inference for image requests. Protocol-free.
 """
 
 from __future__ import annotations
@@ -9,12 +9,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bnfold.bundle import LayerDiff, Manifest, Variant
-from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs, softmax
+from bnfold.equivalence import softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
 from bnfold.preprocess import PreprocessSpec, preprocess_bytes
-from service.runtime import ModelRuntime
-from service.schemas import ClassProbability, CompareResponse, Prediction
+from service.schemas import ClassProbability, Prediction
 from service.workers import run_cpu
 
 
@@ -82,42 +80,3 @@ def predictions(
                   for i in order]  # fmt: skip
         out.append(Prediction(**ranked[0].model_dump(), filename=filename, top_k=ranked))
     return out
-
-
-async def compare_variants(
-    runtime: ModelRuntime, name: str, x: np.ndarray, top_k: int,
-    filenames: list[str | None] | None = None,
-) -> CompareResponse:  # fmt: skip
-    """Run both variants on x now, and diff their logits and each folded layer's output."""
-    manifest = runtime.get_ready(name).manifest
-    assert manifest is not None
-    logits: dict[Variant, np.ndarray] = {}
-    for variant in ("folded", "unfolded"):
-        logits[variant] = await runtime.infer(name, variant, x)
-    stats = diff_stats(logits["folded"], logits["unfolded"])
-    per_layer, note = await _per_layer(runtime, name, manifest, x)
-    tolerance = manifest.equivalence.tolerance_abs
-    return CompareResponse(
-        model_name=name,
-        model_version=manifest.version,
-        n_images=len(x),
-        folded=predictions(logits["folded"], manifest.classes, top_k, filenames),
-        unfolded=predictions(logits["unfolded"], manifest.classes, top_k, filenames),
-        max_abs_diff=stats.max_abs_diff,
-        mean_abs_diff=stats.mean_abs_diff,
-        max_rel_diff=stats.max_rel_diff,
-        top1_agreement=stats.top1_agreement if stats.top1_agreement is not None else 1.0,
-        tolerance_abs=tolerance,
-        within_tolerance=is_equivalent(stats, tolerance),
-        per_layer=per_layer,
-        per_layer_note=note,
-    )
-
-
-async def _per_layer(
-    runtime: ModelRuntime, name: str, manifest: Manifest, x: np.ndarray
-) -> tuple[list[LayerDiff], str | None]:
-    tensors = await runtime.probe(name, x)
-    if tensors is None:
-        return [], runtime.get(name).probe_error
-    return layer_diffs(manifest.layer_probes, *tensors), None

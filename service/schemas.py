@@ -185,7 +185,8 @@ class PredictResponse(BaseModel):
     )  # fmt: skip
     model_name: str
     model_version: str
-    variant: Literal["folded", "unfolded"]
+    variant: str = Field(description="The variant that ran: 'folded', 'unfolded', or another file "
+                         "the bundle lists.")  # fmt: skip
     predictions: list[Prediction] = Field(description="One per image, in request order.")
 
 

@@ -2,7 +2,7 @@
 
 On SIGTERM (or Ctrl+C), in this order:
 
-1. at once, in the signal handler: readiness answers 503 (the runtime's drain flag);
+1. at once, in the signal handler: readiness answers 503 (admission's drain flag);
 2. within uvicorn's 0.1 s tick, `shutdown`: connections already in the listen backlog are
    taken in, the listening socket closes (new connections are refused from here on), and every
    open connection is told that its current or next request is its last (service/shutdown.py);
@@ -26,9 +26,10 @@ from types import FrameType
 
 import uvicorn
 
+from service.admission import Admission
 from service.app import create_app
 from service.config import Settings
-from service.runtime import ModelRuntime
+from service.core import Core
 from service.shutdown import DrainingHttpProtocol, adopt_backlog, serve_adopted
 
 log = logging.getLogger(__name__)
@@ -38,22 +39,22 @@ class DrainingServer(uvicorn.Server):
     """uvicorn.Server whose exit signals start the drain described above and are not
     re-raised; `cut_off` counts the requests the drain timeout cancelled."""
 
-    def __init__(self, config: uvicorn.Config, runtime: ModelRuntime) -> None:
+    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
         super().__init__(config)
-        self.runtime = runtime
+        self.admission = admission
         self.cut_off = 0
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only set flags. The signal is not recorded in
         # uvicorn's captured signals, so it is not raised again once the drain is over.
-        self.runtime.begin_drain()
+        self.admission.begin_drain()
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl+C: stop waiting
         else:
             self.should_exit = True
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        self.runtime.begin_drain()  # also when uvicorn stops for a reason of its own
+        self.admission.begin_drain()  # also when uvicorn stops for a reason of its own
         log.info("draining: listener closed, finishing the requests on open connections")
         adopted = adopt_backlog(self.servers)
         for server in self.servers:
@@ -97,9 +98,9 @@ class DrainingServer(uvicorn.Server):
         )
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, core: Core | None = None) -> uvicorn.Config:
     return uvicorn.Config(
-        create_app(settings),
+        create_app(settings, core=core),
         host=settings.host,
         port=settings.port,
         http=DrainingHttpProtocol,
@@ -113,7 +114,8 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, drain, return the exit code."""
-    config = uvicorn_config(settings)
-    server = DrainingServer(config, config.app.state.runtime)
+    core = Core.build(settings)
+    config = uvicorn_config(settings, core)
+    server = DrainingServer(config, core.admission)
     server.run()
     return 1 if server.cut_off else 0

@@ -15,8 +15,8 @@ import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core import Core
 from service.logs import request_id
-from service.runtime import ModelRuntime
 
 REQUEST_ID_HEADER = b"x-request-id"
 # An incoming id is kept when it is short and plain (UUIDs, trace ids): it goes into log lines.
@@ -48,10 +48,10 @@ class AccessMiddleware:
     """Every HTTP request: its id (header and logs), the access line and the request
     metrics (count by endpoint/model/code, latency by endpoint, in flight)."""
 
-    def __init__(self, app: ASGIApp, runtime: ModelRuntime) -> None:
+    def __init__(self, app: ASGIApp, core: Core) -> None:
         self.app = app
-        self.runtime = runtime
-        self.metrics = runtime.metrics
+        self.registry = core.registry
+        self.metrics = core.metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -83,7 +83,7 @@ class AccessMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         model = scope.get("path_params", {}).get("model", "")
-        if model and model not in self.runtime.models:
+        if model and model not in self.registry.models:
             model = "unknown"  # label values stay bounded whatever names clients send
         m = self.metrics
         m.child(m.requests, endpoint, model, str(status)).inc()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.state import get_runtime
+from service.api.state import get_core
 
 router = APIRouter(tags=["operations"])
 
@@ -13,5 +13,5 @@ router = APIRouter(tags=["operations"])
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text format: requests, latencies, queue, batching and inference metrics."""
-    registry = get_runtime(request).metrics.registry
+    registry = get_core(request).metrics.registry
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,4 +1,5 @@
-"""What routes read from the application: the settings and the model runtime."""
+"""What routes read from the application: the settings and the core (registry, admission,
+data plane) the process shares between its protocols."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from typing import Annotated
 from fastapi import Path, Request
 
 from service.config import Settings
-from service.runtime import ModelRuntime
+from service.core import Core
 
 
-def get_runtime(request: Request) -> ModelRuntime:
-    return request.app.state.runtime
+def get_core(request: Request) -> Core:
+    return request.app.state.core
 
 
 def get_settings(request: Request) -> Settings:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Query, Request, Response
 
-from bnfold.bundle import EquivalenceReport, Variant
+from bnfold.bundle import EquivalenceReport
 from bnfold.errors import ServiceUnavailable
 from bnfold.sessions import GRAPH_OPT
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
-from service.api.state import ModelName, get_runtime, get_settings
-from service.inference import compare_variants, predictions, preprocess_uploads
-from service.runtime import LoadedModel
+from service.api.state import ModelName, get_core
+from service.registry import LoadedModel
 from service.schemas import (
     CompareResponse,
     FoldSummary,
@@ -27,7 +26,11 @@ from service.workers import run_cpu
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
 
-VariantQuery = Query("folded", description="'folded' (served) or 'unfolded' (BN executed).")
+VariantQuery = Query(
+    "folded",
+    description="A variant the bundle holds: 'folded' (served), 'unfolded' (BN executed), or "
+    "another file it lists (GET /v1/models/{model}).",
+)
 TopK = Query(3, ge=1, le=1000, description="How many classes to rank (clamped to the classes).")
 
 
@@ -45,14 +48,14 @@ def _summary(model: LoadedModel) -> dict:
 @router.get("/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
     """Every bundle found, with its status and, for a failed one, the reason."""
-    models = get_runtime(request).models.values()
+    models = get_core(request).registry.models.values()
     return ModelList(models=[ModelSummary(**_summary(m)) for m in models])
 
 
 @router.get("/models/{model}", response_model=ModelDetail, responses=errors(404))
 async def model_detail(model: ModelName, request: Request) -> ModelDetail:
     """The manifest a client needs: classes, input spec, provider, fold summary, checksums."""
-    loaded = get_runtime(request).get(model)
+    loaded = get_core(request).registry.get(model)
     m = loaded.manifest
     if m is None:  # bundle.json itself was unreadable: only the status and reason are known
         return ModelDetail(**_summary(loaded))
@@ -80,7 +83,7 @@ async def model_detail(model: ModelName, request: Request) -> ModelDetail:
 )
 async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
     """Folded vs unfolded (and each vs float64) as measured at export, from the manifest."""
-    manifest = get_runtime(request).get_ready(model).manifest
+    manifest = get_core(request).registry.get_ready(model).manifest
     assert manifest is not None
     return manifest.equivalence
 
@@ -92,24 +95,14 @@ async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
     openapi_extra=request_body(IMAGE_BODY, "One or more images (multipart), or one raw image."),
 )
 async def predict(
-    model: ModelName, request: Request, variant: Variant = VariantQuery, top_k: int = TopK
+    model: ModelName, request: Request, variant: str = VariantQuery, top_k: int = TopK
 ) -> Response:
     """Classify images; `predictions` come in request order."""
-    runtime, settings = get_runtime(request), get_settings(request)
-    async with runtime.admit(model) as loaded:
-        manifest = loaded.manifest
-        assert manifest is not None
-        body = await read_images(request, settings.max_images_per_request)
-        spec = manifest.input.preprocess
-        uploads, x = await preprocess_uploads(body.uploads, spec, settings.max_pixels)
-        logits = await runtime.infer(model, variant, x)
-    names = [u.filename for u in uploads]
-    answer = PredictResponse(
-        model_name=model,
-        model_version=manifest.version,
-        variant=variant,
-        predictions=predictions(logits, manifest.classes, top_k, names),
-    )
+    core = get_core(request)
+    async with core.admission.admit(model) as loaded:
+        loaded.check_variant(variant)  # before reading the body
+        body = await read_images(request, core.settings.max_images_per_request)
+        answer = await core.plane.predict(loaded, variant, body.uploads, top_k)
     # Serialized here: FastAPI would validate the model it was just built from once more.
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -125,28 +118,23 @@ COMPARE_BODY = {**IMAGE_BODY, JSON_TYPE: InferenceRequest}
 )
 async def compare(model: ModelName, request: Request, top_k: int = TopK) -> CompareResponse:
     """Run folded and unfolded now on the same inputs; diff logits and per-layer outputs."""
-    runtime, settings = get_runtime(request), get_settings(request)
-    async with runtime.admit(model) as loaded:
-        manifest = loaded.manifest
-        assert manifest is not None
+    core = get_core(request)
+    async with core.admission.admit(model) as loaded:
+        assert loaded.manifest is not None
         if media_type(request) == JSON_TYPE:
             body = await read_json_or_binary(request)
-            _, x = await run_cpu(parse_tensor_request, body, manifest.input)
-            names = None
-        else:
-            also = "; or a V2 JSON tensor with Content-Type application/json"
-            body = await read_images(request, settings.max_images_per_request, also)
-            spec = manifest.input.preprocess
-            uploads, x = await preprocess_uploads(body.uploads, spec, settings.max_pixels)
-            names = [u.filename for u in uploads]
-        return await compare_variants(runtime, model, x, top_k, names)
+            _, x = await run_cpu(parse_tensor_request, body, loaded.manifest.input)
+            return await core.plane.compare(loaded, x, top_k)
+        also = "; or a V2 JSON tensor with Content-Type application/json"
+        images = await read_images(request, core.settings.max_images_per_request, also)
+        return await core.plane.compare_images(loaded, images.uploads, top_k)
 
 
 @router.post("/models/{model}/reload", response_model=ModelSummary, responses=errors(404, 503))
 async def reload(model: ModelName, request: Request) -> ModelSummary:
     """Re-verify the bundle's sha256 checksums and recreate its sessions. A bundle whose files
     changed since start-up is then not served: 503 here, and wherever the model is asked for."""
-    loaded = await get_runtime(request).reload(model)
+    loaded = await get_core(request).registry.reload(model)
     if not loaded.ready:
         raise ServiceUnavailable(f"model {model!r} failed re-verification: {loaded.error}")
     return ModelSummary(**_summary(loaded))

@@ -14,8 +14,8 @@ from fastapi import APIRouter, Header, Request, Response
 from bnfold.errors import ServiceUnavailable
 from service.api.bodies import read_json_or_binary
 from service.api.openapi import BINARY, errors, request_body
-from service.api.state import ModelName, ModelVersion, get_runtime
-from service.runtime import LoadedModel
+from service.api.state import ModelName, ModelVersion, get_core
+from service.registry import LoadedModel
 from service.schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -56,7 +56,7 @@ async def live() -> ServerLive:
 @router.get("/health/ready", response_model=ServerReady, responses=errors(503))
 async def ready(request: Request) -> ServerReady:
     """200 once every bundle loaded and verified; 503 with the reason until then."""
-    reason = get_runtime(request).not_ready_reason()
+    reason = get_core(request).not_ready_reason()
     if reason:
         raise ServiceUnavailable(f"not ready: {reason}")
     return ServerReady(ready=True)
@@ -87,7 +87,7 @@ def _metadata(model: LoadedModel) -> ModelMetadata:
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=errors(404, 503))
 async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
-    return _metadata(get_runtime(request).get_ready(model))
+    return _metadata(get_core(request).registry.get_ready(model))
 
 
 @router.get(
@@ -96,13 +96,13 @@ async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
 async def model_version_metadata(
     model: ModelName, version: ModelVersion, request: Request
 ) -> ModelMetadata:
-    return _metadata(get_runtime(request).get_ready(model, version))
+    return _metadata(get_core(request).registry.get_ready(model, version))
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=errors(404, 503))
 async def model_ready(model: ModelName, request: Request) -> ModelReady:
     """200 when the model can answer; 503 with its load failure when it cannot."""
-    get_runtime(request).get_ready(model)
+    get_core(request).registry.get_ready(model)
     return ModelReady(name=model, ready=True)
 
 
@@ -114,7 +114,7 @@ async def model_ready(model: ModelName, request: Request) -> ModelReady:
 async def model_version_ready(
     model: ModelName, version: ModelVersion, request: Request
 ) -> ModelReady:
-    get_runtime(request).get_ready(model, version)
+    get_core(request).registry.get_ready(model, version)
     return ModelReady(name=model, ready=True)
 
 
@@ -155,15 +155,15 @@ async def infer_version(
 
 
 async def _infer(request: Request, name: str, version: str | None, header_length: int | None):
-    runtime = get_runtime(request)
-    async with runtime.admit(name, version) as model:
+    core = get_core(request)
+    async with core.admission.admit(name, version) as model:
         assert model.manifest is not None
         body = await read_json_or_binary(request)
         spec = model.manifest.input
         decoded, x = await run_cpu(parse_tensor_request, body, spec, header_length)  # (N, C, H, W)
         variant = variant_of(decoded.request.parameters)
         outputs = requested_outputs(decoded.request, model.manifest.output)
-        logits = await runtime.infer(name, variant, x, version)
+        logits = await core.plane.infer(model, variant, x)
     header = {
         "model_name": name,
         "model_version": model.version,

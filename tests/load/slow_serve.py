@@ -14,11 +14,11 @@ import sys
 import threading
 import time
 
-from service import runtime
+from service import registry
 from service.__main__ import main
 
 DELAY_S = float(os.environ.get("SLOW_SERVE_RUN_S", "0"))
-_run = runtime.LoadedModel.run
+_run = registry.LoadedModel.run
 
 
 def slow_run(self, variant, x):
@@ -28,5 +28,5 @@ def slow_run(self, variant, x):
 
 
 if __name__ == "__main__":
-    runtime.LoadedModel.run = slow_run  # type: ignore[method-assign]
+    registry.LoadedModel.run = slow_run  # type: ignore[method-assign]
     sys.exit(main())

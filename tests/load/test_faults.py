@@ -32,7 +32,7 @@ def test_onnxruntime_failing_mid_request_is_500_and_the_next_requests_are_served
     serve, models_dir, digits, caplog
 ):
     client = serve(models_dir)
-    model = client.app.state.runtime.models["digits"]
+    model = client.app.state.core.registry.models["digits"]
     model.sessions["folded"] = FailingSession(model.sessions["folded"])
     with caplog.at_level(logging.ERROR, logger="service.api.middleware"):
         r = client.post(PREDICT, content=digits[3].png, headers=PNG)

@@ -224,7 +224,7 @@ def test_a_bad_file_among_many_is_named(client, digits):
                      b"--xyz--\r\n", "headers": {"content-type": MULTIPART_XYZ}}, 400,
          'malformed multipart body: The Content-Disposition header field "name" must be'),
         ({"params": {"variant": "half"}, "content": b"x", "headers": {"content-type": "image/png"}},
-         400, "invalid request: query.variant: Input should be 'folded' or 'unfolded'"),
+         400, "unknown variant 'half'; use 'folded' or 'unfolded'"),
         ({"params": {"top_k": 0}, "content": b"x", "headers": {"content-type": "image/png"}},
          400, "invalid request: query.top_k: Input should be greater than or equal to 1"),
     ],

@@ -134,7 +134,7 @@ BAD_JSON = [
     ({"inputs": [tensor(ZERO, name="image")]},
      "this model takes one input named 'input'; the request has ['image']"),
     ({"inputs": [tensor(ZERO)], "parameters": {"variant": "half"}},
-     "parameters.variant is 'half'; use 'folded' or 'unfolded'"),
+     "unknown variant 'half'; use 'folded' or 'unfolded'"),
     ({"inputs": [tensor(ZERO)], "outputs": [{"name": "probabilities"}]},
      "unknown output 'probabilities'; this model has outputs ['logits']"),
     ({"inputs": [{**tensor(ZERO), "datatype": "FP33"}]},

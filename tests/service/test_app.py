@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 
-from service.runtime import ThreadRunner
+from service.dataplane import ThreadRunner
 
 
 def test_a_failed_bundle_is_not_served_and_the_server_is_not_ready(serve, copy_bundle, digits):

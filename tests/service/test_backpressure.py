@@ -44,11 +44,11 @@ def sample(metrics_text: str, name: str, **labels) -> float:
 
 def test_a_full_queue_answers_503_with_retry_after_at_once(serve, models_dir, digits):
     client = serve(models_dir, max_queue_size=2, retry_after_s=3)
-    runtime = client.app.state.runtime
-    gate = Gate(runtime.models["digits"])
+    core = client.app.state.core
+    gate = Gate(core.registry.models["digits"])
     with ThreadPoolExecutor(2) as pool:
         held = [pool.submit(client.post, PREDICT, **png(d)) for d in digits[:2]]
-        wait_until(lambda: runtime.admitted["digits"] == 2 and gate.rows)
+        wait_until(lambda: core.admission.admitted["digits"] == 2 and gate.rows)
         r, elapsed = timed(lambda: client.post(PREDICT, **png(digits[2])))
         assert r.status_code == 503 and elapsed < 0.5  # at once, not after the queue moves
         assert r.headers["retry-after"] == "3"
@@ -65,14 +65,14 @@ def test_a_full_queue_answers_503_with_retry_after_at_once(serve, models_dir, di
         answers = [f.result(timeout=10) for f in held]
     assert [a.status_code for a in answers] == [200, 200]
     assert [a.json()["predictions"][0]["label"] for a in answers] == ["0", "1"]
-    assert runtime.admitted["digits"] == 0
+    assert core.admission.admitted["digits"] == 0
     assert client.post(PREDICT, **png(digits[3])).status_code == 200  # the slot came back
 
 
 def test_past_the_request_timeout_504_and_the_queued_work_is_dropped(serve, models_dir, digits):
     client = serve(models_dir, request_timeout_s=0.3)
-    runtime = client.app.state.runtime
-    gate = Gate(runtime.models["digits"])
+    core = client.app.state.core
+    gate = Gate(core.registry.models["digits"])
     with ThreadPoolExecutor(2) as pool:
         running = pool.submit(client.post, PREDICT, **png(digits[0]))
         wait_until(lambda: gate.rows == [1])  # in onnxruntime, stuck

@@ -20,7 +20,8 @@ import pytest
 
 from service.batching import BatchingRunner
 from service.config import Settings
-from service.runtime import LoadedModel, ModelRuntime
+from service.core import Core
+from service.registry import LoadedModel
 
 TOL = 1e-5
 SIZES = [1, 3, 2, 1, 4, 1, 2, 5, 1, 1, 3, 2, 1, 2, 1]  # rows per request: 30 digits in all
@@ -31,10 +32,15 @@ def slices(sizes: list[int]) -> list[slice]:
     return [slice(int(e - n), int(e)) for n, e in zip(sizes, ends, strict=True)]
 
 
-async def started(models_dir, **overrides) -> ModelRuntime:
-    runtime = ModelRuntime(Settings(models_dir=models_dir, provider="cpu", **overrides))
-    await runtime.start()
-    return runtime
+async def started(models_dir, **overrides) -> Core:
+    core = Core.build(Settings(models_dir=models_dir, provider="cpu", **overrides))
+    await core.start()
+    return core
+
+
+def infer(core: Core, variant: str, x: np.ndarray):
+    """The data plane's inference on the digits model as admission would hand it over."""
+    return core.plane.infer(core.registry.get_ready("digits"), variant, x)
 
 
 class Gate:
@@ -66,13 +72,13 @@ def test_concurrent_callers_get_their_own_rows_as_computed_one_by_one(
     parts = slices(SIZES)
 
     async def main():
-        runtime = await started(models_dir, max_batch_size=8)
-        alone = [await runtime.infer("digits", variant, digit_batch[s]) for s in parts]
-        runtime.runner.batch_rows.clear()
-        calls = (runtime.infer("digits", variant, digit_batch[s]) for s in parts)
+        core = await started(models_dir, max_batch_size=8)
+        alone = [await infer(core, variant, digit_batch[s]) for s in parts]
+        core.plane.runner.batch_rows.clear()
+        calls = (infer(core, variant, digit_batch[s]) for s in parts)
         together = await asyncio.gather(*calls)
-        await runtime.aclose()
-        return alone, together, Counter(runtime.runner.batch_rows)
+        await core.aclose()
+        return alone, together, Counter(core.plane.runner.batch_rows)
 
     alone, together, runs = asyncio.run(main())
     reference = np.concatenate(alone)  # (30, 10)
@@ -91,21 +97,21 @@ def test_concurrent_callers_get_their_own_rows_as_computed_one_by_one(
 
 
 def test_batch_sizes_grow_with_concurrency(models_dir, digit_batch):
-    async def mean_rows(runtime: ModelRuntime, concurrency: int, requests: int = 48) -> float:
-        runtime.runner.batch_rows.clear()
+    async def mean_rows(core: Core, concurrency: int, requests: int = 48) -> float:
+        core.plane.runner.batch_rows.clear()
 
         async def client(i: int) -> None:
             for _ in range(requests // concurrency):
-                await runtime.infer("digits", "folded", digit_batch[i : i + 1])
+                await infer(core, "folded", digit_batch[i : i + 1])
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
-        runs = runtime.runner.batch_rows
+        runs = core.plane.runner.batch_rows
         return sum(rows * n for rows, n in runs.items()) / sum(runs.values())
 
     async def main():
-        runtime = await started(models_dir, max_batch_size=32)
-        means = [await mean_rows(runtime, c) for c in (1, 4, 16)]
-        await runtime.aclose()
+        core = await started(models_dir, max_batch_size=32)
+        means = [await mean_rows(core, c) for c in (1, 4, 16)]
+        await core.aclose()
         return means
 
     means = asyncio.run(main())
@@ -115,12 +121,12 @@ def test_batch_sizes_grow_with_concurrency(models_dir, digit_batch):
 
 def test_a_lone_request_is_not_delayed_even_with_a_long_max_delay(models_dir, digit_batch):
     async def main():
-        runtime = await started(models_dir, max_delay_ms=5000)
-        await runtime.infer("digits", "folded", digit_batch[:1])  # first run: warm
+        core = await started(models_dir, max_delay_ms=5000)
+        await infer(core, "folded", digit_batch[:1])  # first run: warm
         t0 = time.perf_counter()
-        await runtime.infer("digits", "folded", digit_batch[1:2])
+        await infer(core, "folded", digit_batch[1:2])
         elapsed = time.perf_counter() - t0
-        await runtime.aclose()
+        await core.aclose()
         return elapsed
 
     assert asyncio.run(main()) < 0.5  # an idle lane runs at once: nowhere near 5 s
@@ -128,12 +134,12 @@ def test_a_lone_request_is_not_delayed_even_with_a_long_max_delay(models_dir, di
 
 def test_max_batch_size_caps_batches_and_never_splits_a_request(models_dir, digit_batch):
     async def main():
-        runtime = await started(models_dir, max_batch_size=4)
-        calls = [runtime.infer("digits", "folded", digit_batch[i : i + 1]) for i in range(12)]
-        calls.insert(5, runtime.infer("digits", "folded", digit_batch[:6]))
+        core = await started(models_dir, max_batch_size=4)
+        calls = [infer(core, "folded", digit_batch[i : i + 1]) for i in range(12)]
+        calls.insert(5, infer(core, "folded", digit_batch[:6]))
         results = await asyncio.gather(*calls)
-        await runtime.aclose()
-        return results, runtime.runner.batch_rows
+        await core.aclose()
+        return results, core.plane.runner.batch_rows
 
     results, runs = asyncio.run(main())
     assert set(runs) <= {1, 2, 3, 4, 6} and runs[6] == 1  # the 6-row request ran alone, whole
@@ -142,28 +148,28 @@ def test_max_batch_size_caps_batches_and_never_splits_a_request(models_dir, digi
 
 def test_max_batch_size_1_turns_batching_off(models_dir, digit_batch):
     async def main():
-        runtime = await started(models_dir, max_batch_size=1)
-        await asyncio.gather(*(runtime.infer("digits", "folded", digit_batch[i : i + 1])
+        core = await started(models_dir, max_batch_size=1)
+        await asyncio.gather(*(infer(core, "folded", digit_batch[i : i + 1])
                                for i in range(10)))  # fmt: skip
-        await runtime.aclose()
-        return runtime.runner.batch_rows
+        await core.aclose()
+        return core.plane.runner.batch_rows
 
     assert asyncio.run(main()) == {1: 10}
 
 
 def test_a_request_given_up_while_queued_is_dropped_before_it_runs(models_dir, digit_batch):
     async def main():
-        runtime = await started(models_dir)
-        gate = Gate(runtime.models["digits"])
-        running = asyncio.create_task(runtime.infer("digits", "folded", digit_batch[:1]))
+        core = await started(models_dir)
+        gate = Gate(core.registry.models["digits"])
+        running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
         while not gate.rows:  # the first request holds the lane's thread
             await asyncio.sleep(0.005)
         with pytest.raises(TimeoutError):  # the second gives up while queued
-            await asyncio.wait_for(runtime.infer("digits", "folded", digit_batch[1:3]), 0.05)
+            await asyncio.wait_for(infer(core, "folded", digit_batch[1:3]), 0.05)
         gate.opened.set()
         first = await running
-        lane = runtime.runner.lanes[("digits", "folded")]
-        await runtime.aclose()
+        lane = core.plane.runner.lanes[("digits", "folded")]
+        await core.aclose()
         return gate.rows, first, len(lane.waiting)
 
     rows, first, still_waiting = asyncio.run(main())
@@ -173,13 +179,13 @@ def test_a_request_given_up_while_queued_is_dropped_before_it_runs(models_dir, d
 
 def test_a_failed_run_fails_its_callers_and_the_lane_goes_on(models_dir, digit_batch):
     async def main():
-        runtime = await started(models_dir)
-        gate = Gate(runtime.models["digits"], open_=True)
+        core = await started(models_dir)
+        gate = Gate(core.registry.models["digits"], open_=True)
         gate.fail_next = True
         with pytest.raises(RuntimeError, match="^injected onnxruntime failure$"):
-            await runtime.infer("digits", "folded", digit_batch[:2])
-        after = await runtime.infer("digits", "folded", digit_batch[:2])
-        await runtime.aclose()
+            await infer(core, "folded", digit_batch[:2])
+        after = await infer(core, "folded", digit_batch[:2])
+        await core.aclose()
         return after
 
     assert asyncio.run(main()).shape == (2, 10)
@@ -189,14 +195,14 @@ def test_requests_for_different_sessions_of_a_model_never_share_a_run(models_dir
     """After a reload, requests queued for the old sessions and the new ones run apart."""
 
     async def main():
-        runtime = await started(models_dir)
-        old = runtime.models["digits"]
-        new = await runtime.reload("digits")
-        runner = runtime.runner
+        core = await started(models_dir)
+        old = core.registry.models["digits"]
+        new = await core.registry.reload("digits")
+        runner = core.plane.runner
         assert isinstance(runner, BatchingRunner)
         x = digit_batch[:1]
         await asyncio.gather(*(runner.run(m, "folded", x) for m in (old, new, old)))
-        await runtime.aclose()
+        await core.aclose()
         return runner.batch_rows
 
     assert asyncio.run(main()) == {1: 3}

@@ -1,5 +1,6 @@
-"""service/runtime.py: every bundle is verified before it is served, a failure is kept with its
-reason, and `ModelRuntime.infer` is the one inference path (what a batcher plugs into)."""
+"""service/registry.py and service/dataplane.py: every bundle is verified before it is served,
+a failure is kept with its reason, and `DataPlane.infer` on the admitted model is the one
+inference path (what a batcher plugs into)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput, NotFound, PayloadTooLarge, ServiceUnavailable
 from service.config import Settings
-from service.runtime import ModelRuntime, ThreadRunner, check_input, load_model
+from service.core import Core
+from service.dataplane import ThreadRunner, check_input
+from service.registry import load_model, one_of
 
 CPU = ["CPUExecutionProvider"]
 
@@ -126,40 +129,43 @@ def test_check_input_names_the_first_non_finite_value():
     )
 
 
-def start_runtime(models_dir: Path, runner=None) -> ModelRuntime:
-    runtime = ModelRuntime(Settings(models_dir=models_dir, provider="cpu"), runner)
-    asyncio.run(runtime.start())
-    return runtime
+def start_core(models_dir: Path, runner=None) -> Core:
+    core = Core.build(Settings(models_dir=models_dir, provider="cpu"), runner)
+    asyncio.run(core.start())
+    return core
 
 
 def test_readiness_reasons(tmp_path, copy_bundle):
-    runtime = ModelRuntime(Settings(models_dir=tmp_path / "models"))
-    assert runtime.not_ready_reason() == "model bundles are still loading"
-    asyncio.run(runtime.start())
-    assert runtime.not_ready_reason().startswith(f"no model bundles in {tmp_path / 'models'}")
+    core = Core.build(Settings(models_dir=tmp_path / "models"))
+    assert core.not_ready_reason() == "model bundles are still loading"
+    asyncio.run(core.start())
+    assert core.not_ready_reason().startswith(f"no model bundles in {tmp_path / 'models'}")
     copy_bundle("digits")
     (copy_bundle("broken") / "folded.onnx").unlink()
-    runtime = start_runtime(tmp_path / "models")
-    assert runtime.not_ready_reason().startswith("bundles failed to load: broken: ")
-    assert "folded model file is missing" in runtime.not_ready_reason()
-    assert runtime.get_ready("digits").ready  # the good one is still served
+    core = start_core(tmp_path / "models")
+    assert core.not_ready_reason().startswith("bundles failed to load: broken: ")
+    assert "folded model file is missing" in core.not_ready_reason()
+    assert core.registry.get_ready("digits").ready  # the good one is still served
     with pytest.raises(ServiceUnavailable, match="^model 'broken' is not ready: .*missing"):
-        runtime.get_ready("broken")
+        core.registry.get_ready("broken")
+    core.admission.begin_drain()
+    assert core.not_ready_reason() == "shutting down: finishing the requests in flight"
 
 
 def test_get_refuses_unknown_models_and_versions(models_dir):
-    runtime = start_runtime(models_dir)
+    registry = start_core(models_dir).registry
     with pytest.raises(NotFound, match="^unknown model 'cats'; models served here: digits$"):
-        runtime.get("cats")
+        registry.get("cats")
     with pytest.raises(NotFound, match="^model 'digits' has no version '7'; it has '1'$"):
-        runtime.get("digits", "7")
-    assert runtime.get("digits", "1").name == "digits"
+        registry.get("digits", "7")
+    assert registry.get("digits", "1").name == "digits"
 
 
 def test_infer_equals_onnxruntime_run_directly_bit_for_bit(models_dir, direct, digit_batch):
-    runtime = start_runtime(models_dir)
+    core = start_core(models_dir)
+    model = core.registry.get_ready("digits")
     for variant in ("folded", "unfolded"):
-        logits = asyncio.run(runtime.infer("digits", variant, digit_batch))
+        logits = asyncio.run(core.plane.infer(model, variant, digit_batch))
         assert logits.dtype == np.float32 and logits.shape == (len(digit_batch), 10)
         assert np.array_equal(logits, direct.logits(digit_batch, variant))
 
@@ -169,18 +175,43 @@ class RecordingRunner(ThreadRunner):
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, tuple]] = []
+        self.seen: list = []  # the LoadedModel objects that reached the runner
 
     async def run(self, model, variant, x):
         self.calls.append((model.name, variant, x.shape))
+        self.seen.append(model)
         return await super().run(model, variant, x)
 
 
 def test_every_inference_goes_through_the_runner_after_validation(models_dir, digit_batch):
     runner = RecordingRunner()
-    runtime = start_runtime(models_dir, runner)
-    asyncio.run(runtime.infer("digits", "unfolded", digit_batch[:3]))
+    core = start_core(models_dir, runner)
+    model = core.registry.get_ready("digits")
+    asyncio.run(core.plane.infer(model, "unfolded", digit_batch[:3]))
     with pytest.raises(BadInput, match="^unknown variant 'both'; use 'folded' or 'unfolded'$"):
-        asyncio.run(runtime.infer("digits", "both", digit_batch[:3]))  # type: ignore[arg-type]
+        asyncio.run(core.plane.infer(model, "both", digit_batch[:3]))
     with pytest.raises(BadInput):
-        asyncio.run(runtime.infer("digits", "folded", digit_batch[:3, :, :4]))
+        asyncio.run(core.plane.infer(model, "folded", digit_batch[:3, :, :4]))
     assert runner.calls == [("digits", "unfolded", (3, 1, 8, 8))]
+
+
+def test_infer_runs_on_the_admitted_model_even_after_a_reload_replaced_it(models_dir, digit_batch):
+    """Issue 11: the data plane never looks the model up by name again after admission."""
+    runner = RecordingRunner()
+    core = start_core(models_dir, runner)
+
+    async def main():
+        async with core.admission.admit("digits") as admitted:
+            fresh = await core.registry.reload("digits")  # replaced while the request is in
+            assert core.registry.models["digits"] is fresh and fresh is not admitted
+            await core.plane.infer(admitted, "folded", digit_batch[:1])
+            return admitted
+
+    admitted = asyncio.run(main())
+    assert runner.seen == [admitted]
+
+
+def test_variants_are_listed_in_error_messages_as_the_bundle_has_them():
+    assert one_of(["folded"]) == "'folded'"
+    assert one_of(["folded", "unfolded"]) == "'folded' or 'unfolded'"
+    assert one_of(["folded", "unfolded", "int8"]) == "'folded', 'unfolded' or 'int8'"

@@ -1,0 +1,45 @@
+"""What one server process holds: settings, metrics, the registry, admission and the data plane.
+
+Built once per process (`Core.build`) and shared by every protocol the process speaks: the REST
+app reads it from `app.state.core`, the gRPC servicer is given it. Neither protocol owns it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from service.admission import Admission
+from service.config import Settings
+from service.dataplane import DataPlane, Runner
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+
+
+@dataclass(eq=False)
+class Core:
+    settings: Settings
+    metrics: Metrics
+    registry: ModelRegistry
+    admission: Admission
+    plane: DataPlane
+
+    @classmethod
+    def build(cls, settings: Settings, runner: Runner | None = None) -> Core:
+        """Nothing loaded yet: readiness answers 503 until `start`."""
+        metrics = Metrics()
+        registry = ModelRegistry(settings)
+        admission = Admission(settings, registry, metrics)
+        return cls(settings, metrics, registry, admission, DataPlane(settings, metrics, runner))
+
+    async def start(self) -> None:
+        await self.registry.start()
+
+    async def aclose(self) -> None:
+        await self.plane.aclose()
+        self.registry.close()
+
+    def not_ready_reason(self) -> str | None:
+        """None when the server can answer every model; else why not (readiness)."""
+        if self.admission.draining:
+            return "shutting down: finishing the requests in flight"
+        return self.registry.not_ready_reason()

@@ -1,0 +1,52 @@
+"""The one table from data-plane errors to wire status: HTTP status for REST, gRPC status code.
+
+Every `BnfoldError` carries its HTTP status; `wire_error` adds the gRPC code that means the same
+to a gRPC client, so REST (service/app.py) and gRPC (service/grpc/errors.py) translate the same
+error the same way, with the same message. A client's mistake is never UNKNOWN or INTERNAL:
+only 500 (the server's own failure) maps to INTERNAL.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bnfold.errors import BnfoldError
+
+# HTTP status -> gRPC status code name (grpc.StatusCode[name]; grpc itself is not imported here).
+GRPC_CODE = {
+    400: "INVALID_ARGUMENT",  # bad tensor, image, variant or request
+    401: "UNAUTHENTICATED",  # admin call without a token
+    403: "PERMISSION_DENIED",  # admin call with the wrong token, or admin calls turned off
+    404: "NOT_FOUND",  # unknown model or version
+    413: "RESOURCE_EXHAUSTED",  # over a configured limit (message size, images per request)
+    415: "INVALID_ARGUMENT",  # wrong Content-Type or image format
+    503: "UNAVAILABLE",  # not ready, queue full, shutting down
+    504: "DEADLINE_EXCEEDED",  # past the request timeout or the client's deadline
+}
+
+
+class Unauthorized(BnfoldError):
+    """An admin call without credentials (401 / UNAUTHENTICATED)."""
+
+    status_code = 401
+
+
+class Forbidden(BnfoldError):
+    """An admin call with a wrong token, or while admin calls are off (403 / PERMISSION_DENIED)."""
+
+    status_code = 403
+
+
+@dataclass(frozen=True)
+class WireError:
+    http_status: int
+    grpc_code: str
+    message: str
+    headers: dict[str, str]
+
+
+def wire_error(exc: BnfoldError) -> WireError:
+    """How REST and gRPC answer `exc`."""
+    status = exc.status_code
+    code = GRPC_CODE.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+    return WireError(status, code, exc.message, dict(exc.headers or {}))

@@ -1,0 +1,249 @@
+"""The model registry: every bundle in the models folder, verified before it is served.
+
+Protocol-free (no HTTP, no gRPC). A bundle becomes a `LoadedModel`: its sessions when it
+loaded, the reason when it did not (kept, so every place that asks can say why). Loading,
+reloading and unloading replace the registry's entry in one assignment: a request admitted
+before holds the `LoadedModel` it was given and finishes on those sessions.
+
+Variants are data: every file the manifest lists (`folded`, `unfolded`, and any other such as
+`int8`) gets a session under its own name.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import numpy as np
+import onnxruntime as ort
+
+from bnfold.bundle import NAME_PATTERN, Manifest, discover_bundles, load_bundle
+from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
+from bnfold.sessions import make_probe_session, make_session, resolve_providers
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """One bundle as the server holds it: sessions when it loaded, the reason when it did not."""
+
+    name: str
+    path: Path
+    manifest: Manifest | None = None
+    sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    probe_sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    providers: list[str] = field(default_factory=list)
+    error: str | None = None
+    probe_error: str | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.error is None and bool(self.sessions)
+
+    @property
+    def version(self) -> str | None:
+        return self.manifest.version if self.manifest else None
+
+    @property
+    def variants(self) -> list[str]:
+        """The variants this model serves, in the manifest's order."""
+        return list(self.sessions)
+
+    def check_variant(self, variant: object) -> str:
+        """The variant when this model serves it; 400 naming the ones it does otherwise."""
+        if not isinstance(variant, str) or variant not in self.sessions:
+            raise BadInput(f"unknown variant {variant!r}; use {one_of(self.variants)}")
+        return variant
+
+    def run(self, variant: str, x: np.ndarray) -> np.ndarray:
+        """Blocking onnxruntime run: (N, C, H, W) float32 -> (N, classes) float32 logits."""
+        assert self.manifest is not None
+        session = self.sessions[variant]
+        return session.run([self.manifest.output.name], {self.manifest.input.name: x})[0]
+
+    def run_probes(self, variant: str, x: np.ndarray) -> list[np.ndarray]:
+        """Blocking: the intermediate tensors named by manifest.layer_probes, in probe order."""
+        assert self.manifest is not None
+        names = probe_names(self.manifest, variant)
+        return self.probe_sessions[variant].run(names, {self.manifest.input.name: x})
+
+
+def one_of(names: list[str]) -> str:
+    """ "'a'", "'a' or 'b'", "'a', 'b' or 'c'"."""
+    quoted = [repr(n) for n in names]
+    return " or ".join(quoted) if len(quoted) < 3 else f"{', '.join(quoted[:-1])} or {quoted[-1]}"
+
+
+def probe_names(manifest: Manifest, variant: str) -> list[str]:
+    """The tensors to expose in one variant's graph, one per folded BN (manifest order)."""
+    attr = "folded_tensor" if variant == "folded" else "unfolded_tensor"
+    return [getattr(p, attr) for p in manifest.layer_probes]
+
+
+def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedModel:
+    """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`."""
+    model = LoadedModel(name=path.name, path=path)
+    try:
+        model.manifest = load_bundle(path)
+        _check_name(model.manifest, path)
+        missing = [v for v in PROBED if v not in model.manifest.files]
+        if missing:
+            raise BundleError(f"{path}: the manifest lists no {' or '.join(missing)} file")
+        model.sessions = {
+            v: make_session(path / f.path, v, providers, threads)
+            for v, f in model.manifest.files.items()
+        }
+        model.providers = model.sessions["folded"].get_providers()
+        for variant in model.sessions:
+            _check_session(model, variant)
+    except Exception as exc:  # any failure (ours, onnxruntime's, the file system's) is kept
+        model.sessions = {}
+        model.error = (
+            exc.message if isinstance(exc, BnfoldError) else f"{type(exc).__name__}: {exc}"
+        )
+        log.error("bundle %s not served: %s", path, model.error)
+        return model
+    _load_probes(model, providers)
+    log.info("bundle %s loaded (version %s, %s)", model.name, model.version, model.providers[0])
+    return model
+
+
+def _check_name(manifest: Manifest, path: Path) -> None:
+    if manifest.name != path.name:
+        raise BundleError(
+            f"{path}: folder name {path.name!r} differs from the manifest name "
+            f"{manifest.name!r}; rename the folder to the model name"
+        )
+
+
+def _check_session(model: LoadedModel, variant: str) -> None:
+    """Refuse a graph whose inputs/outputs disagree with the manifest; warm it up once."""
+    m = model.manifest
+    assert m is not None
+    session = model.sessions[variant]
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if inputs != [m.input.name] or m.output.name not in outputs:
+        raise BundleError(
+            f"{model.path / m.files[variant].path}: graph has inputs {inputs} and outputs "
+            f"{outputs}; the manifest declares input {m.input.name!r}, output {m.output.name!r}"
+        )
+    example = np.zeros([1, *m.input.shape[1:]], dtype=np.float32)  # (1, C, H, W)
+    logits = model.run(variant, example)
+    if logits.shape != (1, len(m.classes)):
+        raise BundleError(
+            f"{variant} model answers logits of shape {list(logits.shape)} for one image; "
+            f"the manifest lists {len(m.classes)} classes"
+        )
+
+
+def _load_probes(model: LoadedModel, providers: list[str]) -> None:
+    """Probe sessions for compare's per-layer differences; their failure costs only that."""
+    m = model.manifest
+    assert m is not None
+    if not m.layer_probes:
+        note = getattr(m, "layer_probes_note", None)  # why the exporter wrote none
+        model.probe_error = note or "the bundle lists no layer probes"
+        return
+    try:
+        for v in PROBED:
+            path = model.path / m.files[v].path
+            model.probe_sessions[v] = make_probe_session(path, probe_names(m, v), providers)
+    except ImportError:
+        model.probe_error = "per-layer differences need the onnx package, not installed here"
+    except Exception as exc:
+        model.probe_error = f"probe sessions failed: {type(exc).__name__}: {exc}"
+    if model.probe_error:
+        model.probe_sessions = {}
+        log.warning("bundle %s: no per-layer differences: %s", model.name, model.probe_error)
+
+
+class ModelRegistry:
+    """The bundles of `settings.models_dir`: loaded at start, reloaded, loaded or unloaded on
+    request; readiness says whether every bundle found is served."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.models: dict[str, LoadedModel] = {}
+        self.loaded = False
+
+    async def start(self) -> None:
+        """Resolve the provider (a bad choice fails start-up) and load every bundle off the
+        event loop."""
+        providers = resolve_providers(self.settings.provider)
+        self.models = await anyio.to_thread.run_sync(self._load_all, providers)
+        self.loaded = True
+
+    def _load_all(self, providers: list[str]) -> dict[str, LoadedModel]:
+        paths = discover_bundles(self.settings.models_dir)
+        if not paths:
+            log.warning("no model bundles in %s", self.settings.models_dir)
+        return {p.name: load_model(p, providers, self.settings.threads) for p in paths}
+
+    def close(self) -> None:
+        self.models, self.loaded = {}, False
+
+    def not_ready_reason(self) -> str | None:
+        """None when every bundle loaded; else why the server is not ready."""
+        if not self.loaded:
+            return "model bundles are still loading"
+        if not self.models:
+            return (
+                f"no model bundles in {self.settings.models_dir}: "
+                "run `make train` or set BNFOLD_MODELS_DIR"
+            )
+        failed = [f"{m.name}: {m.error}" for m in self.models.values() if not m.ready]
+        return f"bundles failed to load: {'; '.join(failed)}" if failed else None
+
+    def get(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model by name (and version when given), loaded or not; 404 when unknown."""
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise NotFound(f"unknown model {name!r}; models served here: {known}")
+        if version is not None and model.manifest and version != model.version:
+            raise NotFound(f"model {name!r} has no version {version!r}; it has {model.version!r}")
+        return model
+
+    def get_ready(self, name: str, version: str | None = None) -> LoadedModel:
+        """The model when it can answer; 503 with the load failure when it cannot."""
+        model = self.get(name, version)
+        if not model.ready:
+            raise ServiceUnavailable(f"model {name!r} is not ready: {model.error}")
+        return model
+
+    def bundle_path(self, name: str) -> Path:
+        """Where the bundle `name` lives (it may not exist yet); 400 for a name that could
+        leave the models folder."""
+        if not re.fullmatch(NAME_PATTERN, name):
+            raise BadInput(f"{name!r} is not a bundle name (letters, digits, '_', '.', '-')")
+        return Path(self.settings.models_dir) / name
+
+    async def load(self, name: str) -> LoadedModel:
+        """Verify the bundle's checksums and create its sessions, then put it in service in one
+        assignment; requests already admitted finish on the sessions they hold. A failure is
+        kept as the model's error, so a file changed since start-up is never served."""
+        path = self.bundle_path(name)
+        if not (path / "bundle.json").is_file() and name not in self.models:
+            raise NotFound(f"no bundle {name!r} in {self.settings.models_dir}")
+        providers = resolve_providers(self.settings.provider)
+        model = await anyio.to_thread.run_sync(load_model, path, providers, self.settings.threads)
+        self.models[name] = model
+        return model
+
+    async def reload(self, name: str) -> LoadedModel:
+        """Load again a model the registry knows (404 otherwise)."""
+        self.get(name)
+        return await self.load(name)
+
+    def unload(self, name: str) -> LoadedModel:
+        """Take a model out of service (404 when unknown); admitted requests still finish."""
+        model = self.get(name)
+        del self.models[name]
+        return model
