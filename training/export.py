@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from bnfold.bundle import (
+    INT8,
     EquivalenceReport,
     InputSpec,
     LayerDiff,
@@ -34,6 +35,7 @@ from bnfold.bundle import (
     write_bundle_atomically,
 )
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
+from bnfold.int8 import Int8Request, add_int8_variant
 from bnfold.preprocess import PreprocessSpec
 from bnfold.sessions import make_probe_session, make_session, run_session
 from bnfold.verify import count_bn_nodes
@@ -176,8 +178,12 @@ def export_bundle(
     out_dir: Path,
     architecture: dict | None = None,
     training_metrics: dict | None = None,
+    int8: Int8Request | None = None,
 ) -> Manifest:
-    """Fold `model`, export both variants, measure, and write models/<name>/ atomically."""
+    """Fold `model`, export both variants, measure, and write models/<name>/ atomically.
+
+    With `int8`, the folded model is also quantized and measured on eval_x; quantized.onnx is
+    written only when it passes, and the equivalence report's int8 section says why not."""
     model = model.eval()
     folded_gm, report = fold_batchnorm(model)
     folded = materialize_folded(model, folded_gm, report)
@@ -205,6 +211,11 @@ def export_bundle(
         equivalence = measure_equivalence(
             model, tmp / "folded.onnx", tmp / "unfolded.onnx", probes, eval_x, split
         )
+        if int8 is not None:
+            entry, int8_report = add_int8_variant(tmp, int8, eval_x, split)
+            if entry is not None:
+                files[INT8] = entry
+            equivalence = equivalence.model_copy(update={"int8": int8_report})
         manifest = Manifest(
             name=name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
