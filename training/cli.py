@@ -12,6 +12,7 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,6 +27,9 @@ from training.data import (
     stratified_split,
 )
 from training.model import ModelConfig
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
 
 DEFAULT_SEED = 0
 
@@ -70,13 +74,39 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def train_and_export(args: argparse.Namespace, dist) -> int:
     """Train (one process, or this rank of a torchrun job), then fold and export on rank 0."""
-    from training.train import TrainConfig, fit
+    from training.train import fit
 
     if args.resume is not None and not args.resume.is_file():
         raise DataError(f"checkpoint {args.resume} does not exist")
     splits = load_splits(args.data, args.seed, args.image_size, args.color_mode)
     if not args.no_export:
         check_bundle_target(args.models_dir, args.name, args.force)
+    model_cfg, train_cfg = configs_from_args(args, splits, distributed=dist is not None)
+    run_dir = Path(args.runs_dir) / args.name
+    summary = fit(splits, model_cfg, train_cfg, run_dir, resume=args.resume, dist=dist)
+    if dist is not None and not dist.is_main:
+        return 0
+    layout = ""
+    if dist is not None:
+        bn = "synchronized BN" if summary["sync_bn"] else "per-replica BN"
+        layout = (
+            f" [{summary['world_size']} processes x batch {summary['per_replica_batch']}, {bn}]"
+        )
+    print(
+        f"trained {args.name}{layout}: test accuracy {summary['test_acc']:.4f} "
+        f"({summary['n_test']} images); checkpoint {run_dir / 'checkpoint.pt'}"
+    )
+    if args.no_export:
+        return 0
+    return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits)
+
+
+def configs_from_args(
+    args: argparse.Namespace, splits: Splits, distributed: bool = False
+) -> tuple[ModelConfig, TrainConfig]:
+    """The model and training configuration a `train` command line asks for."""
+    from training.train import TrainConfig
+
     sample = splits.train.x[0]
     model_cfg = ModelConfig(
         in_channels=sample.shape[0],
@@ -96,30 +126,14 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        sync_bn=bool(args.sync_bn and dist is not None),
+        sync_bn=bool(args.sync_bn and distributed),
         extra={
             "data": args.data or "digits",
             "image_size": args.image_size,
             "color_mode": args.color_mode,
         },
     )
-    run_dir = Path(args.runs_dir) / args.name
-    summary = fit(splits, model_cfg, train_cfg, run_dir, resume=args.resume, dist=dist)
-    if dist is not None and not dist.is_main:
-        return 0
-    layout = ""
-    if dist is not None:
-        bn = "synchronized BN" if summary["sync_bn"] else "per-replica BN"
-        layout = (
-            f" [{summary['world_size']} processes x batch {summary['per_replica_batch']}, {bn}]"
-        )
-    print(
-        f"trained {args.name}{layout}: test accuracy {summary['test_acc']:.4f} "
-        f"({summary['n_test']} images); checkpoint {run_dir / 'checkpoint.pt'}"
-    )
-    if args.no_export:
-        return 0
-    return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits)
+    return model_cfg, train_cfg
 
 
 def check_bundle_target(models_dir: str, name: str, force: bool) -> None:
@@ -198,6 +212,7 @@ def checkpoint_metrics(ckpt: dict, model, splits: Splits) -> dict:
         "n_test": len(splits.test.y),
         "seed": ckpt["train_config"]["seed"],
         "data": ckpt["train_config"].get("extra", {}).get("data", "digits"),
+        "config": ckpt["train_config"],  # the TrainConfig that made these weights
     }
     if ckpt.get("distributed"):
         metrics |= ckpt["distributed"]
