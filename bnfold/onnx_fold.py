@@ -167,9 +167,11 @@ def _fold_one(graph: Graph, affine: Affine | FoldRow) -> FoldRow:
         plan = _plan_forward(graph, affine)
         _apply_forward(graph, affine, plan)
         return _folded(row, plan, "forward", plan.layer.output)
-    except Refused as refused:
-        reason = refused if isinstance(back, _NoLayer) else back
-    return row.model_copy(update={"reason": str(reason)})
+    except _NoLayer as fwd:
+        reason = f"not folded: {back}; its {fwd}" if isinstance(back, _NoLayer) else str(back)
+    except Refused as fwd:
+        reason = str(fwd) if isinstance(back, _NoLayer) else str(back)
+    return row.model_copy(update={"reason": reason})
 
 
 def _folded(row: FoldRow, plan: _Plan, direction: str, probe: str) -> FoldRow:
@@ -188,7 +190,7 @@ def _plan_backward(graph: Graph, affine: Affine) -> _Plan:
     if layer is None:
         src = graph.producer.get(cur)
         where = describe(src) if src else f"the graph input '{cur}'"
-        raise _NoLayer(f"not folded: input comes from {where}, not a Conv/Gemm/MatMul")
+        raise _NoLayer(f"input comes from {where}, not a Conv/ConvTranspose/Gemm/MatMul")
     on_path = [layer.node, layer.bias_add, *path, affine.nodes[0]]
     for tensor in [layer.node.output[0], layer.output] + [n.output[0] for n in path]:
         if not graph.private(tensor):
@@ -226,8 +228,7 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     layer = layer_at(graph, graph.sole_consumer(cur), data=cur)
     if layer is None:
         raise _NoLayer(
-            f"not folded: input is not a layer's output and its output feeds "
-            f"{graph.users_text(cur)}, not a Conv/Gemm/MatMul it can fold into"
+            f"output feeds {graph.users_text(cur)}, not one Conv/Gemm/MatMul it can fold into"
         )
     if layer.kind == "ConvTranspose":
         raise Refused("not folded: forward fold into ConvTranspose is not supported")
@@ -367,11 +368,12 @@ def _set_bias(graph: Graph, layer: Layer, value: np.ndarray) -> None:
     out = node.output[0]
     product = graph.fresh_name(f"{out}_matmul")
     bias = graph.new_constant(f"{node_name(node)}_bias", value)
-    graph.rename_tensor(out, product)
+    node.output[0] = product  # the MatMul alone; its readers now read the Add's output
     add = onnx.helper.make_node(
         "Add", [product, bias], [out], name=graph.fresh_name(f"{node_name(node)}_bias_add")
     )
     graph.insert_after(node, add)
+    layer.bias_add = add  # the layer's output is the Add's (the MatMul's old name)
 
 
 # ---------------------------------------------------------------- input and output checks
