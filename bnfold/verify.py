@@ -5,7 +5,8 @@ BatchNormalization node counts match the fold report (unfolded keeps every BN ro
 only the refused ones; Mul/Add rows, how Keras exports BN, have no BN node), the recorded op
 counts match, an imported bundle's folded graph has nothing left to fold, and folded vs
 unfolded logits, re-measured with onnxruntime, stay within the bundle's stated tolerance with
-full top-1 agreement.
+full top-1 agreement. An int8 variant, when the bundle has one, must agree with its report and
+still meet its criterion against the folded model (bnfold.int8.check_int8).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 
 from bnfold.bundle import (
+    INT8,
     VARIANTS,
     EquivalenceReport,
     FoldRow,
@@ -28,6 +30,7 @@ from bnfold.bundle import (
 )
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BnfoldError
+from bnfold.int8 import check_int8
 from bnfold.preprocess import generated_batch
 from bnfold.sessions import make_probe_session, make_session
 
@@ -45,7 +48,8 @@ def count_bn_nodes(proto: onnx.ModelProto) -> int:
 def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
     """BN nodes each variant must hold: one per BatchNormalization row, folded ones removed."""
     bn_rows = [r for r in rows if r.op == "BatchNormalization"]
-    return {"unfolded": len(bn_rows), "folded": sum(not r.folded for r in bn_rows)}
+    folded = sum(not r.folded for r in bn_rows)
+    return {"unfolded": len(bn_rows), "folded": folded, "int8": folded}  # int8: from folded
 
 
 def tolerance_for(unfolded_logits: np.ndarray) -> float:
@@ -117,9 +121,12 @@ class VerifyResult:
         self.lines.append(f"ok   {msg}")
 
 
-def verify_bundle(bundle_dir: Path, x: np.ndarray | None = None) -> VerifyResult:
+def verify_bundle(
+    bundle_dir: Path, x: np.ndarray | None = None, labels: np.ndarray | None = None
+) -> VerifyResult:
     """Verify the bundle at bundle_dir, re-measuring equivalence on inputs x in the model's
-    layout ((N, C, H, W) or (N, H, W, C)); generated inputs when x is None."""
+    layout ((N, C, H, W) or (N, H, W, C)); generated inputs when x is None. labels (N,) let
+    the int8 check re-measure the accuracy drop too."""
     res = VerifyResult(ok=True)
     try:
         manifest = load_bundle(bundle_dir)
@@ -130,6 +137,8 @@ def verify_bundle(bundle_dir: Path, x: np.ndarray | None = None) -> VerifyResult
     protos = {}
     for variant in VARIANTS:
         protos[variant] = _check_file(res, Path(bundle_dir), manifest, variant)
+    if INT8 in manifest.files:
+        _check_file(res, Path(bundle_dir), manifest, INT8)
     if res.ok and manifest.imported is not None:
         _check_nothing_left(res, protos["folded"])
     if not res.ok:
@@ -137,6 +146,11 @@ def verify_bundle(bundle_dir: Path, x: np.ndarray | None = None) -> VerifyResult
     if x is None:
         x = generated_batch(manifest.input.preprocess, N_VERIFY)
     _check_logits(res, Path(bundle_dir), manifest, x)
+    int8 = check_int8(Path(bundle_dir), manifest, x, labels)
+    if int8 is not None and int8[0]:
+        res.good(int8[1])
+    elif int8 is not None:
+        res.fail(int8[1])
     return res
 
 

@@ -3,12 +3,16 @@ refused with its reason; checked with onnxruntime sessions of the test's own."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from bnfold.bundle import INT8_FILE, read_manifest, sha256_file
 from bnfold.int8 import Int8Options, Int8Request
+from bnfold.verify import verify_bundle
 from training.export import export_bundle
 
 
@@ -78,3 +82,39 @@ def test_a_failing_int8_model_is_not_written_and_the_report_says_why(
     assert r.reason.startswith("int8 top-1 agreement with folded float32 is ")
     assert r.reason.endswith("% on the test images, below the 99% required")
     assert "\n" not in r.reason
+
+
+def test_verify_rechecks_the_int8_variant(int8_bundle, digits_splits):
+    res = verify_bundle(int8_bundle, digits_splits.test.x, digits_splits.test.y)
+    assert res.ok, res.lines
+    line = next(s for s in res.lines if "int8 vs folded" in s)
+    assert line.startswith("ok   int8 vs folded on 359 inputs: max |diff| ")
+    assert "accuracy drop" in line
+    assert "ok   quantized.onnx: 0 BatchNormalization nodes as the fold report says" in res.lines
+
+
+def test_verify_catches_a_tampered_int8_file(int8_bundle, tmp_path, digits_splits):
+    bundle = tmp_path / "small"
+    shutil.copytree(int8_bundle, bundle)
+    data = bytearray((bundle / INT8_FILE).read_bytes())
+    data[len(data) // 2] ^= 0x01  # one bit of one weight
+    (bundle / INT8_FILE).write_bytes(bytes(data))
+    res = verify_bundle(bundle, digits_splits.test.x)
+    assert not res.ok
+    assert res.lines[-1].startswith(
+        f"FAIL {bundle / INT8_FILE}: sha256 mismatch for the int8 model"
+    )
+
+
+def test_verify_catches_a_manifest_that_disagrees_with_its_int8_report(
+    int8_bundle, tmp_path, digits_splits
+):
+    bundle = tmp_path / "small"
+    shutil.copytree(int8_bundle, bundle)
+    raw = json.loads((bundle / "bundle.json").read_text())
+    del raw["files"]["int8"]  # the report still says passed
+    (bundle / "bundle.json").write_text(json.dumps(raw))
+    res = verify_bundle(bundle, digits_splits.test.x)
+    assert res.lines[-1] == (
+        "FAIL the int8 report says passed but the bundle lists no quantized.onnx"
+    )
