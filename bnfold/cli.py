@@ -1,4 +1,4 @@
-"""`bnfold`: fold an ONNX model, import one into a served bundle, verify a bundle. No torch.
+"""bnfold: fold an ONNX model, import one into a served bundle, verify a bundle. No torch.
 
     bnfold fold IN.onnx OUT.onnx             fold BN and per-channel Mul/Add, print the report
     bnfold import MODEL.onnx --name NAME ... write models/<name>/ (folded, unfolded, bundle.json)

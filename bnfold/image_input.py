@@ -91,8 +91,9 @@ def _pick_input(model: onnx.ModelProto, path: Path, input_name: str | None):
     others = [n for n in names if n != input_name]
     if others:
         raise ModelImportError(
-            f"{path}: inputs {', '.join(others)} would have no value: the server feeds only the "
-            f"image {input_name!r}; export a model whose only input is the image"
+            f"{path}: the model's other input(s) {', '.join(others)} would have no value: the "
+            f"server feeds only the image {input_name!r}; export a model whose only input is "
+            "the image"
         )
     return inputs[names.index(input_name)]
 
@@ -119,8 +120,8 @@ def _size(h, w, size: tuple[int, int] | None, name: str, path: Path) -> tuple[in
     for got, want in ((h, size[0]), (w, size[1])):
         if isinstance(got, int) and got != want:
             raise ModelImportError(
-                f"{path}: --size {size[0]}x{size[1]} differs from input {name!r}'s fixed size "
-                f"{h}x{w}"
+                f"{path}: --size {size[0]}x{size[1]} differs from the fixed size {h}x{w} of "
+                f"input {name!r}: leave --size out"
             )
     return size
 

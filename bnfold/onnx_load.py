@@ -102,8 +102,10 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
     try:
         onnx.checker.check_model(model, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelImportError(f"{path}: fails onnx.checker: {first}") from None
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        if len(text) > 300:  # the checker may append a whole node dump
+            text = text[:300] + " ..."
+        raise ModelImportError(f"{path}: fails onnx.checker: {text}") from None
 
 
 def ort_message(exc: Exception) -> str:

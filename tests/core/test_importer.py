@@ -1,0 +1,307 @@
+"""bnfold import: hand-built ONNX classifiers in, bundles out, checked against onnxruntime on the
+user's original file (the independent reference); every bad input through the real CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from bnfold.bundle import load_bundle, sha256_file
+from bnfold.importer import ImportOptions, NotEquivalentError, import_model
+from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.reference import evaluate_float64
+from bnfold.verify import verify_bundle
+from tests.core.import_graphs import classifier, simple_model, with_two_inputs
+
+BNFOLD = shutil.which("bnfold", path=str(Path(sys.executable).parent))
+DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+
+def ort_run(path_or_model, x: np.ndarray, level=DISABLE_ALL) -> np.ndarray:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = level
+    src = path_or_model if isinstance(path_or_model, str) else path_or_model.SerializeToString()
+    s = ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    return s.run(None, {s.get_inputs()[0].name: x})[0]
+
+
+def save(model: onnx.ModelProto, path: Path) -> Path:
+    onnx.save_model(model, str(path))
+    return path
+
+
+@pytest.fixture
+def models(tmp_path: Path) -> Path:
+    return tmp_path / "models"
+
+
+def test_import_writes_a_bundle_like_training(tmp_path, models):
+    original = classifier("NCHW", "bn", batch=1)
+    src = save(original, tmp_path / "net.onnx")
+    m = import_model(src, ImportOptions(name="net", models_dir=models))
+    d = models / "net"
+    assert sorted(p.name for p in d.iterdir()) == ["bundle.json", "folded.onnx", "unfolded.onnx"]
+    assert load_bundle(d) == m  # checksums as written
+    assert m.imported.sha256 == sha256_file(src)
+    assert m.files["unfolded"].op_counts["BatchNormalization"] == 1
+    assert "BatchNormalization" not in m.files["folded"].op_counts
+    assert [(r.op, r.folded, r.direction, r.into) for r in m.fold_report] == [
+        ("BatchNormalization", True, "backward", m.fold_report[0].into)
+    ]
+    # Batch 1 fixed in the file: made variable for serving, and the change is recorded.
+    assert any("batch axis 1 -> variable" in c for c in m.imported.changes)
+    unfolded = onnx.load(str(d / "unfolded.onnx"))
+    assert unfolded.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+    assert m.input.shape == [-1, 3, 8, 8] and m.output.shape == [-1, 3]
+    assert m.input.preprocess.layout == "NCHW" and m.input.preprocess.color_mode == "RGB"
+    # The report's figures are what onnxruntime measures on the stated inputs, and the
+    # unfolded bundle file computes what the user's file computes, row by row, exactly.
+    x = generated_batch(m.input.preprocess, 64, seed=0)
+    folded = ort_run(str(d / "folded.onnx"), x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    unfolded_out = ort_run(str(d / "unfolded.onnx"), x)
+    by_row = np.concatenate([ort_run(str(src), x[i : i + 1]) for i in range(len(x))])
+    np.testing.assert_array_equal(unfolded_out, by_row)
+    eq = m.equivalence
+    assert eq.split == "generated" and eq.n_images == 64 and "seed 0" in eq.inputs
+    assert eq.folded_vs_unfolded.max_abs_diff == float(np.abs(folded - unfolded_out).max())
+    ref64 = evaluate_float64(original, "x", x, batch=1)
+    assert eq.folded_vs_float64.max_abs_diff == pytest.approx(np.abs(folded - ref64).max())
+    # float32 rounding of logits of scale ~1: a few 1e-7, far inside the stated tolerance.
+    assert eq.passed and eq.folded_vs_unfolded.max_abs_diff <= eq.tolerance_abs
+    assert eq.unfolded_vs_float64.max_abs_diff < 1e-5
+    assert [p.bn for p in m.layer_probes] == ["bn"] and len(eq.per_layer) == 1
+    assert eq.per_layer[0].max_abs_diff < 1e-5
+    res = verify_bundle(d)
+    assert res.ok, res.lines
+
+
+def test_keras_style_nhwc_mul_add_folds_and_serves_nhwc(tmp_path, models):
+    original = classifier("NHWC", "muladd", batch="N")
+    src = save(original, tmp_path / "keras.onnx")
+    m = import_model(src, ImportOptions(name="keras", models_dir=models, num_classes=3))
+    assert m.input.shape == [-1, 8, 8, 3] and m.input.preprocess.layout == "NHWC"
+    assert m.imported.changes == []  # already a variable batch: the file is served as given
+    assert [(r.op, r.folded) for r in m.fold_report] == [("Mul/Add", True)]
+    counts = m.files["folded"].op_counts
+    assert "Mul" not in counts and "Add" not in counts
+    assert m.files["unfolded"].op_counts["Mul"] == 1
+    assert m.files["unfolded"].batchnorm_nodes == m.files["folded"].batchnorm_nodes == 0
+    # An image through the shared preprocessing (NHWC) gives the original file's logits.
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (20, 30, 3), np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    x = preprocess_bytes(buf.getvalue(), m.input.preprocess)[None]
+    assert x.shape == (1, 8, 8, 3)
+    want = ort_run(str(src), x)
+    got = ort_run(str(models / "keras" / "folded.onnx"), x)
+    assert np.abs(got - want).max() <= m.equivalence.tolerance_abs
+    assert verify_bundle(models / "keras").ok
+
+
+def test_sample_images_are_the_equivalence_inputs(tmp_path, models):
+    samples = tmp_path / "samples"
+    (samples / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(5):
+        pixels = rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(samples / ("sub" if i % 2 else ".") / f"img{i}.png")
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    opts = ImportOptions(name="s", models_dir=models, samples=samples, classes=["a", "b", "c"])
+    m = import_model(src, opts)
+    eq = m.equivalence
+    assert (eq.split, eq.n_images) == ("samples", 5) and str(samples) in eq.inputs
+    files = sorted(p for p in samples.rglob("*.png"))
+    x = np.stack([preprocess_bytes(p.read_bytes(), m.input.preprocess) for p in files])
+    folded = ort_run(
+        str(models / "s" / "folded.onnx"), x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    unfolded = ort_run(str(models / "s" / "unfolded.onnx"), x)
+    assert eq.folded_vs_unfolded.max_abs_diff == float(np.abs(folded - unfolded).max())
+    assert m.classes == ["a", "b", "c"]
+
+
+def test_graph_without_affine_has_no_probes_and_says_so(tmp_path, models):
+    src = save(classifier("NCHW", None, batch="N"), tmp_path / "plain.onnx")
+    m = import_model(src, ImportOptions(name="plain", models_dir=models))
+    assert m.fold_report == [] and m.layer_probes == [] and m.equivalence.per_layer == []
+    assert "nothing was folded" in m.layer_probes_note
+    assert m.equivalence.folded_vs_unfolded.max_abs_diff <= m.equivalence.tolerance_abs
+    assert verify_bundle(models / "plain").ok
+
+
+def test_refused_bn_stays_in_both_files_and_verify_counts_it(tmp_path, models):
+    src = save(classifier("NCHW", "input_bn", batch="N"), tmp_path / "inbn.onnx")
+    m = import_model(src, ImportOptions(name="inbn", models_dir=models))
+    assert [(r.bn, r.folded) for r in m.fold_report] == [("input_bn", False)]
+    assert m.fold_report[0].reason
+    assert m.files["unfolded"].batchnorm_nodes == m.files["folded"].batchnorm_nodes == 1
+    assert m.layer_probes == [] and m.layer_probes_note
+    assert verify_bundle(models / "inbn").ok
+
+
+def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch):
+    """A fold that changed the function (a perturbed weight) is caught and nothing written."""
+    import bnfold.importer as importer
+
+    real = importer.fold_onnx
+
+    def broken_fold(model):
+        folded, report = real(model)
+        w = next(t for t in folded.graph.initializer if t.name.startswith("fc_w"))
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.01, w.name))
+        return folded, report
+
+    monkeypatch.setattr(importer, "fold_onnx", broken_fold)
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    with pytest.raises(NotEquivalentError, match="not equivalent"):
+        import_model(src, ImportOptions(name="net", models_dir=models))
+    assert list(models.iterdir()) == []  # not even a hidden temporary folder
+
+
+def test_verify_fails_a_tampered_imported_bundle(tmp_path, models):
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    import_model(src, ImportOptions(name="net", models_dir=models))
+    manifest = json.loads((models / "net" / "bundle.json").read_text())
+    manifest["files"]["folded"]["op_counts"]["Conv"] = 2  # counts no longer what the file holds
+    (models / "net" / "bundle.json").write_text(json.dumps(manifest))
+    res = verify_bundle(models / "net")
+    assert not res.ok and any("node counts" in line for line in res.lines)
+
+
+def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)).save(png, "PNG")
+    base = dict(color_mode="RGB", height=6, width=5, mean=[0.1, 0.2, 0.3], std=[0.5, 0.6, 0.7])
+    nchw = preprocess_bytes(png.getvalue(), PreprocessSpec(**base))
+    nhwc = preprocess_bytes(png.getvalue(), PreprocessSpec(**base, layout="NHWC"))
+    assert nchw.shape == (3, 6, 5) and nhwc.shape == (6, 5, 3)
+    np.testing.assert_array_equal(nchw, nhwc.transpose(2, 0, 1))
+
+
+# --- bad input: one line on stderr, exit 2, nothing written, never a traceback -------------
+
+
+def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
+    """case -> (import arguments after MODEL, expected fragment of the error line)."""
+    good = save(classifier("NCHW", "bn", batch="N"), tmp / "good.onnx")
+    (tmp / "text.onnx").write_text("this is a README, not a model\n")
+    data = good.read_bytes()
+    (tmp / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    broken = classifier("NCHW", "bn", batch="N")
+    broken.graph.node[0].input[0] = "no_such_tensor"
+    save(broken, tmp / "checker.onnx")
+    ext = tmp / "ext"
+    ext.mkdir()
+    onnx.save_model(
+        classifier("NCHW", "bn", batch="N"),
+        str(ext / "ext.onnx"),
+        save_as_external_data=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    (ext / "ext.onnx.data").unlink()
+    save(with_two_inputs(classifier("NCHW", "bn", batch="N")), tmp / "two.onnx")
+    save(simple_model(onnx.TensorProto.INT64, ["N", 3, 8, 8]), tmp / "int.onnx")
+    save(simple_model(onnx.TensorProto.FLOAT, ["N", 12]), tmp / "rank2.onnx")
+    save(classifier("NCHW", "bn", batch="N", opset=30), tmp / "opset.onnx")
+    (tmp / "two_classes.txt").write_text("cat\ndog\n")
+    (tmp / "models" / "taken").mkdir(parents=True)
+    (tmp / "models" / "taken" / "keep.txt").write_text("mine")
+    return {
+        "not_onnx": (["text.onnx"], "not a readable ONNX model"),
+        "truncated": (["truncated.onnx"], "truncated or corrupt"),
+        "checker": (["checker.onnx"], "fails onnx.checker"),
+        "external_data_missing": (["ext/ext.onnx"], "ext.onnx.data', which is missing"),
+        "two_inputs": (["two.onnx"], "has 2 inputs (x, gain); name the image input with --input"),
+        "two_inputs_named": (
+            ["two.onnx", "--input", "x"],
+            "other input(s) gain would have no value",
+        ),
+        "int_input": (["int.onnx"], "input 'x' is int64; bnfold serves float32 image tensors"),
+        "rank2_input": (["rank2.onnx"], "has shape [N, 12]; bnfold serves rank-4 image tensors"),
+        "opset": (["opset.onnx"], "cannot run this model (opsets: ai.onnx 30)"),
+        "overwrite": (["good.onnx", "--name", "taken"], "already exists: pass --force"),
+        "class_count": (
+            ["good.onnx", "--classes", "two_classes.txt"],
+            "2 class names given but output 'logits' has 3 values per image",
+        ),
+        "num_classes": (["good.onnx", "--num-classes", "4"], "4 class names given"),
+        "size_differs": (
+            ["good.onnx", "--size", "16x16"],
+            "differs from the fixed size 8x8 of input 'x'",
+        ),
+        "channels_mode": (["good.onnx", "--color-mode", "L"], "use --color-mode RGB"),
+        "mean_count": (["good.onnx", "--mean", "0.1", "0.2"], "--mean has 2 values; give 1 or 3"),
+        "no_name": (["good.onnx", "--name"], "expected one argument"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_dir(tmp_path_factory) -> tuple[Path, dict]:
+    tmp = tmp_path_factory.mktemp("bad")
+    return tmp, _bad_files(tmp)
+
+
+CASES = [
+    "not_onnx", "truncated", "checker", "external_data_missing", "two_inputs",
+    "two_inputs_named", "int_input", "rank2_input", "opset", "overwrite", "class_count",
+    "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_import_is_one_line_exit_2_nothing_written(bad_dir, case):
+    tmp, cases = bad_dir
+    args, fragment = cases[case]
+    before = sorted(str(p) for p in (tmp / "models").rglob("*"))
+    name = [] if "--name" in args else ["--name", "x"]
+    proc = subprocess.run(
+        [BNFOLD, "import", *args, *name, "--models-dir", "models"],
+        cwd=tmp, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert fragment in lines[0]
+    assert lines[0].startswith("bnfold")
+    assert sorted(str(p) for p in (tmp / "models").rglob("*")) == before  # nothing written
+    assert proc.stdout == ""
+
+
+def test_force_replaces_a_bundle_and_fold_and_verify_errors_are_one_line(bad_dir, tmp_path):
+    tmp, _ = bad_dir
+    ok = subprocess.run(
+        [BNFOLD, "import", "good.onnx", "--name", "again", "--models-dir", str(tmp_path)],
+        cwd=tmp, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "imported" in ok.stdout and "folded 1/1" in ok.stdout
+    runs = {
+        "force": ["import", "good.onnx", "--name", "again", "--models-dir", str(tmp_path),
+                  "--force"],
+        "fold_not_onnx": ["fold", "text.onnx", str(tmp_path / "out.onnx")],
+        "verify_missing": ["verify", str(tmp_path / "nope")],
+    }  # fmt: skip
+    results = {
+        k: subprocess.run([BNFOLD, *a], cwd=tmp, capture_output=True, text=True, timeout=120)
+        for k, a in runs.items()
+    }
+    assert results["force"].returncode == 0, results["force"].stderr
+    for key in ("fold_not_onnx", "verify_missing"):
+        r = results[key]
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "Traceback" not in r.stderr
+    assert not (tmp_path / "out.onnx").exists()
+    verify = subprocess.run([BNFOLD, "verify", str(tmp_path / "again")], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert verify.returncode == 0 and "verified" in verify.stdout, verify.stdout

@@ -1,0 +1,131 @@
+"""bnfold.reference: a float64 evaluation of ONNX graphs, checked against numpy float64 written
+out by hand (the independent reference), and shown to really compute in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from bnfold.reference import Float64Reference, evaluate_float64, float64_model
+
+RNG = np.random.default_rng(0)
+
+
+def _model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _f32(name: str, shape) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def gemm_bn_model(n_in: int = 6, n_out: int = 4):
+    """x (N, 6) -> Gemm -> BatchNormalization -> Relu, float32 weights; and the weights."""
+    w = RNG.normal(size=(n_out, n_in)).astype(np.float32)
+    b = RNG.normal(size=n_out).astype(np.float32)
+    gamma, beta = RNG.uniform(0.5, 2, n_out), RNG.normal(size=n_out)
+    mean, var = RNG.normal(size=n_out), RNG.uniform(0.1, 3, n_out)
+    params = {"w": w, "b": b, "gamma": gamma, "beta": beta, "mean": mean, "var": var}
+    params = {k: v.astype(np.float32) for k, v in params.items()}
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["h"], transB=1),
+        helper.make_node(
+            "BatchNormalization", ["h", "gamma", "beta", "mean", "var"], ["n"], epsilon=1e-3
+        ),
+        helper.make_node("Relu", ["n"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in params.items()]
+    return _model(nodes, [_f32("x", ["N", n_in])], [_f32("y", ["N", n_out])], inits), params
+
+
+def test_gemm_bn_relu_matches_numpy_float64():
+    model, p = gemm_bn_model()
+    x = RNG.normal(size=(5, 6)).astype(np.float32)
+    got = evaluate_float64(model, "x", x)
+    # The same function written out in numpy float64, from the float32 weights as stored.
+    p64 = {k: v.astype(np.float64) for k, v in p.items()}
+    h = x.astype(np.float64) @ p64["w"].T + p64["b"]
+    n = (h - p64["mean"]) / np.sqrt(p64["var"] + np.float64(np.float32(1e-3))) * p64["gamma"]
+    want = np.maximum(n + p64["beta"], 0)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-13)  # float64 rounding only
+
+
+def test_float32_run_differs_where_float64_does_not():
+    """onnxruntime in float32 is off the float64 function by float32 rounding; the reference's
+    values are not float32 numbers at all: it did not silently run in float32."""
+    model, _ = gemm_bn_model(n_in=64)
+    x = RNG.normal(size=(64, 64)).astype(np.float32)
+    ref = evaluate_float64(model, "x", x)
+    positive = ref[ref > 0]
+    assert np.mean(positive != positive.astype(np.float32)) > 0.9
+    f32 = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert np.abs(f32 - ref).max() < 1e-4 * max(1.0, np.abs(ref).max())  # float32 rounding
+    repeat = Float64Reference(model).run({"x": x})[0]
+    np.testing.assert_array_equal(repeat, ref)
+
+
+def test_constants_casts_and_value_floats_become_float64():
+    """Constant(value_float), Constant(value tensor), ConstantOfShape and Cast(to=FLOAT):
+    each would round to float32; in the copy each keeps float64."""
+    nodes = [
+        helper.make_node("Constant", [], ["c1"], value_float=0.1),
+        helper.make_node("Constant", [], ["c2"], value_floats=[0.3, 0.7, 1.9]),
+        helper.make_node(
+            "Constant", [], ["c3"], value=numpy_helper.from_array(np.float32([1 / 3] * 3))
+        ),
+        helper.make_node("Shape", ["x"], ["shape"]),
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["c4"], value=numpy_helper.from_array(np.float32([0.2]))
+        ),
+        helper.make_node("Cast", ["k"], ["kf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["x", "c1"], ["a"]),
+        helper.make_node("Mul", ["a", "c2"], ["b"]),
+        helper.make_node("Div", ["b", "c3"], ["c"]),
+        helper.make_node("Add", ["c", "c4"], ["d"]),
+        helper.make_node("Add", ["d", "kf"], ["y"]),
+    ]
+    k = numpy_helper.from_array(np.int64([1, 2, 3]), "k")
+    model = _model(nodes, [_f32("x", [2, 3])], [_f32("y", [2, 3])], [k])
+    x = np.float32([[1.1, 2.2, 3.3], [4.4, 5.5, 6.6]])
+    got = evaluate_float64(model, "x", x)
+    f = lambda v: np.float64(np.float32(v))  # noqa: E731 - constants as stored (float32)
+    c2 = np.array([f(0.3), f(0.7), f(1.9)])
+    want = x.astype(np.float64) * f(0.1) * c2 / f(1 / 3) + f(0.2) + np.array([1.0, 2.0, 3.0])
+    np.testing.assert_allclose(got, want, rtol=1e-14)
+    f32 = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    assert np.abs(f32 - want).max() > 1e3 * np.abs(got - want).max()
+
+
+def test_float16_initializers_and_the_original_is_untouched():
+    w16 = RNG.normal(size=(3, 3)).astype(np.float16)
+    nodes = [
+        helper.make_node("Cast", ["x"], ["x16"], to=TensorProto.FLOAT16),
+        helper.make_node("MatMul", ["x16", "w"], ["y"]),
+    ]
+    model = _model(
+        nodes,
+        [_f32("x", [1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [1, 3])],
+        [numpy_helper.from_array(w16, "w")],
+    )
+    before = model.SerializeToString()
+    copy = float64_model(model)
+    assert model.SerializeToString() == before
+    assert copy.graph.initializer[0].data_type == TensorProto.DOUBLE
+    x = np.float32([[0.5, -1.25, 2.0]])
+    got = evaluate_float64(model, "x", x)
+    np.testing.assert_allclose(got, x.astype(np.float64) @ w16.astype(np.float64), rtol=1e-14)
+
+
+def test_batches_are_evaluated_in_chunks_with_the_same_result():
+    model, _ = gemm_bn_model()
+    x = RNG.normal(size=(70, 6)).astype(np.float32)
+    np.testing.assert_array_equal(
+        evaluate_float64(model, "x", x, batch=7), evaluate_float64(model, "x", x, batch=100)
+    )
