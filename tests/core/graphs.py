@@ -54,12 +54,13 @@ class Builder:
     def bn(
         self, x: str, c: int, name: str = "bn", eps: float = 1e-5, var_lo=0.1, gamma=1.0, **attrs
     ) -> str:
-        """A BatchNormalization with random statistics (var in [var_lo, 2])."""
+        """A BatchNormalization with random statistics (var log-uniform in [var_lo, 2])."""
+        var = np.exp(self.rng.uniform(np.log(var_lo), np.log(2.0), size=c))
         params = [
             self.const(self.randn(c) * gamma),
             self.const(self.randn(c)),
             self.const(self.randn(c)),
-            self.const(self.rng.uniform(var_lo, 2.0, size=c)),
+            self.const(var),
         ]
         return self.node("BatchNormalization", [x, *params], name=name, epsilon=eps, **attrs)
 

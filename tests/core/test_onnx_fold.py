@@ -25,7 +25,15 @@ from tests.core.graphs import (
     run64,
 )
 
-PROPERTY = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# BN statistics as the torch fold's property tests draw them: tiny variances, huge gammas.
+BN_STATS = st.fixed_dictionaries(
+    {
+        "var_lo": st.sampled_from([1e-8, 1e-4, 0.1]),
+        "gamma": st.sampled_from([1e-2, 1.0, 1e3]),
+        "eps": st.sampled_from([1e-8, 1e-5, 1e-3, 0.1]),
+    }
+)
 
 
 def fold_and_check(model, x, folded_rows: int, extra: float = 0.0):
@@ -48,7 +56,9 @@ def only_row(report):
 # ---------------------------------------------------------------- backward folds
 
 
-def conv_bn(dim=2, cin=3, cout=4, k=3, groups=1, stride=1, pad=1, dil=1, bias=True, seed=0):
+def conv_bn(
+    dim=2, cin=3, cout=4, k=3, groups=1, stride=1, pad=1, dil=1, bias=True, seed=0, stats=None
+):
     b = Builder(seed)
     w = b.const(b.randn(cout, cin // groups, *[k] * dim))
     inputs = ["x", w] + ([b.const(b.randn(cout))] if bias else [])
@@ -56,7 +66,7 @@ def conv_bn(dim=2, cin=3, cout=4, k=3, groups=1, stride=1, pad=1, dil=1, bias=Tr
         "Conv", inputs, name="conv", group=groups, strides=[stride] * dim,
         pads=[pad] * 2 * dim, dilations=[dil] * dim,
     )  # fmt: skip
-    out = b.bn(conv, cout)
+    out = b.bn(conv, cout, **(stats or {}))
     size = 2 * (k - 1) * dil + 3
     x = b.randn(2, cin, *[size] * dim).astype(np.float32)
     return b.model(["N", cin, *[size] * dim], out), x
@@ -84,13 +94,18 @@ def test_conv_bn_folds_backward_and_keeps_the_output_name():
     k=st.integers(1, 3),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    stats=BN_STATS,
 )
-def test_property_conv_bn(dim, groups, cpg, stride, pad, dil, k, bias, seed):
-    model, x = conv_bn(dim, groups * cpg, 2 * groups, k, groups, stride, pad, dil, bias, seed)
+def test_property_conv_bn(dim, groups, cpg, stride, pad, dil, k, bias, seed, stats):
+    model, x = conv_bn(
+        dim, groups * cpg, 2 * groups, k, groups, stride, pad, dil, bias, seed, stats
+    )
     fold_and_check(model, x, 1)
 
 
-def conv_transpose_bn(groups=2, cpg=2, opg=3, k=3, stride=2, out_pad=1, bias=False, seed=0):
+def conv_transpose_bn(
+    groups=2, cpg=2, opg=3, k=3, stride=2, out_pad=1, bias=False, seed=0, stats=None
+):
     b = Builder(seed)
     cin, cout = groups * cpg, groups * opg
     w = b.const(b.randn(cin, opg, k, k))
@@ -100,7 +115,7 @@ def conv_transpose_bn(groups=2, cpg=2, opg=3, k=3, stride=2, out_pad=1, bias=Fal
         output_padding=[out_pad, out_pad], pads=[1, 1, 1, 1],
     )  # fmt: skip
     x = b.randn(2, cin, 4, 4).astype(np.float32)
-    return b.model(["N", cin, 4, 4], b.bn(conv, cout)), x
+    return b.model(["N", cin, 4, 4], b.bn(conv, cout, **(stats or {}))), x
 
 
 @PROPERTY
@@ -112,21 +127,22 @@ def conv_transpose_bn(groups=2, cpg=2, opg=3, k=3, stride=2, out_pad=1, bias=Fal
     stride=st.integers(1, 2),
     bias=st.booleans(),
     seed=st.integers(0, 2**16),
+    stats=BN_STATS,
 )
-def test_property_grouped_conv_transpose_bn(groups, cpg, opg, k, stride, bias, seed):
-    model, x = conv_transpose_bn(groups, cpg, opg, k, stride, stride - 1, bias, seed)
+def test_property_grouped_conv_transpose_bn(groups, cpg, opg, k, stride, bias, seed, stats):
+    model, x = conv_transpose_bn(groups, cpg, opg, k, stride, stride - 1, bias, seed, stats)
     _, report = fold_and_check(model, x, 1)
     assert only_row(report).into == "deconv"
 
 
-def gemm_bn(trans_a=0, trans_b=0, alpha=1.0, beta=1.0, c_shape=(5,), seed=0):
+def gemm_bn(trans_a=0, trans_b=0, alpha=1.0, beta=1.0, c_shape=(5,), seed=0, stats=None):
     b = Builder(seed)
     m, k, n = 3, 6, 5
     w = b.const(b.randn(*((n, k) if trans_b else (k, n))))
     inputs = ["x", w] + ([b.const(b.randn(*c_shape))] if c_shape is not None else [])
     gemm = b.node("Gemm", inputs, name="fc", transA=trans_a, transB=trans_b, alpha=alpha, beta=beta)
     x = b.randn(*((k, m) if trans_a else (m, k))).astype(np.float32)
-    return b.model(list(x.shape), b.bn(gemm, n)), x
+    return b.model(list(x.shape), b.bn(gemm, n, **(stats or {}))), x
 
 
 @pytest.mark.parametrize("c_shape", [(5,), (1, 5), (3, 5), (3, 1), (), None])
@@ -137,6 +153,21 @@ def test_gemm_bn_with_alpha_beta_and_broadcast_c(trans_a, trans_b, c_shape):
     assert only_row(report).into == "fc"
     gemm = folded.graph.node[0]
     assert next(a.f for a in gemm.attribute if a.name == "beta") == 1.0  # beta went into C
+
+
+@PROPERTY
+@given(
+    trans_a=st.integers(0, 1),
+    trans_b=st.integers(0, 1),
+    alpha=st.sampled_from([1.0, 0.25, -3.0]),
+    beta=st.sampled_from([1.0, 0.0, 2.5]),
+    c_shape=st.sampled_from([(5,), (1, 5), (3, 5), (), None]),
+    seed=st.integers(0, 2**16),
+    stats=BN_STATS,
+)
+def test_property_gemm_bn(trans_a, trans_b, alpha, beta, c_shape, seed, stats):
+    model, x = gemm_bn(trans_a, trans_b, alpha, beta, c_shape, seed, stats)
+    fold_and_check(model, x, 1)
 
 
 def test_matmul_bias_bn_folds_into_the_bias_add():
@@ -273,6 +304,39 @@ def test_bn_after_relu_folds_forward(layer):
     row = only_row(report)
     assert (row.direction, row.into) == ("forward", "next")
     assert row.probe == folded.graph.output[0].name
+
+
+@PROPERTY
+@given(
+    dim=st.sampled_from([1, 2, 3]),
+    groups=st.sampled_from([1, 2]),
+    cpg=st.integers(1, 3),
+    stride=st.integers(1, 2),
+    dil=st.integers(1, 2),
+    k=st.integers(1, 3),
+    pad=st.integers(0, 1),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+    stats=BN_STATS,
+)
+def test_property_bn_after_relu_into_conv(dim, groups, cpg, stride, dil, k, pad, bias, seed, stats):
+    """Folds forward exactly when nothing reads zero padding (k = 1 pads nothing); else refused."""
+    b = Builder(seed)
+    cin, cout = groups * cpg, 2 * groups
+    bn = b.bn(b.node("Relu", ["x"]), cin, **stats)
+    w = b.const(b.randn(cout, cpg, *[k] * dim))
+    inputs = [bn, w] + ([b.const(b.randn(cout))] if bias else [])
+    out = b.node(
+        "Conv", inputs, name="next", group=groups, strides=[stride] * dim,
+        dilations=[dil] * dim, pads=[pad] * 2 * dim,
+    )  # fmt: skip
+    size = (k - 1) * dil + 3
+    model = b.model(["N", cin, *[size] * dim], out)
+    x = b.randn(2, cin, *[size] * dim).astype(np.float32)
+    if pad:
+        assert only_row(fold_onnx(model)[1]).reason == PADDED_REASON
+    else:
+        assert only_row(fold_and_check(model, x, 1)[1]).direction == "forward"
 
 
 @pytest.mark.parametrize("attrs", [{"pads": 1}, {"auto_pad": "SAME_UPPER"}])
