@@ -18,7 +18,7 @@ from typing import Protocol
 import anyio
 import numpy as np
 
-from bnfold.bundle import TensorSpec
+from bnfold.bundle import INT8, TensorSpec
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BadInput, PayloadTooLarge
 from service.batching import BatchingRunner
@@ -26,7 +26,7 @@ from service.config import Settings
 from service.inference import Upload, predictions, preprocess_uploads
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
-from service.schemas import CompareResponse, PredictResponse
+from service.schemas import CompareResponse, Int8Comparison, PredictResponse
 
 
 class Runner(Protocol):
@@ -139,7 +139,8 @@ class DataPlane:
         top_k: int,
         filenames: list[str | None] | None = None,
     ) -> CompareResponse:
-        """Run folded and unfolded now on x; diff their logits and each folded layer's output."""
+        """Run folded and unfolded now on x; diff their logits and each folded layer's output;
+        int8 beside them when the bundle serves it (judged by agreement with folded)."""
         manifest = model.manifest
         assert manifest is not None
         logits = {v: await self.infer(model, v, x) for v in PROBED}
@@ -151,6 +152,7 @@ class DataPlane:
             unfolded = await anyio.to_thread.run_sync(model.run_probes, "unfolded", x)
             per_layer, note = layer_diffs(manifest.layer_probes, folded, unfolded), None
         tolerance = manifest.equivalence.tolerance_abs
+        int8, int8_note = await self._compare_int8(model, x, logits["folded"], top_k, filenames)
         return CompareResponse(
             model_name=model.name,
             model_version=manifest.version,
@@ -165,4 +167,34 @@ class DataPlane:
             within_tolerance=is_equivalent(stats, tolerance),
             per_layer=per_layer,
             per_layer_note=note,
+            int8=int8,
+            int8_note=int8_note,
         )
+
+    async def _compare_int8(
+        self,
+        model: LoadedModel,
+        x: np.ndarray,
+        folded: np.ndarray,
+        top_k: int,
+        filenames: list[str | None] | None,
+    ) -> tuple[Int8Comparison | None, str | None]:
+        """int8 next to folded when the bundle serves it, else why not (one line)."""
+        manifest = model.manifest
+        assert manifest is not None
+        report = manifest.equivalence.int8
+        if INT8 not in model.sessions:
+            why = model.variant_errors.get(INT8) or (report.reason if report else None)
+            return None, why or "the bundle has no int8 variant (export with --quantize int8)"
+        logits = await self.infer(model, INT8, x)
+        stats = diff_stats(logits, folded)
+        return Int8Comparison(
+            predictions=predictions(logits, manifest.classes, top_k, filenames),
+            max_abs_diff=stats.max_abs_diff,
+            mean_abs_diff=stats.mean_abs_diff,
+            top1_agreement=stats.top1_agreement if stats.top1_agreement is not None else 1.0,
+            min_top1_agreement=report.min_top1_agreement if report else None,
+            export_top1_agreement=(
+                report.int8_vs_folded.top1_agreement if report and report.int8_vs_folded else None
+            ),
+        ), None

@@ -6,7 +6,9 @@ reloading and unloading replace the registry's entry in one assignment: a reques
 before holds the `LoadedModel` it was given and finishes on those sessions.
 
 Variants are data: every file the manifest lists (`folded`, `unfolded`, and any other such as
-`int8`) gets a session under its own name.
+`int8`) gets a session under its own name. The float32 pair gates the bundle; any other variant
+whose file fails its checksum or its session is refused alone (`variant_errors` says why) and
+the others are served.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import anyio
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.bundle import NAME_PATTERN, Manifest, discover_bundles, load_bundle
+from bnfold.bundle import NAME_PATTERN, Manifest, discover_bundles, load_bundle, verify_checksums
 from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
 from bnfold.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
@@ -41,6 +43,7 @@ class LoadedModel:
     providers: list[str] = field(default_factory=list)
     error: str | None = None
     probe_error: str | None = None
+    variant_errors: dict[str, str] = field(default_factory=dict)  # refused variant -> why
 
     @property
     def ready(self) -> bool:
@@ -57,6 +60,11 @@ class LoadedModel:
 
     def check_variant(self, variant: object) -> str:
         """The variant when this model serves it; 400 naming the ones it does otherwise."""
+        if isinstance(variant, str) and variant in self.variant_errors:
+            raise ServiceUnavailable(
+                f"variant {variant!r} of model {self.name!r} is not served: "
+                f"{self.variant_errors[variant]}; use {one_of(self.variants)}"
+            )
         if not isinstance(variant, str) or variant not in self.sessions:
             raise BadInput(f"unknown variant {variant!r}; use {one_of(self.variants)}")
         return variant
@@ -90,14 +98,14 @@ def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedMode
     """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`."""
     model = LoadedModel(name=path.name, path=path)
     try:
-        model.manifest = load_bundle(path)
+        model.manifest = load_bundle(path, PROBED)  # the others are checked one by one below
         _check_name(model.manifest, path)
         missing = [v for v in PROBED if v not in model.manifest.files]
         if missing:
             raise BundleError(f"{path}: the manifest lists no {' or '.join(missing)} file")
         model.sessions = {
-            v: make_session(path / f.path, v, providers, threads)
-            for v, f in model.manifest.files.items()
+            v: make_session(path / model.manifest.files[v].path, v, providers, threads)
+            for v in PROBED
         }
         model.providers = model.sessions["folded"].get_providers()
         for variant in model.sessions:
@@ -109,9 +117,29 @@ def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedMode
         )
         log.error("bundle %s not served: %s", path, model.error)
         return model
+    _load_optional(model, providers, threads)
     _load_probes(model, providers)
     log.info("bundle %s loaded (version %s, %s)", model.name, model.version, model.providers[0])
     return model
+
+
+def _load_optional(model: LoadedModel, providers: list[str], threads: int) -> None:
+    """Variants beyond the float32 pair (int8): checksum, session, warm-up; a failure costs only
+    that variant, kept with its reason."""
+    m = model.manifest
+    assert m is not None
+    for variant, f in m.files.items():
+        if variant in PROBED:
+            continue
+        try:
+            verify_checksums(model.path, m, [variant])
+            model.sessions[variant] = make_session(model.path / f.path, variant, providers, threads)
+            _check_session(model, variant)
+        except Exception as exc:
+            model.sessions.pop(variant, None)
+            reason = exc.message if isinstance(exc, BnfoldError) else f"{type(exc).__name__}: {exc}"
+            model.variant_errors[variant] = reason
+            log.error("bundle %s: variant %s not served: %s", model.name, variant, reason)
 
 
 def _check_name(manifest: Manifest, path: Path) -> None:

@@ -15,6 +15,7 @@ from bnfold.bundle import (
     FoldRow,
     InputSpec,
     LayerDiff,
+    Quantization,
     TensorSpec,
 )
 
@@ -196,6 +197,10 @@ class ModelSummary(BaseModel):
     status: Literal["ready", "failed"]
     error: str | None = Field(None, description="Why the bundle is not served.")
     classes: list[str] | None = None
+    variants: list[str] = Field(default_factory=list, description="The variants served.")
+    variant_errors: dict[str, str] = Field(
+        default_factory=dict, description="Variants the bundle lists but this server refused, why."
+    )
 
 
 class ModelList(BaseModel):
@@ -212,6 +217,9 @@ class ModelFile(BaseModel):
     batchnorm_nodes: int
     opset: int
     graph_optimization: str = Field(description="onnxruntime graph optimization level used.")
+    quantization: Quantization | None = Field(
+        None, description="int8 only: settings used and node counts."
+    )
 
 
 class FoldSummary(BaseModel):
@@ -238,6 +246,20 @@ class ModelDetail(ModelSummary):
     training: dict = Field(default_factory=dict)
 
 
+class Int8Comparison(BaseModel):
+    """int8 vs folded float32 on the same inputs. int8 is judged by agreement with folded (the
+    criterion it passed at export), not by a float32 tolerance."""
+
+    predictions: list[Prediction]
+    max_abs_diff: float = Field(description="max |int8 - folded| over all logits.")
+    mean_abs_diff: float
+    top1_agreement: float = Field(description="Fraction of these images with folded's top class.")
+    min_top1_agreement: float | None = Field(None, description="The export criterion.")
+    export_top1_agreement: float | None = Field(
+        None, description="Agreement measured at export on the held-out split."
+    )
+
+
 class CompareResponse(BaseModel):
     """Folded vs unfolded on the same inputs, run now by this server."""
 
@@ -256,3 +278,5 @@ class CompareResponse(BaseModel):
         description="Each folded layer's output vs the matching BN output of the unfolded model."
     )
     per_layer_note: str | None = Field(None, description="Why per_layer is empty, if it is.")
+    int8: Int8Comparison | None = Field(None, description="When the bundle serves int8.")
+    int8_note: str | None = Field(None, description="Why int8 is absent, if it is.")

@@ -28,8 +28,9 @@ router = APIRouter(prefix="/v1", tags=["bnfold"])
 
 VariantQuery = Query(
     "folded",
-    description="A variant the bundle holds: 'folded' (served), 'unfolded' (BN executed), or "
-    "another file it lists (GET /v1/models/{model}).",
+    description="A variant the bundle holds: 'folded' (served), 'unfolded' (BN executed), "
+    "'int8' (quantized from folded, when the bundle has it), or another file it lists "
+    "(GET /v1/models/{model}).",
 )
 TopK = Query(3, ge=1, le=1000, description="How many classes to rank (clamped to the classes).")
 
@@ -42,6 +43,8 @@ def _summary(model: LoadedModel) -> dict:
         "status": "ready" if model.ready else "failed",
         "error": model.error,
         "classes": m.classes if m else None,
+        "variants": model.variants,
+        "variant_errors": model.variant_errors,
     }
 
 

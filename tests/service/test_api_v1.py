@@ -34,9 +34,11 @@ def multipart(images: list[bytes], field: str = "files") -> list:
 
 
 def test_models_list_and_detail(client, bundle_src):
+    variants = list(json.loads((bundle_src / "bundle.json").read_text())["files"])  # all served
     assert client.get("/v1/models").json() == {
         "models": [{"name": "digits", "version": "1", "status": "ready", "error": None,
-                    "classes": [str(i) for i in range(10)]}]
+                    "classes": [str(i) for i in range(10)], "variants": variants,
+                    "variant_errors": {}}]
     }  # fmt: skip
     detail = client.get("/v1/models/digits").json()
     manifest = json.loads((bundle_src / "bundle.json").read_text())
