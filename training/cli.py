@@ -249,11 +249,9 @@ def verification_inputs(bundle: Path, manifest, data: str | None) -> np.ndarray:
     spec = manifest.input.preprocess
     if source == "digits" or (source and Path(source).is_dir()):
         return load_splits(source, seed, spec.height, spec.color_mode).test.x
-    rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, size=(256, spec.height, spec.width, spec.channels))
-    mean, std = np.asarray(spec.mean), np.asarray(spec.std)
-    x = (pixels * spec.scale - mean) / std
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+    from bnfold.preprocess import generated_batch
+
+    return generated_batch(spec, 256, seed)  # the model's layout (NCHW, or NHWC if imported)
 
 
 class _Parser(argparse.ArgumentParser):
