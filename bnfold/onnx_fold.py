@@ -90,29 +90,20 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
 def fold_onnx_file(src: Path, dst: Path) -> FoldReport:
     """Load `src` (external data included), fold it, write `dst` atomically; the report.
 
-    The folded model is written as one file (external data is loaded and inlined); a model
-    over protobuf's 2 GB limit is refused.
+    Loading is `bnfold.onnx_load.load_onnx` (not ONNX, truncated, checker, missing or short
+    external data, over 2 GB: each a one-line FoldError). The folded model is written as one
+    file, external data inlined.
     """
+    from bnfold.onnx_load import ModelImportError, load_onnx
+
     src, dst = Path(src), Path(dst)
-    model = load_model(src)
+    try:
+        model = load_onnx(src).model
+    except ModelImportError as exc:
+        raise FoldError(exc.message) from None
     folded, report = fold_onnx(model)
     _write_atomically(folded, dst)
     return report
-
-
-def load_model(src: Path) -> onnx.ModelProto:
-    """`onnx.load` with external data, and every failure as a one-line FoldError."""
-    src = Path(src)
-    if not src.is_file():
-        raise FoldError(f"{src}: no such file")
-    if src.stat().st_size > MAX_MODEL_BYTES:
-        raise FoldError(f"{src}: {src.stat().st_size / 2**30:.1f} GiB, over the 2 GB limit")
-    try:
-        model = onnx.load(str(src), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        raise FoldError(f"{src}: not an ONNX model ({type(exc).__name__}: {exc})") from None
-    _load_external(model, src)
-    return model
 
 
 # ---------------------------------------------------------------- finding the maps
@@ -402,31 +393,6 @@ def _default_opset(model: onnx.ModelProto) -> int:
         if imp.domain in ("", "ai.onnx"):
             return imp.version
     raise FoldError("the model imports no default-domain (ai.onnx) opset")
-
-
-def _load_external(model: onnx.ModelProto, src: Path) -> None:
-    """Load external tensor data from beside `src`, refusing what is missing or too large."""
-    from onnx.external_data_helper import load_external_data_for_model, uses_external_data
-
-    external = [t for t in model.graph.initializer if uses_external_data(t)]
-    if not external:
-        return
-    total = src.stat().st_size
-    for tensor in external:
-        info = {e.key: e.value for e in tensor.external_data}
-        path = src.parent / info.get("location", "")
-        if not path.is_file():
-            raise FoldError(f"{src}: external data file {path} for '{tensor.name}' is missing")
-        total += int(info.get("length", path.stat().st_size))
-    if total > MAX_MODEL_BYTES:
-        raise FoldError(
-            f"{src}: {total / 2**30:.1f} GiB with external data, over the 2 GB limit of one "
-            "ONNX file; folding writes a single file, so it cannot be folded here"
-        )
-    try:
-        load_external_data_for_model(model, str(src.parent))
-    except Exception as exc:
-        raise FoldError(f"{src}: external data cannot be read ({exc})") from None
 
 
 def _write_atomically(model: onnx.ModelProto, dst: Path) -> None:
