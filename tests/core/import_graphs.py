@@ -143,3 +143,17 @@ def simple_model(input_type: int, shape: list, opset: int = 17) -> onnx.ModelPro
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     return model
+
+
+def with_fixed_batch_reshape(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Flatten replaced by Reshape to the constant [1, C]: batch 1 is baked into the graph."""
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    i = next(k for k, n in enumerate(m.graph.node) if n.op_type == "Flatten")
+    flat = m.graph.node[i]
+    m.graph.initializer.append(numpy_helper.from_array(np.int64([1, C_MID]), "flat_shape"))
+    m.graph.node[i].CopyFrom(
+        helper.make_node("Reshape", [flat.input[0], "flat_shape"], [flat.output[0]])
+    )
+    onnx.checker.check_model(m, full_check=True)
+    return m

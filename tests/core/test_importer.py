@@ -21,7 +21,12 @@ from bnfold.importer import ImportOptions, NotEquivalentError, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
 from bnfold.reference import evaluate_float64
 from bnfold.verify import verify_bundle
-from tests.core.import_graphs import classifier, simple_model, with_two_inputs
+from tests.core.import_graphs import (
+    classifier,
+    simple_model,
+    with_fixed_batch_reshape,
+    with_two_inputs,
+)
 
 BNFOLD = shutil.which("bnfold", path=str(Path(sys.executable).parent))
 DISABLE_ALL = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -214,6 +219,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     save(simple_model(onnx.TensorProto.INT64, ["N", 3, 8, 8]), tmp / "int.onnx")
     save(simple_model(onnx.TensorProto.FLOAT, ["N", 12]), tmp / "rank2.onnx")
     save(classifier("NCHW", "bn", batch="N", opset=30), tmp / "opset.onnx")
+    save(with_fixed_batch_reshape(classifier("NCHW", "bn", batch=1)), tmp / "batch1.onnx")
     (tmp / "two_classes.txt").write_text("cat\ndog\n")
     (tmp / "models" / "taken").mkdir(parents=True)
     (tmp / "models" / "taken" / "keep.txt").write_text("mine")
@@ -230,6 +236,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "int_input": (["int.onnx"], "input 'x' is int64; bnfold serves float32 image tensors"),
         "rank2_input": (["rank2.onnx"], "has shape [N, 12]; bnfold serves rank-4 image tensors"),
         "opset": (["opset.onnx"], "cannot run this model (opsets: ai.onnx 30)"),
+        "fixed_batch": (["batch1.onnx"], "fails on a batch of 2 images [2, 3, 8, 8]"),
         "overwrite": (["good.onnx", "--name", "taken"], "already exists: pass --force"),
         "class_count": (
             ["good.onnx", "--classes", "two_classes.txt"],
@@ -254,8 +261,8 @@ def bad_dir(tmp_path_factory) -> tuple[Path, dict]:
 
 CASES = [
     "not_onnx", "truncated", "checker", "external_data_missing", "two_inputs",
-    "two_inputs_named", "int_input", "rank2_input", "opset", "overwrite", "class_count",
-    "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
+    "two_inputs_named", "int_input", "rank2_input", "opset", "fixed_batch", "overwrite",
+    "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
 ]  # fmt: skip
 
 
