@@ -258,7 +258,8 @@ async function predict() {
     if (state.source.kind === "file" && matchMedia("(max-width: 820px)").matches) {
       ui.results.closest("section").scrollIntoView({ behavior: "smooth", block: "start" });
     }
-    setStatus(`${m.name}: folded says ${result.folded[0].label}, unfolded says ${result.unfolded[0].label}.`);
+    const int8 = result.int8 ? `, int8 says ${result.int8.predictions[0].label}` : "";
+    setStatus(`${m.name}: folded says ${result.folded[0].label}, unfolded says ${result.unfolded[0].label}${int8}.`);
   } catch (err) {
     if (request !== state.request) return;
     showError(err.message);
@@ -298,9 +299,30 @@ function setMetric(id, value, text, note, tone) {
   metric.dataset.tone = tone ?? "";
 }
 
+/** int8 beside the float32 pair: its agreement with folded, never a float32 tolerance. */
+function renderInt8(r) {
+  const article = $("int8");
+  const line = article.querySelector("[data-role=agreement]");
+  article.classList.toggle("absent", !r.int8);
+  if (!r.int8) {
+    line.textContent = `Not served: ${r.int8_note ?? "the bundle has no int8 variant"}.`;
+    line.dataset.tone = "";
+    return;
+  }
+  const q = r.int8;
+  renderVariant(article, q.predictions[0]);
+  const agree = q.top1_agreement === 1;
+  const atExport = q.export_top1_agreement == null ? ""
+    : ` At export: ${percent(q.export_top1_agreement)} agreement on the held-out images` +
+      (q.min_top1_agreement == null ? "." : ` (at least ${percent(q.min_top1_agreement, 0)} required).`);
+  line.textContent = `${agree ? "Agrees with" : "Differs from"} folded on this input (max |Δ logit| ${formatSci(q.max_abs_diff)}).${atExport}`;
+  line.dataset.tone = agree ? "ok" : "bad";
+}
+
 function renderResult(r) {
   renderVariant($("folded"), r.folded[0]);
   renderVariant($("unfolded"), r.unfolded[0]);
+  renderInt8(r);
   const agree = r.top1_agreement === 1;
   setMetric("m-agreement", r.top1_agreement, percent(r.top1_agreement, 0),
     agree ? "same top class" : "the top classes differ", agree ? "ok" : "bad");

@@ -1,6 +1,6 @@
 // The model card: what GET /v1/models/{model} and /equivalence say about a bundle: classes,
-// input spec, execution provider, files and checksums, the fold report, and the equivalence
-// measured at export.
+// input spec, execution provider, files and checksums, the fold report, the equivalence
+// measured at export, and the int8 variant's agreement and accuracy when the bundle has one.
 
 import { formatSci, renderLayerChart } from "./chart.js";
 import { h } from "./dom.js";
@@ -156,6 +156,31 @@ function equivalenceSection(eq) {
   return { part, draw };
 }
 
+/** The int8 variant as measured at export: agreement with folded and accuracy, or why not. */
+function int8Section(m, eq) {
+  const r = eq?.int8;
+  if (!r && !m.files?.int8) return null;
+  const pct = (v, d = 2) => (v == null ? "—" : `${(v * 100).toFixed(d)}%`);
+  const refused = m.variant_errors?.int8;
+  const settings = m.files?.int8?.quantization?.settings ?? r?.settings;
+  const d = r?.int8_vs_folded;
+  return h(
+    "section",
+    { class: "card-part", id: "int8-card" },
+    h("h3", {}, "INT8 after folding ", badge(Boolean(r?.passed) && !refused, "passed", refused ? "refused" : "not written")),
+    refused ? h("p", { class: "error-text" }, `Not served: ${refused}`) : null,
+    r && !r.passed ? h("p", { class: "error-text" }, r.reason) : null,
+    definitions([
+      ["Top-1 agreement", d ? `${pct(d.top1_agreement)} with folded (at least ${pct(r.min_top1_agreement, 0)} required)` : null],
+      ["Accuracy", r?.accuracy_int8 == null ? null
+        : `${pct(r.accuracy_folded)} float32 → ${pct(r.accuracy_int8)} int8 (drop ${r.accuracy_drop_points.toFixed(2)} points, at most ${r.max_accuracy_drop_points} allowed)`],
+      ["max |Δ logit|", d ? `${formatSci(d.max_abs_diff)} (mean ${formatSci(d.mean_abs_diff)})` : null],
+      ["Measured on", r ? `${r.n_images} ${r.split} images` : null],
+      ["Quantization", settings ? `static ${settings.format}, per-channel int8 weights, ${settings.activation_type} activations, ${settings.calibration_method} on ${settings.calibration_source}` : null],
+    ]),
+  );
+}
+
 function trainingSection(m) {
   const t = m.training ?? {};
   const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v));
@@ -187,6 +212,7 @@ export function renderModelCard(container, m, eq) {
     runtimeSection(m),
     foldSection(m),
     equivalence?.part,
+    int8Section(m, eq),
   ].filter(Boolean);
   container.replaceChildren(head, h("div", { class: "card-grid" }, parts));
   equivalence?.draw();

@@ -321,6 +321,17 @@ def test_uploaded_digit_matches_the_api(tab: Tab, api: httpx.Client, digits: lis
     page = tab.page
     assert text(tab, "#folded [data-role=label]") == ref["folded"][0]["label"] == predicted
     assert text(tab, "#unfolded [data-role=label]") == ref["unfolded"][0]["label"]
+    # The int8 column: its prediction and its agreement with folded, or why it is absent.
+    agreement = text(tab, "#int8 [data-role=agreement]")
+    if ref["int8"] is None:
+        assert agreement == f"Not served: {ref['int8_note']}."
+    else:
+        assert text(tab, "#int8 [data-role=label]") == ref["int8"]["predictions"][0]["label"]
+        same = ref["int8"]["top1_agreement"] == 1
+        assert agreement.startswith("Agrees with folded" if same else "Differs from folded")
+        export = api.get("/v1/models/digits/equivalence").json()["int8"]["int8_vs_folded"]
+        card = text(tab, "#int8-card")
+        assert f"{100 * export['top1_agreement']:.2f}% with folded" in card
     for variant in ("folded", "unfolded"):
         items = page.locator(f"#{variant} .topk li")
         expected = ref[variant][0]["top_k"]
