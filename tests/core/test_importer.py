@@ -297,6 +297,7 @@ def test_force_replaces_a_bundle_and_fold_and_verify_errors_are_one_line(bad_dir
         "force": ["import", "good.onnx", "--name", "again", "--models-dir", str(tmp_path),
                   "--force"],
         "fold_not_onnx": ["fold", "text.onnx", str(tmp_path / "out.onnx")],
+        "fold": ["fold", "good.onnx", str(tmp_path / "good.folded.onnx")],
         "verify_missing": ["verify", str(tmp_path / "nope")],
     }  # fmt: skip
     results = {
@@ -309,6 +310,13 @@ def test_force_replaces_a_bundle_and_fold_and_verify_errors_are_one_line(bad_dir
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert "Traceback" not in r.stderr
     assert not (tmp_path / "out.onnx").exists()
+    fold = results["fold"]
+    assert fold.returncode == 0 and "bn: folded backward into" in fold.stdout, fold.stderr
+    folded = onnx.load(str(tmp_path / "good.folded.onnx"))
+    assert not any(n.op_type == "BatchNormalization" for n in folded.graph.node)
+    x = np.random.default_rng(2).normal(size=(4, 3, 8, 8)).astype(np.float32)
+    want = ort_run(str(tmp / "good.onnx"), x)
+    assert np.abs(ort_run(folded, x) - want).max() <= 2e-5 * max(1.0, np.abs(want).max())
     verify = subprocess.run([BNFOLD, "verify", str(tmp_path / "again")], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert verify.returncode == 0 and "verified" in verify.stdout, verify.stdout

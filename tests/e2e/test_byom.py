@@ -168,10 +168,14 @@ def test_equivalent_to_the_frameworks_own_float64(byom, name):
 
 @pytest.mark.parametrize("name", ["torchcnn", "alexnet"])
 def test_bnfold_verify_passes(byom, name):
-    bundle = bundle_file(byom[name], "folded").parent
-    done = _run([BNFOLD, "verify", str(bundle)])
+    m = byom[name]
+    bundle = bundle_file(m, "folded").parent
+    samples = ["--samples", str(m.source.parents[1] / "samples")] if name == "alexnet" else []
+    done = _run([BNFOLD, "verify", str(bundle), *samples])
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no foldable BatchNormalization or Mul/Add left" in done.stdout
+    n = 12 if samples else 64  # the sample folder, or generated inputs
+    assert f"folded vs unfolded on {n} inputs" in done.stdout
 
 
 @pytest.mark.parametrize("name", ["torchcnn", "alexnet"])
