@@ -12,6 +12,7 @@ Torch-free: onnx, onnxruntime and numpy.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import onnx
 
 from bnfold.bundle import (
+    INT8,
     NAME_PATTERN,
     EquivalenceReport,
     ImportRecord,
@@ -33,9 +35,11 @@ from bnfold.bundle import (
 )
 from bnfold.errors import BnfoldError
 from bnfold.image_input import ImageInput, check_classes, logits_output, resolve_image_input
+from bnfold.int8 import Int8Options, Int8Request, add_int8_variant
 from bnfold.onnx_fold import FoldError, fold_onnx
 from bnfold.onnx_load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
 from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.quantize import calibration_images
 from bnfold.reference import evaluate_float64
 from bnfold.verify import count_bn_nodes, measure_equivalence
 
@@ -69,12 +73,12 @@ class ImportOptions:
     input_name: str | None = None
     force: bool = False
     seed: int = 0
+    int8: Int8Options | None = None  # --quantize int8: also write quantized.onnx if it passes
+    calibration: Path | None = None  # --calibration FOLDER: the images int8 is calibrated on
 
 
 def check_target(opts: ImportOptions) -> Path:
     """Refuse, before any work, a bad name or a bundle that would be replaced without force."""
-    import re
-
     if not re.fullmatch(NAME_PATTERN, opts.name):
         raise ModelImportError(
             f"invalid --name {opts.name!r}: use letters, digits, '_', '.', '-' (up to 64, "
@@ -122,13 +126,24 @@ def preprocess_spec(image: ImageInput, opts: ImportOptions) -> PreprocessSpec:
 
 
 def prepare_for_serving(loaded: LoadedOnnx, image: ImageInput) -> tuple[onnx.ModelProto, list]:
-    """The user's model as served: a variable batch axis; every change described."""
+    """The user's model as served: weights inline, initializers not overridable, a variable
+    batch axis; every change described."""
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     changes = []
     if loaded.external_files:
         changes.append(
             f"weights stored inside the file (were in {', '.join(loaded.external_files)})"
+        )
+    inits = {t.name for t in model.graph.initializer}
+    overridable = [i for i in model.graph.input if i.name in inits]
+    if overridable and model.ir_version >= 4:  # IR 3 requires initializers among the inputs
+        kept = [i for i in model.graph.input if i.name not in inits]
+        del model.graph.input[:]
+        model.graph.input.extend(kept)
+        changes.append(
+            f"{len(overridable)} initializers no longer listed as graph inputs (the server never "
+            "feeds them; as overridable inputs they are not constants and could not be folded)"
         )
     if isinstance(image.batch, int):
         _set_dim0(next(i for i in model.graph.input if i.name == image.name), "batch")
@@ -210,6 +225,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     ort_session(folded, loaded.path, "folded")
     probes, note = layer_probes(report.rows, unfolded, folded)
     x, split, inputs = equivalence_inputs(spec, opts)
+    int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
     ref64 = _float64_logits(loaded.model, image, x)
     holder: list[Manifest] = []
 
@@ -220,6 +236,11 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
         )
         if not eq.passed:
             raise NotEquivalentError(_not_equivalent(eq), eq)
+        if int8 is not None:  # measured on the same inputs as the fold; no labels here
+            entry, int8_report = add_int8_variant(tmp, int8, x, split)
+            if entry is not None:
+                files[INT8] = entry
+            eq = eq.model_copy(update={"int8": int8_report})
         manifest = Manifest(
             name=opts.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -246,6 +267,19 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
 
     write_bundle_atomically(target, fill)
     return holder[0]
+
+
+def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | None:
+    """The calibration images of --calibration, when --quantize int8 was asked for."""
+    if opts.int8 is None:
+        return None
+    if opts.calibration is None:
+        raise ModelImportError(
+            "--quantize int8 needs calibration images: add --calibration FOLDER (images like "
+            "the ones the model will serve, through this bundle's preprocessing)"
+        )
+    x = calibration_images(opts.calibration, spec, opts.int8.calibration_images, opts.seed)
+    return Int8Request(opts.int8, x, f"images from {opts.calibration}")
 
 
 def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
