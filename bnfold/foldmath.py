@@ -47,8 +47,9 @@ def bn_scale_shift(
     var64 = f64(var)
     gamma64 = np.ones_like(var64) if gamma is None else f64(gamma)
     beta64 = np.zeros_like(var64) if beta is None else f64(beta)
-    s = gamma64 / np.sqrt(var64 + float(eps))
-    return s, beta64 - f64(mean) * s
+    with np.errstate(invalid="ignore", divide="ignore"):  # callers check isfinite
+        s = gamma64 / np.sqrt(var64 + float(eps))
+        return s, beta64 - f64(mean) * s
 
 
 def scale_range(s: np.ndarray) -> tuple[float, float]:

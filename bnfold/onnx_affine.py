@@ -205,7 +205,7 @@ def check_layer(graph: Graph, layer: Layer) -> None:
     for name in _param_names(layer):
         if graph.constant(name) is None:
             raise Refused(f"not folded: bias of {what}: {graph.not_constant_reason(name)}")
-        sharers = [n for n in graph.consumers[name] if n not in (layer.node, layer.bias_add)]
+        sharers = graph.shared_with(name, [layer.node, layer.bias_add])
         if sharers:
             others = ", ".join(describe(n) for n in sharers)
             raise Refused(

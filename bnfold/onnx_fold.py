@@ -298,7 +298,7 @@ def _apply_backward(graph: Graph, affine: Affine, plan: _Plan) -> None:
     w_new, b_new = foldmath.fold_backward(
         layer.w, conv_bias, s, t, layout=layer.layout(), groups=layer.groups
     )
-    graph.set_constant(layer.node.input[1], w_new)
+    graph.set_constant(layer.node.input[1], w_new, layer.node)
     if layer.kind in ("Conv", "ConvTranspose"):
         _set_bias(graph, layer, b_new)
     elif layer.kind == "Gemm":
@@ -321,7 +321,7 @@ def _apply_forward(graph: Graph, affine: Affine, plan: _Plan) -> None:
     layout, groups = layer.layout(), layer.groups
     w_new, _ = foldmath.fold_forward(layer.w, None, s, t, layout=layout, groups=groups)
     shift = foldmath.forward_shift(layer.w, t, layout=layout, groups=groups)  # float64 (out,)
-    graph.set_constant(layer.node.input[1], w_new)
+    graph.set_constant(layer.node.input[1], w_new, layer.node)
     b = _bias_value(graph, layer)
     if layer.kind == "Gemm":
         alpha, beta = float(attr(layer.node, "alpha", 1.0)), float(attr(layer.node, "beta", 1.0))
@@ -343,7 +343,7 @@ def _set_bias(graph: Graph, layer: Layer, value: np.ndarray) -> None:
     """Write the layer's bias: in place, as a new input, or as a new Add after a MatMul."""
     name = bias_name(layer)
     if name is not None:
-        graph.set_constant(name, value)
+        graph.set_constant(name, value, layer.bias_add or layer.node)
         return
     if not np.any(value != 0):
         return  # nothing to add

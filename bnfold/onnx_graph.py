@@ -20,6 +20,8 @@ SHAPE_OPS = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Flatten", "Transpose"
 FLOAT_DTYPES = (np.float32, np.float64, np.float16)
 
 Dim = int | str | None  # a known size, a symbolic one (dim_param), or unknown
+MAX_CONSTANT_NODES = 32  # a computed constant bigger than this is not evaluated
+_NO_NODE = onnx.NodeProto()
 
 
 class Graph:
@@ -47,6 +49,7 @@ class Graph:
         self.inits = {i.name: i for i in self.g.initializer}
         self.graph_inputs = {i.name for i in self.g.input}
         self.graph_outputs = {o.name for o in self.g.output}
+        self._computed: dict[str, np.ndarray | None] = {}
 
     def used_names(self) -> set[str]:
         """Every tensor name some node reads, or the graph outputs."""
@@ -80,7 +83,52 @@ class Graph:
         node = self.producer.get(name)
         if node is not None and node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             return _constant_node_value(node)
-        return None
+        if name not in self._computed:
+            self._computed[name] = self._evaluate(name)
+        return self._computed[name]
+
+    def _evaluate(self, name: str) -> np.ndarray | None:
+        """The value of a tensor computed from constants only (e.g. torch's exported zero bias
+        `Expand(0, Shape(W))`), by onnx.reference on those nodes; None when it reads anything
+        else or cannot be evaluated."""
+        nodes, stack, seen = [], [name], set()
+        while stack:
+            t = stack.pop()
+            if t in seen or (t in self.inits and t not in self.graph_inputs):
+                continue
+            seen.add(t)
+            node = self.producer.get(t)
+            if node is None or not _pure(node) or len(nodes) >= MAX_CONSTANT_NODES:
+                return None
+            if node not in nodes:
+                nodes.append(node)
+                # CastLike reads its second input for the dtype alone (see _as_cast)
+                reads = node.input[:1] if node.op_type == "CastLike" else node.input
+                stack.extend(i for i in reads if i)
+        position = {o: k for k, n in enumerate(self.g.node) for o in n.output}
+        nodes.sort(key=lambda n: position[n.output[0]])  # graph order is topological
+        nodes = [self._as_cast(n) if n.op_type == "CastLike" else n for n in nodes]
+        if None in nodes:
+            return None
+        inits = {i: self.inits[i] for n in nodes for i in n.input if i in self.inits}
+        graph = onnx.helper.make_graph(
+            nodes, "constant", [], [onnx.helper.make_empty_tensor_value_info(name)],
+            list(inits.values()),
+        )  # fmt: skip
+        model = onnx.helper.make_model(graph, opset_imports=list(self.model.opset_import))
+        try:
+            from onnx.reference import ReferenceEvaluator
+
+            return np.asarray(ReferenceEvaluator(model).run(None, {})[0])
+        except Exception:  # any evaluation failure: treat the tensor as not constant
+            return None
+
+    def _as_cast(self, node: onnx.NodeProto) -> onnx.NodeProto | None:
+        """CastLike(x, like) as Cast(x, to=dtype of like), when that dtype is known."""
+        to = self.dtypes.get(node.input[1])
+        if not to:
+            return None
+        return onnx.helper.make_node("Cast", node.input[:1], list(node.output), to=to)
 
     def not_constant_reason(self, name: str) -> str:
         if name in self.graph_inputs:
@@ -88,15 +136,37 @@ class Graph:
         node = self.producer.get(name)
         return f"'{name}' is computed by {describe(node)}, not a constant" if node else "missing"
 
-    def set_constant(self, name: str, value: np.ndarray) -> None:
-        """Replace the constant `name` (read only by the node being folded) with `value`."""
+    def set_constant(self, name: str, value: np.ndarray, reader: onnx.NodeProto) -> None:
+        """`reader` reads `value` where it read the constant `name`.
+
+        An initializer or Constant node (only `reader` reads it, see shared_with) is replaced
+        in place, under its own name; a computed constant stays for its other readers and
+        `reader` gets a new initializer.
+        """
         if name in self.inits:
             self.inits[name].CopyFrom(numpy_helper.from_array(value, name))
             return
-        node = self.producer[name]  # a Constant node: becomes an initializer of the same name
-        self.g.node.remove(node)
-        self.g.initializer.append(numpy_helper.from_array(value, name))
+        node = self.producer[name]
+        if node.op_type == "Constant":  # becomes an initializer of the same name
+            self.g.node.remove(node)
+            self.g.initializer.append(numpy_helper.from_array(value, name))
+        else:
+            new = self.new_constant(f"{name}_folded", value)
+            for i, inp in enumerate(reader.input):
+                if inp == name:
+                    reader.input[i] = new
         self.refresh()
+
+    def shared_with(self, name: str, readers: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+        """Other nodes that read the values of the stored constant `name` (a fold would change
+        them too). Shape/Size read only the shape, which a fold keeps; a computed constant is
+        never edited in place (see set_constant)."""
+        if name not in self.inits and self.producer.get(name, _NO_NODE).op_type != "Constant":
+            return []
+        return [
+            n for n in self.consumers.get(name, [])
+            if n not in readers and n.op_type not in ("Shape", "Size")
+        ]  # fmt: skip
 
     def new_constant(self, hint: str, value: np.ndarray) -> str:
         """Add an initializer under a fresh name derived from `hint`; returns the name."""
@@ -138,13 +208,25 @@ class Graph:
         self.refresh()
 
     def drop_orphans(self, used_before: set[str]) -> None:
-        """Remove initializers and Constant nodes the fold left unread (and their value_info)."""
+        """Remove the nodes and initializers the fold left unread (and their value_info).
+
+        Only what was read before the fold: whatever the input model already left dangling
+        stays as it was.
+        """
+        while True:
+            used = self.used_names()
+            dead = [
+                n for n in self.g.node
+                if n.output and not any(o in used for o in n.output)
+                and any(o in used_before for o in n.output)
+            ]  # fmt: skip
+            if not dead:
+                break
+            self.remove_nodes(dead)
         used = self.used_names()
         gone = {n for n in used_before - used if n not in self.graph_inputs}
         for init in [i for i in self.g.initializer if i.name in gone]:
             self.g.initializer.remove(init)
-        for node in [n for n in self.g.node if n.op_type == "Constant" and n.output[0] in gone]:
-            self.g.node.remove(node)
         present = {o for n in self.g.node for o in n.output} | {i.name for i in self.g.initializer}
         self._drop_value_info({v.name for v in self.g.value_info} - present)
         self.refresh()
@@ -257,6 +339,14 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
     if d.HasField("dim_value"):
         return int(d.dim_value)
     return d.dim_param if d.HasField("dim_param") and d.dim_param else None
+
+
+def _pure(node: onnx.NodeProto) -> bool:
+    """A default-domain node without subgraphs or randomness: safe to evaluate once."""
+    if node.domain not in ("", "ai.onnx") or node.op_type.startswith("Random"):
+        return False
+    return not any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for a in node.attribute)  # fmt: skip
 
 
 def _constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

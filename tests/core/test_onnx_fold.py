@@ -276,6 +276,35 @@ def test_sequence_of_maps_and_huge_scale_warning():
     assert report.rows[0].scale_max > 1e3
 
 
+def test_computed_zero_bias_like_torch_dynamo_is_evaluated_and_its_nodes_dropped():
+    """torch dynamo optimize=False, bias-free conv: bias = Expand(CastLike(0, act), Shape(W))."""
+    b = Builder(19)
+    w = b.const(b.randn(4, 3, 3, 3))
+    act = b.node("Relu", ["x"], name="act")
+    shape = b.node("Shape", [w], start=0, end=1)  # reads only W's shape: not a sharer
+    zero = b.node("CastLike", [b.const(np.zeros(())), act])  # dtype of a data tensor
+    bias = b.node("Expand", [zero, shape])
+    conv = b.node("Conv", [act, w, bias], name="conv")
+    model = b.model(["N", 3, 5, 5], b.bn(conv, 4))
+    folded, report = fold_and_check(model, b.randn(2, 3, 5, 5).astype(np.float32), 1)
+    assert only_row(report).into == "conv"
+    assert [n.op_type for n in folded.graph.node] == ["Relu", "Conv"]
+
+
+def test_stats_from_a_data_dependent_subgraph_are_refused():
+    b = Builder(20)
+    conv = b.node("Conv", ["x", b.const(b.randn(3, 3, 1, 1))], name="conv")
+    bn = b.bn(conv, 3)
+    model = b.model(["N", 3, 2, 2], bn)
+    shift = h.make_node("ReduceMean", ["x"], ["mean_x"], axes=[0, 2, 3], keepdims=0)
+    model.graph.node.insert(0, shift)
+    old_mean = model.graph.node[-1].input[3]
+    model.graph.node[-1].input[3] = "mean_x"  # the BN's mean now depends on the input
+    model.graph.initializer.remove(next(i for i in model.graph.initializer if i.name == old_mean))
+    reason = refused(model)
+    assert reason == "not folded: mean 'mean_x' is computed by ReduceMean 'mean_x', not a constant"
+
+
 # ---------------------------------------------------------------- forward folds
 
 
@@ -429,6 +458,54 @@ def test_refuses_training_mode_and_spatial_zero():
     model.graph.node[-1].output.extend(["running_mean", "running_var"])
     model.graph.output[0].CopyFrom(h.make_tensor_value_info("bn_out", 1, ["N", 4, 2, 2]))
     assert refused(model) == "not folded: training_mode=1 (normalizes with batch statistics)"
+
+
+def test_refuses_spatial_zero_and_used_statistics_outputs():
+    b = Builder(21)
+    conv = b.node("Conv", ["x", b.const(b.randn(4, 3, 1, 1))])
+    model = b.model(["N", 3, 2, 2], b.bn(conv, 4, spatial=0), opset=7, ir=7)
+    assert refused(model) == "not folded: spatial=0 (per-activation statistics), not per channel"
+    b = Builder(22)
+    conv = b.node("Conv", ["x", b.const(b.randn(4, 3, 1, 1))])
+    bn = b.bn(conv, 4)
+    b.nodes[-1].output.extend(["run_mean", "run_var", "saved_mean", "saved_var"])
+    model = b.model(["N", 3, 2, 2], bn, opset=9, ir=7)
+    model.graph.output.append(h.make_tensor_value_info("run_mean", 1, [4]))
+    assert refused(model) == "not folded: its statistics output 'run_mean' is used"
+
+
+def test_refuses_a_producer_read_inside_a_subgraph():
+    """An If branch reading the conv output from the outer scope is another user."""
+    b = Builder(23)
+    conv = b.node("Conv", ["x", b.const(b.randn(4, 3, 1, 1))], name="conv")
+    bn = b.bn(conv, 4)
+    branch = h.make_graph(
+        [h.make_node("Identity", [conv], ["branch_out"])], "branch", [],
+        [h.make_tensor_value_info("branch_out", 1, ["N", 4, 2, 2])],
+    )  # fmt: skip
+    flag = b.const(np.array(True), name="flag")
+    b.inits[-1].CopyFrom(nh.from_array(np.array(True), "flag"))
+    b.nodes.append(h.make_node("If", [flag], ["picked"], name="if", then_branch=branch,
+                               else_branch=branch))  # fmt: skip
+    model = b.model(["N", 3, 2, 2], bn)
+    model.graph.output.append(h.make_tensor_value_info("picked", 1, ["N", 4, 2, 2]))
+    assert "also read by If 'if'" in refused(model)
+
+
+def test_refuses_non_finite_statistics_and_constant_left_matmul():
+    b = Builder(24)
+    conv = b.node("Conv", ["x", b.const(b.randn(2, 3, 1, 1))])
+    model = b.model(["N", 3, 2, 2], b.bn(conv, 2))
+    var = model.graph.initializer[-1]
+    var.CopyFrom(nh.from_array(np.array([1.0, -1.0], np.float32), var.name))
+    assert refused(model) == "not folded: non-finite scale or shift"
+    b = Builder(25)
+    mm = b.node("MatMul", [b.const(b.randn(5, 3)), "x"], name="left")  # weight on the left
+    reason = refused(b.model([3, 4], b.node("Relu", [b.bn(mm, 4)])))
+    assert reason == (
+        "not folded: weight of MatMul 'left': 'x' is a graph input (overridable at run time), "
+        "not a constant"
+    )
 
 
 def test_refuses_dtypes_other_than_float():
