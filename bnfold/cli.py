@@ -75,6 +75,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     from bnfold.image_input import read_class_file
     from bnfold.importer import ImportOptions, NotEquivalentError, import_model
+    from bnfold.int8 import int8_options
 
     opts = ImportOptions(
         name=args.name,
@@ -90,6 +91,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         samples=Path(args.samples) if args.samples else None,
         input_name=args.input,
         force=args.force,
+        int8=int8_options(args),
+        calibration=Path(args.calibration) if args.calibration else None,
     )
     try:
         manifest = import_model(Path(args.model), opts)
@@ -116,6 +119,10 @@ def print_import_summary(manifest, target: Path) -> None:
     )
     for change in manifest.imported.changes:
         print(f"changed for serving: {change}")
+    if eq.int8 is not None:
+        from bnfold.int8 import summary_line
+
+        print(summary_line(eq.int8))
     if manifest.layer_probes_note:
         print(f"note: {manifest.layer_probes_note}")
 
@@ -139,6 +146,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from bnfold.int8 import add_quantize_arguments
+
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     f = sub.add_parser("fold", help="fold an ONNX model into another ONNX file")
@@ -163,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", metavar="FOLDER", help="images to measure equivalence on")
     i.add_argument("--input", metavar="NAME", help="the image input, when the model has several")
     i.add_argument("--force", action="store_true", help="replace an existing bundle")
+    add_quantize_arguments(i)
+    i.add_argument(
+        "--calibration", metavar="FOLDER", help="with --quantize: images to calibrate on"
+    )
     i.set_defaults(func=cmd_import)
     v = sub.add_parser("verify", help="check a bundle: checksums, node counts, equivalence")
     v.add_argument("bundle")

@@ -8,6 +8,7 @@ re-measures a bundle's int8 file for verify.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,10 @@ import onnx
 
 from bnfold.bundle import INT8, INT8_FILE, Int8Report, Manifest, OnnxFile, sha256_file
 from bnfold.quantize import (
+    ACTIVATION_TYPES,
     DEFAULT_CALIBRATION_IMAGES,
+    METHODS,
+    QuantizeError,
     calibration_subset,
     failure_reason,
     measure_int8,
@@ -41,6 +45,69 @@ class Int8Request:
     calibration: np.ndarray  # (N, C, H, W) preprocessed images; options.calibration_images drawn
     calibration_source: str  # where they came from, for the settings
     labels: np.ndarray | None = None  # (N,) labels of the held-out images, for the accuracies
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize int8 and its settings, the same for `bnfold import` and `bnfold-train`."""
+    g = parser.add_argument_group("int8 (static quantization of the folded model)")
+    g.add_argument("--quantize", choices=["int8"], help="also write quantized.onnx if it passes")
+    g.add_argument(
+        "--calibration-images",
+        type=_positive,
+        metavar="N",
+        help=f"calibration images drawn (default {DEFAULT_CALIBRATION_IMAGES})",
+    )
+    g.add_argument("--calibration-method", choices=list(METHODS), help="default minmax")
+    g.add_argument("--activations", choices=list(ACTIVATION_TYPES), help="default uint8")
+
+
+def int8_options(args: argparse.Namespace) -> Int8Options | None:
+    """The options asked for; a setting without --quantize int8 is a mistake, said in one line."""
+    given = {
+        flag: value
+        for flag, value in (
+            ("--calibration-images", args.calibration_images),
+            ("--calibration-method", args.calibration_method),
+            ("--activations", args.activations),
+        )
+        if value is not None
+    }
+    if args.quantize is None:
+        if given:
+            raise QuantizeError(f"{', '.join(given)} only applies with --quantize int8")
+        return None
+    defaults = Int8Options()
+    return Int8Options(
+        calibration_images=args.calibration_images or defaults.calibration_images,
+        method=args.calibration_method or defaults.method,
+        activation_type=args.activations or defaults.activation_type,
+    )
+
+
+def summary_line(r: Int8Report) -> str:
+    """One line on the int8 variant: written with its agreement, or why not."""
+    if not r.passed:
+        return f"int8: quantized.onnx not written: {r.reason}"
+    d = r.int8_vs_folded
+    acc = (
+        ""
+        if r.accuracy_int8 is None
+        else f", accuracy {100 * r.accuracy_folded:.2f}% -> {100 * r.accuracy_int8:.2f}%"
+    )
+    return (
+        f"int8: wrote quantized.onnx; on {r.n_images} {r.split} inputs top-1 agreement with "
+        f"folded {100 * d.top1_agreement:.2f}%, max |int8 - folded| {d.max_abs_diff:.3g}{acc}"
+    )
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def add_int8_variant(

@@ -163,7 +163,11 @@ def quantize_model(
         float_logits=float_logits,
         onnxruntime=ort.__version__,
     )
-    reader = ArrayCalibrationReader(input_name, np.ascontiguousarray(calibration, np.float32))
+    # The histogram calibrators (entropy, percentile) stack every batch's tensors: batches of
+    # unequal size (N not a multiple of 32) break them, so they get one image at a time.
+    batch = 32 if settings.calibration_method == "minmax" else 1
+    x = np.ascontiguousarray(calibration, np.float32)
+    reader = ArrayCalibrationReader(input_name, x, batch)
     with tempfile.TemporaryDirectory(prefix="bnfold-int8-") as tmp:
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         try:

@@ -192,6 +192,7 @@ def test_report_matches_an_independent_onnxruntime_run(folded, quantized):
 
 @pytest.mark.parametrize(("method", "activation"), [("entropy", "uint8"), ("percentile", "int8")])
 def test_other_methods_and_int8_activations(folded, calib, method, activation):
+    calib = calib[:40]  # not a multiple of the calibration batch: the histograms must cope
     q = quantize_model(
         folded, calib, calibration_source="t", method=method, activation_type=activation
     )
