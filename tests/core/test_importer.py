@@ -172,7 +172,7 @@ def test_refused_bn_stays_in_both_files_and_verify_counts_it(tmp_path, models):
     assert verify_bundle(models / "inbn").ok
 
 
-def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch):
+def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
     """A fold that changed the function (a perturbed weight) is caught and nothing written."""
     import bnfold.importer as importer
 
@@ -189,6 +189,11 @@ def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch):
     with pytest.raises(NotEquivalentError, match="not equivalent"):
         import_model(src, ImportOptions(name="net", models_dir=models))
     assert list(models.iterdir()) == []  # not even a hidden temporary folder
+    from bnfold.cli import main
+
+    assert main(["import", str(src), "--name", "net", "--models-dir", str(models)]) == 1
+    assert "no bundle written" in capsys.readouterr().err
+    assert list(models.iterdir()) == []
 
 
 def test_verify_fails_a_tampered_imported_bundle(tmp_path, models):
