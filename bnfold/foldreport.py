@@ -38,4 +38,5 @@ def _summary_line(r: FoldRow) -> str:
     what = f"folded {r.direction} into {r.into}" if r.folded else r.reason
     scale = "" if r.scale_max is None else f"  |s| in [{r.scale_min:.3g}, {r.scale_max:.3g}]"
     warn = f"  WARNING: {r.warning}" if r.warning else ""
-    return f"{r.bn}: {what}{scale}{warn}"
+    op = "" if r.op == "BatchNormalization" else f" ({r.op})"
+    return f"{r.bn}{op}: {what}{scale}{warn}"

@@ -567,3 +567,24 @@ def test_fold_onnx_file_refuses_non_onnx(tmp_path):
     with pytest.raises(FoldError, match="not a readable ONNX model"):
         fold_onnx_file(bad, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_fold_onnx_file_refuses_models_over_the_protobuf_limit(tmp_path, monkeypatch):
+    """The limit is protobuf's 2 GB; lowered here so a small file stands in for a huge one."""
+    import bnfold.onnx_load
+
+    model, _ = conv_bn()
+    src = tmp_path / "model.onnx"
+    onnx.save_model(model, src)
+    monkeypatch.setattr(bnfold.onnx_load, "MAX_PROTO_BYTES", 100)
+    with pytest.raises(FoldError, match="over protobuf's 2 GiB limit"):
+        fold_onnx_file(src, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_report_summary_names_the_pattern():
+    b = Builder(26)
+    conv = b.node("Conv", ["x", b.const(b.randn(2, 3, 1, 1))], name="conv")
+    mul = b.node("Mul", [conv, b.const(b.randn(1, 2, 1, 1))], name="scale")
+    _, report = fold_onnx(b.model(["N", 3, 2, 2], mul))
+    assert report.summary().startswith("scale (Mul/Add): folded backward into conv  |s| in [")
