@@ -74,7 +74,7 @@ ENV BNFOLD_HOST=0.0.0.0 \
     BNFOLD_MODELS_DIR=/app/models \
     BNFOLD_PROVIDER=cuda
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 CMD ["bnfold-serve"]
@@ -94,7 +94,7 @@ ENV BNFOLD_HOST=0.0.0.0 \
     BNFOLD_PORT=8000 \
     BNFOLD_MODELS_DIR=/app/models
 USER 10001
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=20s --retries=3 \
     CMD ["python", "-m", "service.healthcheck"]
 CMD ["bnfold-serve"]

@@ -1,8 +1,9 @@
-"""`bnfold-serve` (or `python -m service`): serve the bundles in the models folder with uvicorn.
+"""`bnfold-serve` (or `python -m service`): serve the bundles in the models folder, REST with
+uvicorn and gRPC with grpc.aio, in this one process.
 
-Settings come from BNFOLD_* environment variables; --host, --port and --models-dir override
-them. A bad setting prints one line and exits 2 instead of a traceback. SIGTERM drains the
-requests in flight and exits 0 (service/server.py).
+Settings come from BNFOLD_* environment variables; --host, --port, --grpc-port and
+--models-dir override them. A bad setting prints one line and exits 2 instead of a traceback.
+SIGTERM drains the requests in flight and exits 0 (service/server.py).
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from service.config import Settings
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bnfold-serve", description="Serve bnfold model bundles over HTTP."
+        prog="bnfold-serve", description="Serve bnfold model bundles over HTTP (REST) and gRPC."
     )
     parser.add_argument("--host", help="bind address (BNFOLD_HOST, default 0.0.0.0)")
-    parser.add_argument("--port", type=int, help="TCP port (BNFOLD_PORT, default 8000)")
+    parser.add_argument("--port", type=int, help="HTTP port (BNFOLD_PORT, default 8000)")
+    parser.add_argument(
+        "--grpc-port", type=int, help="gRPC port (BNFOLD_GRPC_PORT, default 8001; 0: off)"
+    )
     parser.add_argument("--models-dir", help="bundle folder (BNFOLD_MODELS_DIR, default models)")
     parser.add_argument("--provider", help="auto, cpu or cuda (BNFOLD_PROVIDER, default auto)")
     return parser.parse_args(argv)

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
         description="Address uvicorn binds. 0.0.0.0 in a container; `make serve` uses 127.0.0.1.",
     )
     port: int = Field(8000, ge=1, le=65535, description="TCP port uvicorn listens on.")
+    grpc_port: int = Field(
+        8001,
+        ge=0,
+        le=65535,
+        description="TCP port of the gRPC Open Inference Protocol (inference."
+        "GRPCInferenceService, grpc.health.v1, reflection), served by the same process on the "
+        "same address; 0 turns gRPC off.",
+    )
     provider: Provider = Field(
         "auto",
         description="onnxruntime execution provider: 'auto' (CUDA when onnxruntime offers it, "

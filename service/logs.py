@@ -9,12 +9,32 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import random
+import re
 import sys
 from contextvars import ContextVar
 from datetime import UTC, datetime
 
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# An incoming id is kept when it is short and plain (UUIDs, trace ids): it goes into log lines.
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
+
+
+def request_id_for(incoming: str | None) -> str:
+    """The client's request id (X-Request-ID header or gRPC metadata) when it is sane, else a
+    new random one."""
+    if incoming is not None and SANE_REQUEST_ID.fullmatch(incoming):
+        return incoming
+    # 128 random bits as 32 hex digits, like uuid4().hex: an id to find log lines by, not a
+    # secret, so Python's generator serves; uuid4 reads os.urandom, a system call that costs
+    # the event loop a GIL hand-off per request while decoding threads are busy.
+    return f"{_ids.getrandbits(128):032x}"
+
+
+_ids = random.Random()  # seeded from os.urandom once
+os.register_at_fork(after_in_child=_ids.seed)  # forked workers must not repeat each other's ids
 
 
 class RequestIdFilter(logging.Filter):

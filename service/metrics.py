@@ -26,19 +26,20 @@ class Metrics:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
             "bnfold_requests",
-            "HTTP requests answered, by endpoint (route template), model and status code.",
-            ["endpoint", "model", "code"],
+            "Requests answered, by protocol (rest or grpc), endpoint (route template or gRPC "
+            "method), model and code (HTTP status or gRPC status name).",
+            ["protocol", "endpoint", "model", "code"],
             registry=r,
         )
         self.request_seconds = Histogram(
             "bnfold_request_duration_seconds",
-            "Time from request to response, by endpoint.",
-            ["endpoint"],
+            "Time from request to response, by protocol and endpoint.",
+            ["protocol", "endpoint"],
             buckets=SECONDS,
             registry=r,
         )
         self.in_flight = Gauge(
-            "bnfold_requests_in_flight", "HTTP requests being answered now.", registry=r
+            "bnfold_requests_in_flight", "Requests (REST and gRPC) being answered now.", registry=r
         )
         self.queue_depth = Gauge(
             "bnfold_queue_depth",

@@ -23,26 +23,48 @@ import logging
 import signal
 import socket
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
-from service.admission import Admission
 from service.app import create_app
 from service.config import Settings
 from service.core import Core
 from service.shutdown import DrainingHttpProtocol, adopt_backlog, serve_adopted
 
+if TYPE_CHECKING:
+    from service.grpc.server import GrpcServer
+
 log = logging.getLogger(__name__)
 
 
 class DrainingServer(uvicorn.Server):
-    """uvicorn.Server whose exit signals start the drain described above and are not
-    re-raised; `cut_off` counts the requests the drain timeout cancelled."""
+    """uvicorn.Server that also runs the gRPC server, whose exit signals start the drain
+    described above and are not re-raised; `cut_off` counts the requests (HTTP requests and
+    gRPC calls) the drain timeout cancelled."""
 
-    def __init__(self, config: uvicorn.Config, admission: Admission) -> None:
+    def __init__(self, config: uvicorn.Config, core: Core) -> None:
         super().__init__(config)
-        self.admission = admission
+        self.core = core
+        self.admission = core.admission
+        self.grpc: GrpcServer | None = None
+        self.startup_failed = False
         self.cut_off = 0
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's start-up (lifespan: bundles loaded; HTTP listener), then gRPC's."""
+        await super().startup(sockets)
+        if not self.started or not self.core.settings.grpc_port:
+            return
+        from service.grpc.server import GrpcServer  # its protobuf types load only when served
+
+        self.grpc = GrpcServer(self.core, self.core.settings)
+        try:
+            await self.grpc.start()
+        except RuntimeError as exc:
+            port = self.core.settings.grpc_port
+            log.error("gRPC port %s cannot be bound (%s): set BNFOLD_GRPC_PORT", port, exc)
+            self.grpc, self.startup_failed, self.should_exit = None, True, True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only set flags. The signal is not recorded in
@@ -55,7 +77,9 @@ class DrainingServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.admission.begin_drain()  # also when uvicorn stops for a reason of its own
-        log.info("draining: listener closed, finishing the requests on open connections")
+        log.info("draining: listeners closed, finishing the requests on open connections")
+        grace = self.config.timeout_graceful_shutdown
+        grpc_stopped = asyncio.create_task(self.grpc.stop(grace)) if self.grpc else None
         adopted = adopt_backlog(self.servers)
         for server in self.servers:
             server.close()
@@ -65,9 +89,11 @@ class DrainingServer(uvicorn.Server):
         for connection in list(self.server_state.connections):
             connection.shutdown()
         try:
-            await asyncio.wait_for(self._drained(), timeout=self.config.timeout_graceful_shutdown)
+            await asyncio.wait_for(self._drained(), timeout=grace)
         except TimeoutError:
             self._cut_off()
+        if grpc_stopped is not None:
+            self.cut_off += await grpc_stopped  # calls received: finished, or cut at `grace`
         if not self.force_exit:
             await self.lifespan.shutdown()
 
@@ -116,6 +142,8 @@ def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, drain, return the exit code."""
     core = Core.build(settings)
     config = uvicorn_config(settings, core)
-    server = DrainingServer(config, core.admission)
+    server = DrainingServer(config, core)
     server.run()
+    if server.startup_failed:
+        return 3  # as uvicorn's own start-up failures
     return 1 if server.cut_off else 0

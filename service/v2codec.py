@@ -9,7 +9,6 @@ each binary input's raw little-endian bytes, in input order, sized by its
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,9 +17,9 @@ from pydantic import ValidationError
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput, validation_message
 from service.schemas import InferenceRequest, Parameters, RequestInput
+from service.tensors import check_header, from_raw, from_values
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
 
 
 @dataclass
@@ -94,58 +93,17 @@ def parse_tensor_request(
     return decoded, input_array(decoded, spec)
 
 
-MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
-
-
 def input_array(decoded: DecodedRequest, spec: TensorSpec) -> np.ndarray:
     """The model's one input as an array of the declared shape (model shape checked later)."""
     inputs = decoded.request.inputs
-    if [t.name for t in inputs] != [spec.name]:
-        raise BadInput(
-            f"this model takes one input named {spec.name!r}; the request has "
-            f"{[t.name for t in inputs]}"
-        )
-    tensor = inputs[0]
-    if tensor.datatype != spec.datatype:
-        raise BadInput(
-            f"input {spec.name!r} has datatype {tensor.datatype}; this model takes {spec.datatype}"
-        )
-    if any(d > MAX_DIM for d in tensor.shape):
-        msg = f"input {tensor.name!r}: shape {tensor.shape} has a dimension over {MAX_DIM}"
-        raise BadInput(msg)
-    count = math.prod(tensor.shape)
+    tensor = inputs[0] if inputs else None
+    datatype, shape = (tensor.datatype, tensor.shape) if tensor else ("", [])
+    check_header([t.name for t in inputs], datatype, shape, spec)
+    assert tensor is not None
     raw = decoded.binary.get(0)
-    flat = _from_binary(tensor, raw, count) if raw is not None else _from_json(tensor, count)
-    return flat.reshape(tensor.shape)
-
-
-def _from_binary(tensor: RequestInput, raw: bytes, count: int) -> np.ndarray:
-    dtype = NUMPY_DTYPE[tensor.datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise BadInput(
-            f"input {tensor.name!r} has shape {tensor.shape} ({count} elements, "
-            f"{count * dtype.itemsize} bytes of {tensor.datatype}) but binary_data_size "
-            f"is {len(raw)} bytes"
-        )
-    return np.frombuffer(raw, dtype=dtype).astype(np.float32)
-
-
-def _from_json(tensor: RequestInput, count: int) -> np.ndarray:
-    try:
-        values = np.array(tensor.data)  # nested lists of numbers -> int64/float64
-    except (ValueError, OverflowError):
-        raise BadInput(
-            f"input {tensor.name!r}: nested data lists must all have the same length"
-        ) from None
-    if values.dtype.kind not in "iuf":
-        raise BadInput(f"input {tensor.name!r}: data must hold only numbers ({tensor.datatype})")
-    if values.size != count:
-        raise BadInput(
-            f"input {tensor.name!r} has shape {tensor.shape} ({count} elements) but its data "
-            f"holds {values.size} elements"
-        )
-    with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
-        return values.astype(np.float32).ravel()
+    if raw is not None:
+        return from_raw(tensor.name, datatype, shape, raw, "binary_data_size")
+    return from_values(tensor.name, datatype, shape, tensor.data, "data")
 
 
 def variant_of(parameters: Parameters | None) -> str:

@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import random
-import re
 import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core import Core
-from service.logs import request_id
+from service.logs import request_id, request_id_for
 
 REQUEST_ID_HEADER = b"x-request-id"
-# An incoming id is kept when it is short and plain (UUIDs, trace ids): it goes into log lines.
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 CANCELLED = 499  # status recorded for a request cut off by the drain timeout (no answer sent)
 
 access_log = logging.getLogger("service.access")
@@ -30,18 +25,8 @@ def choose_request_id(scope: Scope) -> str:
     """The client's X-Request-ID when it is sane, else a new random one."""
     for name, value in scope["headers"]:
         if name == REQUEST_ID_HEADER:
-            incoming = value.decode("latin-1")
-            if SANE_REQUEST_ID.fullmatch(incoming):
-                return incoming
-            break
-    # 128 random bits as 32 hex digits, like uuid4().hex: an id to find log lines by, not a
-    # secret, so Python's generator serves; uuid4 reads os.urandom, a system call that costs
-    # the event loop a GIL hand-off per request while decoding threads are busy.
-    return f"{_ids.getrandbits(128):032x}"
-
-
-_ids = random.Random()  # seeded from os.urandom once
-os.register_at_fork(after_in_child=_ids.seed)  # forked workers must not repeat each other's ids
+            return request_id_for(value.decode("latin-1"))
+    return request_id_for(None)
 
 
 class AccessMiddleware:
@@ -86,12 +71,13 @@ class AccessMiddleware:
         if model and model not in self.registry.models:
             model = "unknown"  # label values stay bounded whatever names clients send
         m = self.metrics
-        m.child(m.requests, endpoint, model, str(status)).inc()
-        m.child(m.request_seconds, endpoint).observe(seconds)
+        m.child(m.requests, "rest", endpoint, model, str(status)).inc()
+        m.child(m.request_seconds, "rest", endpoint).observe(seconds)
         if not access_log.isEnabledFor(logging.INFO):
             return
         client = scope.get("client")
         fields = {
+            "protocol": "rest",
             "method": scope["method"],
             "path": scope["path"],
             "status": status,

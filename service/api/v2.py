@@ -7,14 +7,13 @@
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 from fastapi import APIRouter, Header, Request, Response
 
 from bnfold.errors import ServiceUnavailable
 from service.api.bodies import read_json_or_binary
 from service.api.openapi import BINARY, errors, request_body
 from service.api.state import ModelName, ModelVersion, get_core
+from service.metadata import PLATFORM, SERVER_NAME, server_version
 from service.registry import LoadedModel
 from service.schemas import (
     InferenceRequest,
@@ -36,15 +35,7 @@ from service.v2codec import (
 from service.workers import run_cpu
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
-PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ["binary_tensor_data"]
-
-
-def server_version() -> str:
-    try:
-        return version("bnfold")
-    except PackageNotFoundError:
-        return "0.0.0"
 
 
 @router.get("/health/live", response_model=ServerLive)
@@ -69,7 +60,7 @@ router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema
 
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name="bnfold", version=server_version(), extensions=EXTENSIONS)
+    return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
 
 
 def _metadata(model: LoadedModel) -> ModelMetadata:

@@ -45,7 +45,7 @@ def test_port_healthcheck_and_command_agree_with_the_service(stages, target):
     settings = Settings(
         **{k.removeprefix("BNFOLD_").lower(): v for k, v in env.items() if k.startswith("BNFOLD_")}
     )
-    assert stage.last("EXPOSE") == str(settings.port)
+    assert stage.last("EXPOSE").split() == [str(settings.port), str(settings.grpc_port)]
     assert settings.host == "0.0.0.0"
     assert exec_form(stage.last("CMD")) == ["bnfold-serve"]
     assert healthcheck_command(stage) == ["python", "-m", "service.healthcheck"]

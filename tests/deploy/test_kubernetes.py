@@ -56,7 +56,7 @@ def test_deployment_probes_port_and_drain_agree_with_the_server():
     settings = Settings(**{k.removeprefix("BNFOLD_").lower(): v for k, v in env.items()})
     assert container["ports"][0]["containerPort"] == settings.port
     assert container["livenessProbe"]["httpGet"]["path"] == LIVE_PATH
-    assert container["readinessProbe"]["httpGet"]["path"] == READY_PATH
+    assert container["readinessProbe"]["grpc"]["port"] == settings.grpc_port  # same readiness
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     drain = settings.drain_timeout_s
     assert float(env["BNFOLD_DRAIN_TIMEOUT_S"]) == drain

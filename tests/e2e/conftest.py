@@ -28,7 +28,8 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
     env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
-           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES)}  # fmt: skip
+           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
+           "BNFOLD_GRPC_PORT": str(free_port())}  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_command(port, models_dir), env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"

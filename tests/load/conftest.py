@@ -26,6 +26,12 @@ class ServerProcess:
     proc: subprocess.Popen
     url: str
     log: Path
+    grpc_port: int = 0
+
+    @property
+    def grpc(self) -> str:
+        """host:port of the gRPC server (tritonclient.grpc's url)."""
+        return f"127.0.0.1:{self.grpc_port}"
 
     def memory_kib(self, field: str = "VmRSS") -> int:
         """VmRSS (resident now) or VmHWM (peak resident) of the process, from /proc."""
@@ -47,7 +53,8 @@ def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
 
     def start(slow_run_s: float = 0.0, **overrides) -> ServerProcess:
         port = free_port()
-        chosen = {"provider": "cpu", "log_level": "warning", "models_dir": models_dir}
+        chosen = {"provider": "cpu", "log_level": "warning", "models_dir": models_dir,
+                  "grpc_port": free_port()}  # fmt: skip
         chosen.update(overrides)
         env = {f"BNFOLD_{k.upper()}": str(v) for k, v in chosen.items()}
         env = {**os.environ, **env, "SLOW_SERVE_RUN_S": str(slow_run_s)}
@@ -56,7 +63,7 @@ def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
                    "--port", str(port)]  # fmt: skip
         with open(log, "wb") as out:
             proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=out)
-        server = ServerProcess(proc, f"http://127.0.0.1:{port}", log)
+        server = ServerProcess(proc, f"http://127.0.0.1:{port}", log, int(chosen["grpc_port"]))
         started.append(server)
         wait_ready(server.url, proc, log)
         return server

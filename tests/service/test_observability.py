@@ -56,7 +56,7 @@ def test_metrics_expose_every_family_with_values_that_add_up(serve, models_dir, 
     types = {f.name: f.type for f in text_string_to_metric_families(r.text)}
     assert {name: types.get(name) for name in FAMILIES} == FAMILIES
     t = samples(r.text)
-    predict = {"endpoint": "/v1/models/{model}/predict"}
+    predict = {"protocol": "rest", "endpoint": "/v1/models/{model}/predict"}
     assert value(t, "bnfold_requests_total", **predict, model="digits", code="200") == 3
     assert value(t, "bnfold_requests_total", **predict, model="unknown", code="404") == 1
     assert value(t, "bnfold_request_duration_seconds_count", **predict) == 4

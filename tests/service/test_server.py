@@ -11,7 +11,7 @@ from service.server import DrainingServer
 
 
 def draining_server(client) -> DrainingServer:
-    return DrainingServer(uvicorn.Config(client.app), client.app.state.core.admission)
+    return DrainingServer(uvicorn.Config(client.app), client.app.state.core)
 
 
 def test_sigterm_turns_readiness_503_at_once_and_still_serves_requests(serve, models_dir, digits):

@@ -1,0 +1,170 @@
+"""`inference.GRPCInferenceService` on the shared core: the gRPC face of the data plane.
+
+Each RPC translates the protobuf request into registry, admission and data-plane calls, exactly
+as the REST routes do, and every `BnfoldError` into a gRPC status through the one table both
+protocols share (service/errors.py), with the same message. Every call gets a request id
+(`x-request-id` metadata when the client sent a sane one), one access log line, and the request
+metrics with `protocol="grpc"`. Anything unexpected is logged with its traceback and answered
+INTERNAL; a client's mistake never is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from bnfold.errors import BnfoldError, NotFound, ServiceUnavailable
+from service.core import Core
+from service.errors import wire_error
+from service.grpc import codec
+from service.grpc import inference_pb2 as pb
+from service.grpc import inference_pb2_grpc as pb_grpc
+from service.logs import request_id, request_id_for
+from service.metadata import PLATFORM, SERVER_NAME, server_version
+from service.registry import LoadedModel
+from service.workers import run_cpu
+
+SERVICE = "inference.GRPCInferenceService"
+EXTENSIONS: list[str] = []  # the binary tensor extension is REST's; gRPC carries raw bytes anyway
+access_log = logging.getLogger("service.access")
+log = logging.getLogger(__name__)
+
+
+def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Request id, metrics, access line and error translation around one RPC handler."""
+    method = handler.__name__
+
+    @functools.wraps(handler)
+    async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
+        metadata = dict(context.invocation_metadata() or ())
+        rid = request_id_for(metadata.get("x-request-id"))
+        token = request_id.set(rid)
+        code, started = "OK", time.perf_counter()
+        self.core.metrics.in_flight.inc()
+        self.active += 1
+        trailing = [("x-request-id", rid)]
+        try:
+            return await handler(self, request, context)
+        except BnfoldError as exc:
+            wire = wire_error(exc)
+            code = wire.grpc_code
+            trailing += [(k.lower(), v) for k, v in wire.headers.items()]  # retry-after
+            context.set_trailing_metadata(trailing)
+            await context.abort(grpc.StatusCode[code], wire.message)
+        except asyncio.CancelledError:  # the client went away, or the drain timeout ran out
+            code = "CANCELLED"
+            if self.cut_after is not None and time.monotonic() >= self.cut_after:
+                self.cut_off += 1
+            raise
+        except Exception as exc:
+            if isinstance(exc, grpc.aio.AbortError):  # context.abort above: already answered
+                raise
+            code = "INTERNAL"
+            log.exception("unhandled error in gRPC %s", method)
+            context.set_trailing_metadata(trailing)
+            await context.abort(grpc.StatusCode.INTERNAL, "internal server error")
+        finally:
+            if code == "OK":
+                context.set_trailing_metadata(trailing)
+            self.active -= 1
+            self.core.metrics.in_flight.dec()
+            self._record(method, _model_of(request), code, time.perf_counter() - started, context)
+            request_id.reset(token)
+
+    return wrapper
+
+
+def _model_of(request: Any) -> str:
+    return getattr(request, "model_name", None) or getattr(request, "name", "") or ""
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """The Open Inference Protocol's gRPC service over one process's core."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self.active = 0  # calls being answered now
+        self.cut_after: float | None = None  # monotonic time past which a cancel is a cut-off
+        self.cut_off = 0
+
+    # --- health and metadata
+    @rpc
+    async def ServerLive(self, request, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(self, request, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.core.not_ready_reason() is None)
+
+    @rpc
+    async def ModelReady(self, request, context) -> pb.ModelReadyResponse:
+        """ready=false for a model that failed to load; NOT_FOUND for an unknown one."""
+        try:
+            self.core.registry.get_ready(request.name, request.version or None)
+        except ServiceUnavailable:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @rpc
+    async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
+        )
+
+    @rpc
+    async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
+        model = self.core.registry.get_ready(request.name, request.version or None)
+        m = model.manifest
+        assert m is not None
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[m.version],
+            platform=PLATFORM,
+            inputs=[tensor(name=m.input.name, datatype=m.input.datatype, shape=m.input.shape)],
+            outputs=[tensor(name=m.output.name, datatype=m.output.datatype, shape=m.output.shape)],
+        )
+
+    # --- inference
+    @rpc
+    async def ModelInfer(self, request, context) -> pb.ModelInferResponse:
+        if not request.model_name:
+            raise NotFound("model_name is empty: name the model to run (GET /v2 lists them)")
+        core = self.core
+        deadline = context.time_remaining()  # the client's deadline, None when it set none
+        async with core.admission.admit(
+            request.model_name, request.model_version or None, deadline
+        ) as model:
+            x = await self._input(request, model)  # (N, C, H, W) float32
+            variant = codec.variant_of(request)
+            logits = await core.plane.infer(model, variant, x)
+        m = model.manifest
+        assert m is not None
+        return codec.infer_response(request, model.name, m.version, variant, m.output.name, logits)
+
+    async def _input(self, request: pb.ModelInferRequest, model: LoadedModel):
+        spec = model.manifest.input if model.manifest else None
+        assert spec is not None
+        codec.requested_outputs(request, model.manifest.output)  # type: ignore[union-attr]
+        if request.raw_input_contents:  # bytes -> array without a copy: no thread needed
+            return codec.input_array(request, spec)
+        return await run_cpu(codec.input_array, request, spec)  # typed values: CPU work
+
+    def _record(self, method: str, model: str, code: str, seconds: float, context) -> None:
+        if model and model not in self.core.registry.models:
+            model = "unknown"  # label values stay bounded whatever names clients send
+        m = self.core.metrics
+        m.child(m.requests, "grpc", method, model, code).inc()
+        m.child(m.request_seconds, "grpc", method).observe(seconds)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
+        fields = {"protocol": "grpc", "method": method, "model": model, "status": code,
+                  "duration_ms": round(seconds * 1000, 3), "client": context.peer()}  # fmt: skip
+        access_log.info("grpc %s %s %.1f ms", method, code, seconds * 1000,
+                        extra={"fields": fields})  # fmt: skip

@@ -1,0 +1,74 @@
+"""Input tensors of the Open Inference Protocol -> the model's input array, for any wire format.
+
+REST (service/v2codec.py, JSON or binary extension) and gRPC (service/grpc/codec.py, typed
+contents or raw_input_contents) both describe the tensor by name, datatype and shape, then hand
+over its elements as raw little-endian bytes or as numbers. The checks and their messages live
+here once, so a client gets the same answer for the same mistake over either protocol; only
+`where` (which field held the elements) differs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from bnfold.bundle import TensorSpec
+from bnfold.errors import BadInput
+
+DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
+             "FP16", "FP32", "FP64", "BYTES", "BF16")  # fmt: skip
+NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
+MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
+
+
+def check_header(
+    names: Sequence[str], datatype: str, shape: Sequence[int], spec: TensorSpec
+) -> int:
+    """The request's inputs against the model's one input: names, datatype and shape.
+    Returns the element count the shape implies."""
+    if list(names) != [spec.name]:
+        raise BadInput(
+            f"this model takes one input named {spec.name!r}; the request has {list(names)}"
+        )
+    if datatype != spec.datatype:
+        raise BadInput(
+            f"input {spec.name!r} has datatype {datatype}; this model takes {spec.datatype}"
+        )
+    if any(d > MAX_DIM for d in shape):
+        raise BadInput(f"input {spec.name!r}: shape {list(shape)} has a dimension over {MAX_DIM}")
+    return math.prod(shape)
+
+
+def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, where: str) -> np.ndarray:
+    """Raw little-endian elements -> float32 array of `shape`; `where` names the field that
+    carried the bytes (its length is compared with what the shape needs)."""
+    dtype = NUMPY_DTYPE[datatype]
+    count = math.prod(shape)
+    if len(raw) != count * dtype.itemsize:
+        raise BadInput(
+            f"input {name!r} has shape {list(shape)} ({count} elements, "
+            f"{count * dtype.itemsize} bytes of {datatype}) but {where} is {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(shape)
+
+
+def from_values(name: str, datatype: str, shape: Sequence[int], values, where: str) -> np.ndarray:
+    """Numbers (flat or nested lists, or a repeated field) -> float32 array of `shape`."""
+    try:
+        array = np.array(values)  # nested lists of numbers -> int64/float64
+    except (ValueError, OverflowError):
+        raise BadInput(
+            f"input {name!r}: nested {where} lists must all have the same length"
+        ) from None
+    if array.dtype.kind not in "iuf":
+        raise BadInput(f"input {name!r}: {where} must hold only numbers ({datatype})")
+    count = math.prod(shape)
+    if array.size != count:
+        raise BadInput(
+            f"input {name!r} has shape {list(shape)} ({count} elements) but its {where} holds "
+            f"{array.size} elements"
+        )
+    with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
+        return array.astype(np.float32).reshape(shape)
