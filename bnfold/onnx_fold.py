@@ -78,13 +78,28 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     graph = Graph(work)
     used_before = graph.used_names()
     opset = _default_opset(work)
-    rows = [_fold_one(graph, affine) for affine in _affine_maps(graph, opset)]
+    rows = _fold_until_done(graph, opset)
     graph.drop_orphans(used_before)
     try:
         onnx.checker.check_model(work, full_check=True)
     except Exception as exc:  # a bug here, not bad input: say so plainly
         raise FoldError(f"the folded model fails onnx.checker ({exc}); please report it") from exc
-    return work, FoldReport([r for r in rows if r is not None])
+    return work, FoldReport(rows)
+
+
+def _fold_until_done(graph: Graph, opset: int) -> list[FoldRow]:
+    """Pass over the maps until a pass folds nothing: one fold can enable another (a Mul
+    before a BN folds forward once the BN has gone into the next conv). One row per map, in
+    graph order: how it folded, else the last reason it did not."""
+    rows: dict[str, FoldRow] = {}
+    progressed = True
+    while progressed:
+        progressed = False
+        for affine in _affine_maps(graph, opset):  # lazily: each sees the previous folds
+            row = _fold_one(graph, affine)
+            progressed |= row.folded
+            rows[row.bn] = row
+    return list(rows.values())
 
 
 def fold_onnx_file(src: Path, dst: Path) -> FoldReport:

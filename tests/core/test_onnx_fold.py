@@ -368,6 +368,17 @@ def test_property_bn_after_relu_into_conv(dim, groups, cpg, stride, dil, k, pad,
         assert only_row(fold_and_check(model, x, 1)[1]).direction == "forward"
 
 
+def test_a_fold_that_enables_another_is_found():
+    """Relu -> Mul -> BN -> Conv: the Mul folds forward once the BN went into the Conv."""
+    b = Builder(27)
+    mul = b.node("Mul", [b.node("Relu", ["x"]), b.const(b.randn(1, 3, 1, 1))], name="scale")
+    conv = b.node("Conv", [b.bn(mul, 3), b.const(b.randn(2, 3, 1, 1))], name="next")
+    model = b.model(["N", 3, 4, 4], conv)
+    folded, report = fold_and_check(model, b.randn(2, 3, 4, 4).astype(np.float32), 2)
+    assert [r.bn for r in report.rows] == ["scale", "bn"]
+    assert foldable_mul_add(folded) == 0 and not fold_onnx(folded)[1].rows
+
+
 @pytest.mark.parametrize("attrs", [{"pads": 1}, {"auto_pad": "SAME_UPPER"}])
 def test_forward_into_zero_padded_conv_is_refused(attrs):
     model, x = relu_bn_then("Conv", **attrs)
