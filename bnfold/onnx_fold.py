@@ -95,10 +95,10 @@ def _fold_until_done(graph: Graph, opset: int) -> list[FoldRow]:
     progressed = True
     while progressed:
         progressed = False
-        for affine in _affine_maps(graph, opset):  # lazily: each sees the previous folds
+        for key, affine in _affine_maps(graph, opset):  # lazily: each sees earlier folds
             row = _fold_one(graph, affine)
             progressed |= row.folded
-            rows[row.bn] = row
+            rows[key] = row
     return list(rows.values())
 
 
@@ -125,7 +125,8 @@ def fold_onnx_file(src: Path, dst: Path) -> FoldReport:
 
 
 def _affine_maps(graph: Graph, opset: int):
-    """Yield each BN / Mul-Add chain in graph order (a FoldRow for a BN refused outright)."""
+    """Yield (first output, map) for each BN / Mul-Add chain in graph order (a FoldRow for a
+    BN refused outright)."""
     keys = [n.output[0] for n in graph.g.node if n.output and n.op_type in _CANDIDATE_OPS]
     seen: set[str] = set()
     for key in keys:
@@ -134,16 +135,17 @@ def _affine_maps(graph: Graph, opset: int):
             continue
         if node.op_type == "BatchNormalization":
             try:
-                yield batchnorm_affine(graph, node, opset)
+                affine = batchnorm_affine(graph, node, opset)
             except Refused as refused:
-                yield FoldRow(bn=node_name(node), folded=False, reason=str(refused))
+                affine = FoldRow(bn=node_name(node), folded=False, reason=str(refused))
+            yield key, affine
             continue
         step = mul_add_step(graph, node)
         if step is None or is_matmul_bias(graph, step):
             continue
         chain = mul_add_chain(graph, step)
         seen.update(n.output[0] for n in chain.nodes)
-        yield chain
+        yield key, chain
 
 
 _CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
