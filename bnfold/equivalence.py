@@ -34,6 +34,19 @@ def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> D
     )
 
 
+# Pass criterion for folded vs unfolded logits, relative to the logit scale (max |logit|, at
+# least 1). float32 epsilon is 1.19e-7; each conv/linear layer adds rounding on dot products of up
+# to a few hundred terms, and folding moves where rounding happens. 2e-5 of the scale (~170 ulps)
+# is 10x above what we measure on the default model and far below any change of prediction.
+REL_TOLERANCE = 2e-5
+
+
+def tolerance_for(unfolded_logits: np.ndarray) -> float:
+    """The absolute tolerance for these reference logits: REL_TOLERANCE x max(1, max |logit|)."""
+    scale = float(np.max(np.abs(unfolded_logits))) if unfolded_logits.size else 1.0
+    return REL_TOLERANCE * max(1.0, scale)
+
+
 def is_equivalent(stats: DiffStats, tolerance_abs: float) -> bool:
     """The one definition of "equivalent", used by export, verify and live compare: every logit
     within the bundle's tolerance and the same top-1 class for every input."""

@@ -28,15 +28,12 @@ from bnfold.bundle import (
     Manifest,
     load_bundle,
 )
-from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
+from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs, tolerance_for
 from bnfold.errors import BnfoldError
 from bnfold.int8 import check_int8
 from bnfold.preprocess import generated_batch
 from bnfold.sessions import make_probe_session, make_session
 
-# Pass criterion for folded vs unfolded logits, relative to the logit scale (max |logit|): the
-# rule training/export.py states. float32 epsilon is 1.19e-7; 2e-5 of the scale is ~170 ulps.
-REL_TOLERANCE = 2e-5
 N_VERIFY = 64  # generated inputs when the caller gives none
 
 
@@ -50,11 +47,6 @@ def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
     bn_rows = [r for r in rows if r.op == "BatchNormalization"]
     folded = sum(not r.folded for r in bn_rows)
     return {"unfolded": len(bn_rows), "folded": folded, "int8": folded}  # int8: from folded
-
-
-def tolerance_for(unfolded_logits: np.ndarray) -> float:
-    scale = float(np.max(np.abs(unfolded_logits))) if unfolded_logits.size else 1.0
-    return REL_TOLERANCE * max(1.0, scale)
 
 
 def run_logits(session, input_name: str, output: str, x: np.ndarray, batch: int = 256):
