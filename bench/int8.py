@@ -23,6 +23,8 @@ import numpy as np
 from bench.model_exec import latency_stats, ort_session, time_runs
 from bench.models import BenchModel
 from bench.plan import FULL, QUICK, Plan
+from bnfold.bundle import INT8, read_manifest
+from bnfold.int8 import Int8Options, Int8Request, add_int8_to_bundle
 from bnfold.quantize import calibration_subset, measure_int8, quantize_model
 
 CALIBRATION_IMAGES = 256
@@ -64,6 +66,32 @@ def eval_data(model: BenchModel, n: int) -> tuple[np.ndarray, np.ndarray, np.nda
     shape = (CALIBRATION_IMAGES + n, *model.input_shape)
     x = rng.normal(size=shape).astype(np.float32)
     return x[:CALIBRATION_IMAGES], x[CALIBRATION_IMAGES:], None, "random normal inputs"
+
+
+def ensure_int8(model: BenchModel, n_eval: int) -> None:
+    """The served bundle gets its int8 variant (as export makes it) when it has none, so the
+    servers offer `variant=int8` too."""
+    if INT8 in read_manifest(model.bundle_dir).files:
+        return
+    calib, x, y, source = eval_data(model, n_eval)
+    request = Int8Request(Int8Options(), calib, source, y)
+    report = add_int8_to_bundle(model.bundle_dir, request, x, "held-out")
+    if not report.passed:
+        raise RuntimeError(f"{model.name}: no int8 variant to serve: {report.reason}")
+
+
+def served(serving_rows: list[dict], concurrency: int = 64) -> list[dict]:
+    """V2 infer requests/s per variant at one concurrency (medians over rounds)."""
+    rows = [r for r in serving_rows if r["concurrency"] == concurrency]
+    by_model: dict[str, dict[str, float]] = {}
+    for r in rows:
+        if r["target"] in ("bnfold V2 infer", "bnfold V2 infer int8"):
+            by_model.setdefault(r["model"], {})[r["target"]] = r["rps"]
+    return [
+        {"model": m, "concurrency": concurrency, "float32_rps": v.get("bnfold V2 infer"),
+         "int8_rps": v.get("bnfold V2 infer int8")}
+        for m, v in by_model.items()
+    ]  # fmt: skip
 
 
 def fold_first(model: BenchModel, work: Path, n_eval: int) -> dict:
@@ -209,6 +237,17 @@ def markdown(results: dict) -> list[str]:
             f"(x{s['ratio_b1']:.2f}) | {s['int8_best']:,.0f} ({s['int8_best_batch']}) "
             f"(x{s['ratio_best']:.2f}) |"
         )
+    if results.get("served"):
+        c = results["served"][0]["concurrency"]
+        lines += [
+            "",
+            f"| model | V2 infer at c={c}, float32 folded req/s | int8 req/s | x |",
+            "| --- | --- | --- | --- |",
+        ]
+        for r in results["served"]:
+            f, q = r["float32_rps"], r["int8_rps"]
+            ratio = f"x{q / f:.2f}" if f and q else "n/a"
+            lines.append(f"| {r['model']} | {f or 0:,.0f} | {q or 0:,.0f} | {ratio} |")
     return lines + [""]
 
 

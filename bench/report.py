@@ -88,9 +88,16 @@ def markdown(results: dict, plots: list[str]) -> str:
         _serving(results),
         _fold_cost(results),
         _model_exec(results),
+        _int8(results),
         f"## Plots\n\n{images}\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _int8(results: dict) -> str:
+    from bench.int8 import markdown as int8_markdown
+
+    return "\n".join(int8_markdown(results["int8"])) if results.get("int8") else ""
 
 
 def table(header: list[str], rows: list[list]) -> str:

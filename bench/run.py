@@ -63,6 +63,16 @@ def execute_models(models: dict, plan: Plan) -> dict:
     return {"rows": rows, "limits": limits, "ratios": model_exec.exec_ratios(rows, limits)}
 
 
+def int8_section(models: dict, plan: Plan, work: Path) -> dict:
+    """INT8 after folding (bench/int8.py); every served bundle gets its int8 variant."""
+    from bench import int8 as int8_bench
+
+    results = int8_bench.measure(models, plan, work, log)
+    for model in models.values():
+        int8_bench.ensure_int8(model, max(plan.eval_images, 64))
+    return results
+
+
 def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
     from bench import serving
 
@@ -157,13 +167,16 @@ def _mem_gib() -> float:
 def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bool) -> dict:
     """The whole benchmark into `out`; returns the results dict."""
     from bench import goals, report
+    from bench import int8 as int8_bench
 
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
     try:
         models = prepare_models(plan, work)
         exec_results = execute_models(models, plan)
+        int8 = int8_section(models, plan, work)
         serving = serve_models(models, exec_results["limits"], plan, work)
+        int8["served"] = int8_bench.served(serving["rows"], max(plan.concurrency))
         pre = preprocess_cost_ms(models)
     finally:
         if keep_work:
@@ -176,6 +189,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "models": {n: {"weights": m.weights, "fold_cost": m.fold_cost} for n, m in models.items()},
         "preprocess_ms": pre,
         "model_exec": exec_results,
+        "int8": int8,
         "serving": serving,
         "goals": goals.check(serving["rows"], pre),
     }

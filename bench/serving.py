@@ -23,6 +23,7 @@ from bench.model_exec import InprocessLimit
 from bench.models import BenchModel
 from bench.plan import Plan
 from bench.wrk_load import run_wrk
+from bnfold.bundle import load_bundle
 from bnfold.preprocess import preprocess_bytes
 
 BOUNDARY = "bnfold-bench-boundary"
@@ -74,10 +75,13 @@ def write_payloads(model: BenchModel, folder: Path) -> dict[str, tuple[Path, str
         }
     ]
     v2.write_text(json.dumps({"inputs": inputs}))
+    v2_int8 = folder / f"{model.name}.v2-int8.json"
+    v2_int8.write_text(json.dumps({"inputs": inputs, "parameters": {"variant": "int8"}}))
     return {
         "raw": (png, "image/png"),
         "multipart": (multipart, f"multipart/form-data; boundary={BOUNDARY}"),
         "v2": (v2, "application/json"),
+        "v2_int8": (v2_int8, "application/json"),
     }
 
 
@@ -121,10 +125,12 @@ def build_targets(
         return Target(name, role, server.url(path), *payloads[payload], server=server)
 
     predict, infer = f"/v1/models/{model.name}/predict", f"/v2/models/{model.name}/infer"
+    int8 = "int8" in load_bundle(model.bundle_dir).files  # served as a third variant
     return [
         http("bnfold multipart", "bnfold", predict, "multipart"),
         http("bnfold raw", "bnfold", predict, "raw"),
         http("bnfold V2 infer", "bnfold", infer, "v2"),
+        *([http("bnfold V2 infer int8", "bnfold", infer, "v2_int8")] if int8 else []),
         http("bare FastAPI", "bare", "/predict", "raw"),
         http("minimal handler", "minimal", "/predict", "multipart"),
         http("LitServe", "litserve", "/predict", "multipart"),

@@ -9,13 +9,23 @@ re-measures a bundle's int8 file for verify.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from bnfold.bundle import INT8, INT8_FILE, Int8Report, Manifest, OnnxFile, sha256_file
+from bnfold.bundle import (
+    INT8,
+    INT8_FILE,
+    MANIFEST_NAME,
+    Int8Report,
+    Manifest,
+    OnnxFile,
+    read_manifest,
+    sha256_file,
+)
 from bnfold.quantize import (
     ACTIVATION_TYPES,
     DEFAULT_CALIBRATION_IMAGES,
@@ -141,6 +151,24 @@ def add_int8_variant(
         quantization=q.quantization,
     )
     return entry, report
+
+
+def add_int8_to_bundle(bundle_dir: Path, request: Int8Request, x: np.ndarray, split: str):
+    """add_int8_variant on an existing bundle, its manifest rewritten (atomically) to list the
+    int8 file and report; a previous int8 variant is replaced. Returns the report."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    (bundle_dir / INT8_FILE).unlink(missing_ok=True)
+    entry, report = add_int8_variant(bundle_dir, request, x, split)
+    files = {k: v for k, v in manifest.files.items() if k != INT8}
+    if entry is not None:
+        files[INT8] = entry
+    equivalence = manifest.equivalence.model_copy(update={"int8": report})
+    manifest = manifest.model_copy(update={"files": files, "equivalence": equivalence})
+    tmp = bundle_dir / f".{MANIFEST_NAME}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    os.replace(tmp, bundle_dir / MANIFEST_NAME)
+    return report
 
 
 def check_int8(

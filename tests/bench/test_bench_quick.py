@@ -26,6 +26,7 @@ HTTP_TARGETS = {
     "bnfold multipart",
     "bnfold raw",
     "bnfold V2 infer",
+    "bnfold V2 infer int8",  # the int8 variant (bench/int8.py gives every served bundle one)
     "bare FastAPI",
     "minimal handler",
     "LitServe",
@@ -185,3 +186,26 @@ def test_missing_tools_fail_with_the_install_command(monkeypatch, capsys):
     assert bench_run.main(["--quick"]) == 2
     err = capsys.readouterr().err
     assert "wrk" in err and "scripts/install_bench_deps.sh" in err
+
+
+@pytest.mark.e2e
+def test_int8_section_covers_every_model(quick):
+    """Folded-first vs BN-left-in quantization, int8 speed in process and served: all there."""
+    results, out = quick
+    int8 = results["int8"]
+    assert int8["cpu"]["meaning"] and isinstance(int8["cpu"]["flags"], list)
+    assert set(int8["fold_first"]) == set(results["plan"]["models"])
+    for cmp in int8["fold_first"].values():
+        for variant in ("folded", "unfolded"):
+            d = cmp[variant]["report"]["int8_vs_folded"]
+            assert math.isfinite(d["max_abs_diff"]) and 0 <= d["top1_agreement"] <= 1
+        assert cmp["folded"]["nodes"]["float_ops"] == {}  # folded first: all 8-bit at run time
+        assert cmp["unfolded"]["nodes"]["float_ops"]["BatchNormalization"] > 0
+    kinds = {(r["model"], r["variant"], r["threads"]) for r in int8["speed"]}
+    variants = ("float32 folded", "int8 (folded first)", "int8 (BN left in)")
+    assert len(kinds) == len(results["plan"]["models"]) * len(variants) * len(
+        results["plan"]["threads"]
+    )
+    assert all(r["images_per_s"] > 0 for r in int8["speed"])
+    assert int8["served"] and all(r["int8_rps"] > 0 for r in int8["served"])
+    assert "## INT8 after folding" in (out / "results.md").read_text()
