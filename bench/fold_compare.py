@@ -27,11 +27,9 @@ import onnxruntime as ort
 from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
-from onnx.reference import ReferenceEvaluator
-from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
 from bnfold.onnx_fold import fold_onnx
-from bnfold.reference import float64_model
+from bnfold.reference import reference_evaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_INPUTS = 256
@@ -199,21 +197,8 @@ def _run(model: onnx.ModelProto, x: np.ndarray, level=None) -> np.ndarray:
     return _session(model, level).run(None, {"x": x})[0]
 
 
-class ConvTranspose(_RefConvTranspose):
-    """onnx.reference's ConvTranspose one group at a time: its grouped path fails in onnx 1.23."""
-
-    def _run(self, X, W, B=None, group=None, **attrs):  # noqa: N803 - onnx's argument names
-        groups = int(group or 1)
-        if groups == 1:
-            return super()._run(X, W, B, group=1, **attrs)
-        biases = np.split(B, groups) if B is not None else [None] * groups
-        parts = zip(np.split(X, groups, axis=1), np.split(W, groups, axis=0), biases, strict=True)
-        outs = [super(ConvTranspose, self)._run(x, w, b, group=1, **attrs)[0] for x, w, b in parts]
-        return (np.concatenate(outs, axis=1),)
-
-
 def float64_reference(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
-    ref = ReferenceEvaluator(float64_model(model), new_ops=[ConvTranspose])
+    ref = reference_evaluator(model)
     chunks = [
         ref.run(None, {"x": x[i : i + 64].astype(np.float64)})[0] for i in range(0, len(x), 64)
     ]

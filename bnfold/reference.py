@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -73,11 +74,36 @@ def float64_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+class GroupedConvTranspose(_RefConvTranspose):
+    """onnx.reference's ConvTranspose one group at a time: its grouped path raises a reshape
+    error in onnx 1.23. Each group is an ordinary transposed convolution of its own channels."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, group=None, **attrs):  # noqa: N803 - onnx's argument names
+        groups = int(group or 1)
+        if groups == 1:
+            return super()._run(X, W, B, group=1, **attrs)
+        biases = np.split(B, groups) if B is not None else [None] * groups
+        parts = zip(np.split(X, groups, axis=1), np.split(W, groups, axis=0), biases, strict=True)
+        outs = [super(GroupedConvTranspose, self)._run(x, w, b, group=1, **attrs)[0]
+                for x, w, b in parts]  # fmt: skip
+        return (np.concatenate(outs, axis=1),)
+
+
+GroupedConvTranspose.__name__ = "ConvTranspose"  # replaces the built-in kernel by op name
+
+
+def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
+    """onnx.reference on the float64 copy of `model`, with the grouped ConvTranspose fix."""
+    return ReferenceEvaluator(float64_model(model), new_ops=[GroupedConvTranspose])
+
+
 class Float64Reference:
     """Evaluates one model in float64; build once, call for each batch."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.evaluator = ReferenceEvaluator(float64_model(model))
+        self.evaluator = reference_evaluator(model)
 
     def run(
         self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None

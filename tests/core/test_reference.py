@@ -129,3 +129,26 @@ def test_batches_are_evaluated_in_chunks_with_the_same_result():
     np.testing.assert_array_equal(
         evaluate_float64(model, "x", x, batch=7), evaluate_float64(model, "x", x, batch=100)
     )
+
+
+def test_grouped_conv_transpose_matches_onnxruntime():
+    """onnx.reference's own grouped ConvTranspose fails (onnx 1.23); ours runs group by group."""
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)  # (Cin, Cout/groups, kH, kW)
+    b = rng.standard_normal(12).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "W", "B"], ["y"], group=2, strides=[2, 2],
+                            output_padding=[1, 1])  # fmt: skip
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "B")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    x = rng.standard_normal((3, 8, 5, 5)).astype(np.float32)
+    y32 = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    y64 = evaluate_float64(model, "x", x)
+    assert y64.shape == y32.shape == (3, 12, 12, 12)
+    # Each output sums at most 8/2 x 3 x 3 = 36 products of O(1) values plus a bias: float32
+    # rounding stays below 64 x 2^-24 x sum|w x| (~1e-4 here); a wrong group would be O(1).
+    np.testing.assert_allclose(y32, y64, rtol=0, atol=1e-4)
