@@ -122,8 +122,8 @@ class InferenceRequest(BaseModel):
     id: str | None = None
     parameters: Parameters | None = Field(
         None,
-        description="`variant`: 'folded' (default) or 'unfolded'; `binary_data_output`: true "
-        "to answer every output as binary data.",
+        description="`variant`: 'folded' (default), 'unfolded', or 'int8' when the bundle has "
+        "it; `binary_data_output`: true to answer every output as binary data.",
     )
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
