@@ -75,6 +75,7 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     _check_input(model)
     work = onnx.ModelProto()
     work.CopyFrom(model)
+    _name_unnamed_nodes(work.graph)
     graph = Graph(work)
     used_before = graph.used_names()
     opset = _default_opset(work)
@@ -85,6 +86,21 @@ def fold_onnx(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     except Exception as exc:  # a bug here, not bad input: say so plainly
         raise FoldError(f"the folded model fails onnx.checker ({exc}); please report it") from exc
     return work, FoldReport(rows)
+
+
+def _name_unnamed_nodes(graph: onnx.GraphProto) -> None:
+    """Name every unnamed node after its first output as the file has it, before any fold moves
+    output names from one node to another, so report rows keep naming the right layer."""
+    taken = {n.name for n in graph.node if n.name}
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            base = node.output[0] if node.output and node.output[0] else f"{node.op_type}_{i}"
+            name, k = base, 0
+            while name in taken:
+                k += 1
+                name = f"{base}_{k}"
+            node.name = name
+            taken.add(name)
 
 
 def _fold_until_done(graph: Graph, opset: int) -> list[FoldRow]:

@@ -83,6 +83,17 @@ def test_conv_bn_folds_backward_and_keeps_the_output_name():
     assert 0 < row.scale_min <= row.scale_max and row.warning is None
 
 
+def test_unnamed_nodes_are_reported_by_op_and_position_not_by_a_moved_tensor_name():
+    model, x = conv_bn()
+    for node in model.graph.node:
+        node.name = ""  # exporters may leave every node unnamed
+    folded, report = fold_and_check(model, x, 1)
+    row = only_row(report)
+    # The conv's own output name ('conv_out'), not the BN output name it takes over.
+    assert (row.bn, row.into) == ("bn_out", "conv_out"), row
+    assert [n.output[0] for n in folded.graph.node] == ["bn_out"]
+
+
 @PROPERTY
 @given(
     dim=st.sampled_from([1, 2, 3]),
