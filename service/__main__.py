@@ -1,9 +1,11 @@
 """`bnfold-serve` (or `python -m service`): serve the bundles in the models folder, REST with
 uvicorn and gRPC with grpc.aio, in this one process.
 
-Settings come from BNFOLD_* environment variables; --host, --port, --grpc-port and
---models-dir override them. A bad setting prints one line and exits 2 instead of a traceback.
-SIGTERM drains the requests in flight and exits 0 (service/server.py).
+Settings come from BNFOLD_* environment variables; --host, --port, --grpc-port,
+--models-dir, --provider and --workers override them. With more than one worker, this process
+supervises that many server processes (service/supervisor.py). A bad setting prints one line
+and exits 2 instead of a traceback. SIGTERM drains the requests in flight and exits 0
+(service/server.py).
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--models-dir", help="bundle folder (BNFOLD_MODELS_DIR, default models)")
     parser.add_argument("--provider", help="auto, cpu or cuda (BNFOLD_PROVIDER, default auto)")
+    parser.add_argument(
+        "--workers", type=int, help="server processes (BNFOLD_WORKERS, default 0: one per core)"
+    )
     return parser.parse_args(argv)
 
 
@@ -46,7 +51,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from bnfold.sessions import resolve_providers
     from service.logs import configure_logging
-    from service.server import serve
 
     try:
         resolve_providers(settings.provider)
@@ -54,7 +58,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bnfold-serve: {exc}", file=sys.stderr)
         return 2
     configure_logging(settings.log_level, settings.log_format)
+    settings = split_cores(settings)
+    if settings.workers > 1:
+        from service.supervisor import serve_workers  # the parent imports no web framework
+
+        return serve_workers(settings)
+    from service.server import serve
+
     return serve(settings)
+
+
+def split_cores(settings: Settings) -> Settings:
+    """Settings with `workers` and `threads` resolved from the cores this process may use."""
+    from service.cpus import resolve_workers, threads_per_worker, usable_cpus
+
+    cores = usable_cpus()
+    workers = resolve_workers(settings.workers, cores)
+    threads = threads_per_worker(settings.threads, cores, workers)
+    return settings.model_copy(update={"workers": workers, "threads": threads})
 
 
 if __name__ == "__main__":

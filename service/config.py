@@ -46,10 +46,25 @@ class Settings(BaseSettings):
         description="onnxruntime execution provider: 'auto' (CUDA when onnxruntime offers it, "
         "else CPU), or 'cpu' / 'cuda' to force one ('cuda' fails start-up when unavailable).",
     )
+    workers: int = Field(
+        0,
+        ge=0,
+        description="Server processes sharing the HTTP port (and the gRPC port), under one "
+        "supervisor; 0: one per core this process may use (its CPU affinity and cgroup CPU "
+        "quota, e.g. docker --cpus or a Kubernetes CPU limit, not the host's count); 1: a "
+        "single process, no supervisor. Limits such as max_queue_size hold per worker.",
+    )
     threads: int = Field(
         0,
         ge=0,
-        description="Intra-op threads per onnxruntime session; 0: one per core (onnxruntime).",
+        description="Intra-op threads per onnxruntime session; 0: this worker's share of the "
+        "cores (usable cores // workers, at least 1), so workers never oversubscribe them.",
+    )
+    thread_spinning: bool = Field(
+        False,
+        description="Let onnxruntime's intra-op threads spin-wait for work between runs "
+        "(onnxruntime's own default). Off here: the cores are shared with the event loop, the "
+        "decoding threads and the other workers, and a spinning thread takes a core from them.",
     )
     max_body_bytes: int = Field(
         10 * 1024 * 1024,

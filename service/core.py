@@ -7,12 +7,16 @@ app reads it from `app.state.core`, the gRPC servicer is given it. Neither proto
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from service.admission import Admission
 from service.config import Settings
 from service.dataplane import DataPlane, Runner
 from service.metrics import Metrics
 from service.registry import ModelRegistry
+
+if TYPE_CHECKING:
+    from service.cluster import Member
 
 
 @dataclass(eq=False)
@@ -22,12 +26,15 @@ class Core:
     registry: ModelRegistry
     admission: Admission
     plane: DataPlane
+    peers: Member | None = None  # the other worker processes (BNFOLD_WORKERS > 1)
 
     @classmethod
-    def build(cls, settings: Settings, runner: Runner | None = None) -> Core:
+    def build(
+        cls, settings: Settings, runner: Runner | None = None, registry: ModelRegistry | None = None
+    ) -> Core:
         """Nothing loaded yet: readiness answers 503 until `start`."""
         metrics = Metrics()
-        registry = ModelRegistry(settings)
+        registry = registry or ModelRegistry(settings)
         admission = Admission(settings, registry, metrics)
         return cls(settings, metrics, registry, admission, DataPlane(settings, metrics, runner))
 
@@ -42,4 +49,5 @@ class Core:
         """None when the server can answer every model; else why not (readiness)."""
         if self.admission.draining:
             return "shutting down: finishing the requests in flight"
-        return self.registry.not_ready_reason()
+        own = self.registry.not_ready_reason()
+        return own or (self.peers.others_not_ready() if self.peers else None)

@@ -55,6 +55,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
             "request_id": request_id.get(),
+            "pid": record.process,  # which worker process (BNFOLD_WORKERS > 1)
             **getattr(record, "fields", {}),
         }
         if record.exc_info:

@@ -1,5 +1,8 @@
 """Prometheus metrics of one server, in a registry of its own (GET /metrics exposes it).
 
+With several worker processes, GET /metrics merges every worker's values
+(service/multiproc_metrics.py: counters summed, histograms merged, gauges `livesum`).
+
 A registry per application, not prometheus-client's global one, so two apps in one process
 (tests) count separately. Label values are bounded: endpoints are route templates, models are
 the bundles served (an unknown name counts as "unknown"), never raw paths.
@@ -12,6 +15,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
 
+from service.multiproc_metrics import exposition_registry
+
 # Seconds: from a fraction of a millisecond (one digit) to the request timeout's range.
 SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -23,7 +28,8 @@ class Metrics:
 
     def __init__(self) -> None:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
-        r = self.registry = CollectorRegistry()
+        r = CollectorRegistry()
+        self.registry = exposition_registry(r)  # every worker's, merged, when there are several
         self.requests = Counter(
             "bnfold_requests",
             "Requests answered, by protocol (rest or grpc), endpoint (route template or gRPC "
@@ -39,14 +45,18 @@ class Metrics:
             registry=r,
         )
         self.in_flight = Gauge(
-            "bnfold_requests_in_flight", "Requests (REST and gRPC) being answered now.", registry=r
+            "bnfold_requests_in_flight",
+            "Requests (REST and gRPC) being answered now.",
+            registry=r,
+            multiprocess_mode="livesum",  # summed over the live workers
         )
         self.queue_depth = Gauge(
             "bnfold_queue_depth",
             "Requests admitted for a model and not answered yet (reading, decoding, queued or "
-            "running); BNFOLD_MAX_QUEUE_SIZE bounds it.",
+            "running), summed over the workers; BNFOLD_MAX_QUEUE_SIZE bounds it per worker.",
             ["model"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             "bnfold_rejected_requests",

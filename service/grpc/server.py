@@ -58,7 +58,9 @@ class GrpcServer:
         self.server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", settings.max_body_bytes),
-                ("grpc.so_reuseport", 0),  # a port in use fails start-up, never shared silently
+                # One process: a port in use fails start-up, never shared silently. Workers
+                # (BNFOLD_WORKERS > 1) share it; the supervisor checked it was free.
+                ("grpc.so_reuseport", int(settings.workers > 1)),
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)

@@ -54,7 +54,7 @@ def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
     def start(slow_run_s: float = 0.0, **overrides) -> ServerProcess:
         port = free_port()
         chosen = {"provider": "cpu", "log_level": "warning", "models_dir": models_dir,
-                  "grpc_port": free_port()}  # fmt: skip
+                  "grpc_port": free_port(), "workers": 1}  # fmt: skip
         chosen.update(overrides)
         env = {f"BNFOLD_{k.upper()}": str(v) for k, v in chosen.items()}
         env = {**os.environ, **env, "SLOW_SERVE_RUN_S": str(slow_run_s)}

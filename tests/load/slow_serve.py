@@ -27,6 +27,9 @@ def slow_run(self, variant, x):
     return _run(self, variant, x)
 
 
+# At import, not under __main__: worker processes (BNFOLD_WORKERS > 1) are spawned, and each
+# imports this module again as its __mp_main__, so every worker runs slowed too.
+registry.LoadedModel.run = slow_run  # type: ignore[method-assign]
+
 if __name__ == "__main__":
-    registry.LoadedModel.run = slow_run  # type: ignore[method-assign]
     sys.exit(main())

@@ -21,6 +21,7 @@ def test_main_runs_the_draining_server_with_the_settings(monkeypatch, tmp_path):
     monkeypatch.setattr(DrainingServer, "run", lambda self: calls.update(config=self.config))
     monkeypatch.setenv("BNFOLD_LOG_LEVEL", "warning")
     monkeypatch.setenv("BNFOLD_DRAIN_TIMEOUT_S", "12.5")
+    monkeypatch.setenv("BNFOLD_WORKERS", "1")  # one process: no supervisor
     assert main(["--host", "127.0.0.1", "--port", "8123", "--models-dir", str(tmp_path)]) == 0
     config = calls["config"]
     assert (config.host, config.port, config.log_level) == ("127.0.0.1", 8123, "warning")
@@ -45,3 +46,11 @@ def test_forcing_cuda_without_it_is_one_line_and_exit_2(capsys):
     assert capsys.readouterr().err.startswith(
         "bnfold-serve: execution provider 'cuda' requested but this onnxruntime offers only"
     )
+
+
+def test_a_short_admin_token_is_one_line_and_exit_2_without_echoing_it(monkeypatch, capsys):
+    monkeypatch.setenv("BNFOLD_ADMIN_TOKEN", "hunter2")
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bnfold-serve: invalid setting: admin_token: Value error, must be at")
+    assert "hunter2" not in err and err.count("\n") == 1

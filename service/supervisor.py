@@ -1,0 +1,220 @@
+"""`BNFOLD_WORKERS=N`: N server processes on one port, under uvicorn's own supervisor.
+
+Why uvicorn's `Multiprocess` and not gunicorn or home-made SO_REUSEPORT listeners: it is
+already a dependency, it binds the port once in the parent and hands the listening socket to
+every worker (spawned, not forked: onnxruntime's threads do not survive a fork), it pings each
+worker over a pipe and replaces one that died or hangs, and each worker runs a `uvicorn.Server`
+that we choose, so every worker is our `DrainingServer` (service/server.py) with its graceful
+shutdown intact. gunicorn's UvicornWorker would replace that server class with its own, and
+would add a dependency to the image. What this module adds to uvicorn's supervisor:
+
+- the workers are `service.worker_server.WorkerServer`s, each with its slot in the shared
+  `Cluster` (readiness, reloads: service/cluster.py) and its share of the cores;
+- SIGTERM/SIGINT reach every worker within `TICK_S` (uvicorn's loop waits 0.5 s), the parent
+  closes its copy of the listening socket (so it stops listening once the workers have closed
+  theirs), waits for every worker to drain, and exits 0 only when every worker exited 0;
+- a worker that exits is logged with its exit code or signal, its slot is cleared (not ready,
+  its live gauges dropped) and a new one starts in its place; a worker that failed at start-up
+  (exit 3: bad port, bad provider) stops the server instead, as in uvicorn.
+
+The parent imports no web framework and no onnxruntime: it only supervises.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
+
+from service import multiproc_metrics
+from service.cluster import Cluster
+from service.config import Settings
+
+log = logging.getLogger(__name__)
+TICK_S = 0.1  # signals are handled this often
+HEALTH_EVERY = 5  # ticks between two health checks (pings) of the workers
+JOIN_MARGIN_S = 10.0  # past the drain timeout, a worker that still runs is killed
+
+
+class WorkerProcess(Process):
+    """One worker: a spawned process running a `WorkerServer` for slot `index`."""
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings,
+        index: int, cluster: Cluster,
+    ) -> None:  # fmt: skip
+        self.settings = settings
+        self.index = index
+        self.cluster = cluster
+        super().__init__(config, sockets)  # pickles self (settings, slot) into the child
+
+    @property
+    def server(self) -> uvicorn.Server:
+        if self._server is None:  # in the child: the heavy imports happen here, not in the parent
+            from service.worker_server import build_worker_server
+
+            self._server = build_worker_server(self.settings, self.index, self.cluster)
+        return self._server
+
+    def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
+        """The child's main: serve until drained, exit with the server's code."""
+        from service.logs import configure_logging
+        from service.worker_server import exit_code
+
+        configure_logging(self.settings.log_level, self.settings.log_format)
+        server = self.server  # built before the pong thread can ask for it
+        threading.Thread(target=self.always_pong, daemon=True).start()
+        server.run(sockets)
+        sys.exit(exit_code(server))
+
+
+class Supervisor(Multiprocess):
+    """uvicorn's supervisor over `WorkerProcess`es; `run()` returns the server's exit code."""
+
+    def __init__(
+        self, config: uvicorn.Config, sockets: list[socket.socket], settings: Settings,
+        cluster: Cluster,
+    ) -> None:  # fmt: skip
+        super().__init__(config, sockets)
+        self.settings = settings
+        self.cluster = cluster
+        self.failed_start = False
+
+    def new_worker(self, index: int) -> WorkerProcess:
+        worker = WorkerProcess(self.config, self.sockets, self.settings, index, self.cluster)
+        worker.start()
+        log.info("worker %d of %d started (pid %s)", index + 1, self.processes_num, worker.pid)
+        return worker
+
+    def init_processes(self) -> None:
+        self.processes = [self.new_worker(i) for i in range(self.processes_num)]
+
+    def keep_subprocess_alive(self) -> None:
+        """Replace every worker that exited or stopped answering pings."""
+        for index, worker in enumerate(self.processes):
+            if self.should_exit.is_set():
+                return
+            if worker.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            hung = worker.exitcode is None
+            worker.kill()  # a hung worker is killed; a dead one is only reaped
+            worker.join()
+            self._forget(index, worker)
+            if worker.exitcode == STARTUP_FAILURE:
+                log.error("worker %d (pid %s) failed to start: stopping", index + 1, worker.pid)
+                self.failed_start = True
+                self.should_exit.set()
+                return
+            why = "did not answer its health check: killed" if hung else describe(worker.exitcode)
+            log.error("worker %d (pid %s) %s; starting a new one", index + 1, worker.pid, why)
+            self.processes[index] = self.new_worker(index)
+
+    def _forget(self, index: int, worker: WorkerProcess) -> None:
+        self.cluster.worker_gone(index)
+        if worker.pid is not None:
+            multiproc_metrics.process_gone(worker.pid)
+
+    def handle_hup(self) -> None:
+        log.warning("SIGHUP ignored: reload a model with POST /v1/models/{model}/reload")
+
+    def handle_ttin(self) -> None:
+        log.warning("SIGTTIN ignored: the number of workers is BNFOLD_WORKERS")
+
+    handle_ttou = handle_ttin
+
+    def run(self) -> int:  # type: ignore[override]
+        log.info("supervisor pid %d: %d workers", os.getpid(), self.processes_num)
+        self.init_processes()
+        ticks = 0
+        while not self.should_exit.wait(TICK_S):
+            self.handle_signals()
+            ticks += 1
+            if ticks % HEALTH_EVERY == 0:
+                self.keep_subprocess_alive()
+        return self.stop()
+
+    def stop(self) -> int:
+        """Drain every worker; 0 when all exited 0, 3 after a failed start, else 1."""
+        for sock in self.sockets:
+            sock.close()  # the workers' copies keep listening until each one drains
+        self.terminate_all()
+        deadline = self.settings.drain_timeout_s + JOIN_MARGIN_S
+        codes = []
+        for index, worker in enumerate(self.processes):
+            worker.process.join(deadline)
+            if worker.exitcode is None:
+                log.error("worker %d (pid %s) still running: killed", index + 1, worker.pid)
+                worker.kill()
+                worker.process.join()
+            codes.append(worker.exitcode)
+            self._forget(index, worker)
+            if worker.exitcode != 0:
+                log.error("worker %d (pid %s) %s", index + 1, worker.pid, describe(worker.exitcode))
+        if self.failed_start or STARTUP_FAILURE in codes:
+            return STARTUP_FAILURE
+        log.info("supervisor: every worker stopped (exit codes %s)", codes)
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def describe(exitcode: int | None) -> str:
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        return f"was killed by {signal.Signals(-exitcode).name}"
+    return f"exited with code {exitcode}"
+
+
+def check_port_free(host: str, port: int) -> str | None:
+    """None when `port` can be bound (without SO_REUSEPORT); else why not. The workers bind
+    the gRPC port with SO_REUSEPORT, which would silently share it with another server."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return f"{host}:{port}: {exc.strerror}"
+    return None
+
+
+def serve_workers(settings: Settings) -> int:
+    """Serve with `settings.workers` processes until SIGTERM/SIGINT; the exit code (as the
+    single process's `serve`)."""
+    workers = settings.workers
+    if settings.grpc_port:
+        busy = check_port_free(settings.host, settings.grpc_port)
+        if busy:
+            port = settings.grpc_port
+            log.error("gRPC port %s cannot be bound (%s): set BNFOLD_GRPC_PORT", port, busy)
+            return STARTUP_FAILURE
+    state = Path(tempfile.mkdtemp(prefix="bnfold-workers-"))
+    metrics_dir = multiproc_metrics.create_dir(state)
+    config = uvicorn.Config(
+        "service.app:create_app",  # never loaded in the parent; each worker builds its own app
+        host=settings.host,
+        port=settings.port,
+        workers=workers,
+        log_config=None,
+        log_level=settings.log_level,
+    )
+    try:
+        sock = config.bind_socket()
+    except SystemExit:
+        return STARTUP_FAILURE
+    try:
+        cluster = Cluster(workers, state / "cluster")
+        return Supervisor(config, [sock], settings, cluster).run()
+    finally:
+        sock.close()
+        multiproc_metrics.remove_dir(metrics_dir)
+        import shutil
+
+        shutil.rmtree(state, ignore_errors=True)

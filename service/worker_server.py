@@ -1,0 +1,52 @@
+"""Inside one worker process of `BNFOLD_WORKERS=N` (service/supervisor.py): its server.
+
+The worker is the single-process server (`DrainingServer`: REST and gRPC, graceful shutdown)
+with three differences: its registry shares reloads and readiness with the other workers
+(service/cluster.py), its onnxruntime sessions and decoding threads get its share of the cores,
+and its slot reads not ready from the moment it starts draining.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+
+from service import workers as cpu_threads
+from service.cluster import Cluster, Member
+from service.config import Settings
+from service.core import Core
+from service.cpus import threads_per_worker, usable_cpus
+from service.server import DrainingServer, uvicorn_config
+from service.shared_registry import SharedRegistry
+
+
+class WorkerServer(DrainingServer):
+    """A `DrainingServer` whose cluster slot turns not ready when its drain begins."""
+
+    def __init__(self, config: uvicorn.Config, core: Core, member: Member) -> None:
+        super().__init__(config, core)
+        self.member = member
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.member.set_ready(False)
+        await super().shutdown(sockets)
+
+
+def build_worker_server(settings: Settings, index: int, cluster: Cluster) -> WorkerServer:
+    """Worker `index`'s server: its core (registry in the cluster) and uvicorn config."""
+    share = threads_per_worker(0, usable_cpus(), cluster.workers)
+    cpu_threads.cpu_pool = cpu_threads.CpuPool(min(cpu_threads.THREADS, share))
+    member = Member(cluster, index)
+    core = Core.build(settings, registry=SharedRegistry(settings, member))
+    core.peers = member
+    return WorkerServer(uvicorn_config(settings, core), core, member)
+
+
+def exit_code(server: uvicorn.Server) -> int:
+    """The worker's exit code, as the single-process server's (0 drained, 1 cut off, 3 failed
+    to start)."""
+    assert isinstance(server, DrainingServer)
+    if server.startup_failed:
+        return 3
+    return 1 if server.cut_off else 0
