@@ -40,22 +40,30 @@ def resolve_providers(choice: str = "auto") -> list[str]:
     raise ValueError(f"Invalid provider {choice!r}. Only 'auto', 'cpu' and 'cuda' are supported.")
 
 
-def session_options(variant: str, threads: int = 0) -> ort.SessionOptions:
+def session_options(variant: str, threads: int = 0, spinning: bool = True) -> ort.SessionOptions:
+    """`spinning=False`: idle intra-op threads sleep instead of spin-waiting for the next run
+    (onnxruntime spins by default), which matters when other threads or processes need the
+    cores."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = GRAPH_OPT[variant]
     opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (one per core)
     opts.inter_op_num_threads = 1
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.log_severity_level = 3
     return opts
 
 
 def make_session(
-    model: Path | bytes, variant: str, providers: Sequence[str] = (CPU,), threads: int = 0
+    model: Path | bytes,
+    variant: str,
+    providers: Sequence[str] = (CPU,),
+    threads: int = 0,
+    spinning: bool = True,
 ) -> ort.InferenceSession:
     source = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(
-        source, sess_options=session_options(variant, threads), providers=list(providers)
-    )
+    options = session_options(variant, threads, spinning)
+    return ort.InferenceSession(source, sess_options=options, providers=list(providers))
 
 
 def probe_model_bytes(model_path: Path, tensor_names: Sequence[str]) -> bytes:

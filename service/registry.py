@@ -94,7 +94,9 @@ def probe_names(manifest: Manifest, variant: str) -> list[str]:
     return [getattr(p, attr) for p in manifest.layer_probes]
 
 
-def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedModel:
+def load_model(
+    path: Path, providers: list[str], threads: int = 0, spinning: bool = True
+) -> LoadedModel:
     """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`."""
     model = LoadedModel(name=path.name, path=path)
     try:
@@ -104,7 +106,7 @@ def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedMode
         if missing:
             raise BundleError(f"{path}: the manifest lists no {' or '.join(missing)} file")
         model.sessions = {
-            v: make_session(path / model.manifest.files[v].path, v, providers, threads)
+            v: make_session(path / model.manifest.files[v].path, v, providers, threads, spinning)
             for v in PROBED
         }
         model.providers = model.sessions["folded"].get_providers()
@@ -117,13 +119,15 @@ def load_model(path: Path, providers: list[str], threads: int = 0) -> LoadedMode
         )
         log.error("bundle %s not served: %s", path, model.error)
         return model
-    _load_optional(model, providers, threads)
+    _load_optional(model, providers, threads, spinning)
     _load_probes(model, providers)
     log.info("bundle %s loaded (version %s, %s)", model.name, model.version, model.providers[0])
     return model
 
 
-def _load_optional(model: LoadedModel, providers: list[str], threads: int) -> None:
+def _load_optional(
+    model: LoadedModel, providers: list[str], threads: int, spinning: bool = True
+) -> None:
     """Variants beyond the float32 pair (int8): checksum, session, warm-up; a failure costs only
     that variant, kept with its reason."""
     m = model.manifest
@@ -133,7 +137,9 @@ def _load_optional(model: LoadedModel, providers: list[str], threads: int) -> No
             continue
         try:
             verify_checksums(model.path, m, [variant])
-            model.sessions[variant] = make_session(model.path / f.path, variant, providers, threads)
+            model.sessions[variant] = make_session(
+                model.path / f.path, variant, providers, threads, spinning
+            )
             _check_session(model, variant)
         except Exception as exc:
             model.sessions.pop(variant, None)
@@ -212,7 +218,8 @@ class ModelRegistry:
         paths = discover_bundles(self.settings.models_dir)
         if not paths:
             log.warning("no model bundles in %s", self.settings.models_dir)
-        return {p.name: load_model(p, providers, self.settings.threads) for p in paths}
+        threads, spin = self.settings.threads, self.settings.thread_spinning
+        return {p.name: load_model(p, providers, threads, spin) for p in paths}
 
     def close(self) -> None:
         self.models, self.loaded = {}, False
@@ -261,7 +268,8 @@ class ModelRegistry:
         if not (path / "bundle.json").is_file() and name not in self.models:
             raise NotFound(f"no bundle {name!r} in {self.settings.models_dir}")
         providers = resolve_providers(self.settings.provider)
-        model = await anyio.to_thread.run_sync(load_model, path, providers, self.settings.threads)
+        threads, spin = self.settings.threads, self.settings.thread_spinning
+        model = await anyio.to_thread.run_sync(load_model, path, providers, threads, spin)
         self.models[name] = model
         return model
 
