@@ -6,8 +6,8 @@ Folding comes first: once BN is inside the conv weights, one per-channel weight 
 both, and no BatchNormalization op is left to run in float32 between int8 kernels (onnxruntime
 has no int8 BatchNormalization kernel; a BN left in costs a dequantize/quantize round trip).
 
-`quant_pre_process` runs first: symbolic and ONNX shape inference, then (optimize=True, the
-default) onnxruntime's basic graph optimization. On a folded model the optimizer finds nothing
+`quant_pre_process` runs first: ONNX shape inference, then (optimize=True, the default)
+onnxruntime's basic graph optimization. On a folded model the optimizer finds nothing
 left to fuse; optimize=False keeps it from fusing Conv+BN itself when an unfolded model is
 quantized on purpose, to measure what folding first buys.
 
@@ -57,9 +57,11 @@ QUANTIZABLE_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 # onnxruntime's integer kernels after QDQ fusion (com.microsoft and ONNX standard ones).
 INTEGER_KERNELS = {"QGemm", "MatMulInteger", "ConvInteger", "DynamicQuantizeMatMul"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
+# Symbolic shape inference is skipped: it serves transformer-style shape arithmetic, needs sympy
+# (no dependency of the serve install), and ONNX's own shape inference types every CNN tensor.
 PRE_PROCESS = {
-    True: "quant_pre_process: symbolic + ONNX shape inference, basic graph optimization",
-    False: "quant_pre_process: symbolic + ONNX shape inference, no graph optimization",
+    True: "quant_pre_process: ONNX shape inference, basic graph optimization",
+    False: "quant_pre_process: ONNX shape inference, no graph optimization",
 }
 
 
@@ -172,7 +174,12 @@ def quantize_model(
         pre, out = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         try:
             with _quiet():
-                quant_pre_process(str(model_path), str(pre), skip_optimization=not optimize)
+                quant_pre_process(
+                    str(model_path),
+                    str(pre),
+                    skip_optimization=not optimize,
+                    skip_symbolic_shape=True,  # see PRE_PROCESS
+                )
                 quantize_static(
                     str(pre),
                     str(out),
