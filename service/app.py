@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from bnfold.errors import BnfoldError, validation_message
-from service.api import operations, page, v1, v2
+from service.api import operations, page, repository, v1, v2
 from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_docs, install_openapi
@@ -33,11 +33,15 @@ unfolded originals, so the two can be compared live.
 * **/v2**: the Open Inference Protocol (KServe V2), JSON and binary tensors (`tritonclient` works).
 * **/v1**: image predictions, model details, and folded-vs-unfolded equivalence.
 
-Every error answers `{"error": "..."}`: 400 bad input, 404 unknown model, 413 over a limit,
-415 wrong Content-Type or image format, 503 not ready, busy or shutting down (with
-`Retry-After` when busy), 504 past the request timeout. Every response carries `X-Request-ID`.
+Every error answers `{"error": "..."}`: 400 bad input, 401/403 missing or wrong admin token,
+404 unknown model, 413 over a limit, 415 wrong Content-Type or image format, 503 not ready, busy
+or shutting down (with `Retry-After` when busy), 504 past the request timeout. Every response
+carries `X-Request-ID`. The same API is served over gRPC (`inference.GRPCInferenceService`, port
+8001 by default).
 
-Operations: `GET /metrics` (Prometheus), `POST /v1/models/{model}/reload` (re-verify a bundle).
+Operations: `GET /metrics` (Prometheus); the model repository extension (`/v2/repository/...`:
+index, load, unload; load and unload, like `POST /v1/models/{model}/reload`, need
+`Authorization: Bearer <BNFOLD_ADMIN_TOKEN>`).
 """
 
 
@@ -69,6 +73,7 @@ def create_app(
     app.state.core = core
     app.include_router(v2.router)
     app.include_router(v1.router)
+    app.include_router(repository.router)
     app.include_router(operations.router)
     app.include_router(page.router)
     _add_error_handlers(app)

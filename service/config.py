@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from bnfold.preprocess import DEFAULT_MAX_PIXELS
@@ -134,9 +134,26 @@ class Settings(BaseSettings):
         description="Longest a request may take once admitted (body, decoding, queue and "
         "inference); past it the answer is 504 and its queued work is dropped.",
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        description="Turns on the calls that change what is served (model repository load and "
+        "unload, /v1 reload), for callers that send 'Authorization: Bearer <token>' (gRPC: "
+        "'authorization' metadata). Unset: those calls answer 403. At least 16 characters; "
+        "compared in constant time and never logged.",
+    )
     retry_after_s: int = Field(
         1,
         ge=0,
         description="Seconds sent in the Retry-After header of a 503 for a full queue or a "
         "server that is shutting down.",
     )
+
+    @field_validator("admin_token")
+    @classmethod
+    def _long_enough(cls, token: SecretStr | None) -> SecretStr | None:
+        if token is not None and len(token.get_secret_value()) < 16:
+            raise ValueError(
+                "must be at least 16 characters; make one with python -c "
+                "'import secrets; print(secrets.token_urlsafe(32))'"
+            )
+        return token

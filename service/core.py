@@ -1,4 +1,5 @@
-"""What one server process holds: settings, metrics, the registry, admission and the data plane.
+"""What one server process holds: settings, metrics, the registry, admission, the data plane and
+the admin guard.
 
 Built once per process (`Core.build`) and shared by every protocol the process speaks: the REST
 app reads it from `app.state.core`, the gRPC servicer is given it. Neither protocol owns it.
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from service.admin import AdminGuard
 from service.admission import Admission
 from service.config import Settings
 from service.dataplane import DataPlane, Runner
@@ -26,6 +28,7 @@ class Core:
     registry: ModelRegistry
     admission: Admission
     plane: DataPlane
+    admin: AdminGuard
     peers: Member | None = None  # the other worker processes (BNFOLD_WORKERS > 1)
 
     @classmethod
@@ -36,7 +39,8 @@ class Core:
         metrics = Metrics()
         registry = registry or ModelRegistry(settings)
         admission = Admission(settings, registry, metrics)
-        return cls(settings, metrics, registry, admission, DataPlane(settings, metrics, runner))
+        plane = DataPlane(settings, metrics, runner)
+        return cls(settings, metrics, registry, admission, plane, AdminGuard(settings.admin_token))
 
     async def start(self) -> None:
         await self.registry.start()

@@ -13,6 +13,7 @@ the others are served.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from dataclasses import dataclass, field
@@ -206,6 +207,7 @@ class ModelRegistry:
         self.settings = settings
         self.models: dict[str, LoadedModel] = {}
         self.loaded = False
+        self._changing = asyncio.Lock()
 
     async def start(self) -> None:
         """Resolve the provider (a bad choice fails start-up) and load every bundle off the
@@ -261,16 +263,29 @@ class ModelRegistry:
         return Path(self.settings.models_dir) / name
 
     async def load(self, name: str) -> LoadedModel:
-        """Verify the bundle's checksums and create its sessions, then put it in service in one
-        assignment; requests already admitted finish on the sessions they hold. A failure is
-        kept as the model's error, so a file changed since start-up is never served."""
+        """Verify the bundle on disk (checksums, sessions, warm-up) and only then put it in
+        service, in one assignment: requests already admitted finish on the sessions they
+        hold. A bundle that fails verification is not served, and the version served before
+        (if any) stays in service: 400 with the reason."""
         path = self.bundle_path(name)
-        if not (path / "bundle.json").is_file() and name not in self.models:
-            raise NotFound(f"no bundle {name!r} in {self.settings.models_dir}")
+        if not (path / "bundle.json").is_file():
+            raise NotFound(
+                f"no bundle {name!r} in {self.settings.models_dir}: write {name}/bundle.json and "
+                "its ONNX files there first"
+            )
         providers = resolve_providers(self.settings.provider)
-        threads, spin = self.settings.threads, self.settings.thread_spinning
-        model = await anyio.to_thread.run_sync(load_model, path, providers, threads, spin)
-        self.models[name] = model
+        async with self._changing:  # one load at a time: the last one asked wins, whole
+            model = await anyio.to_thread.run_sync(
+                load_model, path, providers, self.settings.threads, self.settings.thread_spinning
+            )
+            if not model.ready:
+                old = self.models.get(name)
+                kept = "; the version loaded before is still served" if old and old.ready else ""
+                raise BadInput(
+                    f"bundle {name!r} failed verification, not loaded: {model.error}{kept}"
+                )
+            self.models[name] = model
+        log.info("bundle %s in service (version %s)", name, model.version)
         return model
 
     async def reload(self, name: str) -> LoadedModel:
@@ -282,4 +297,27 @@ class ModelRegistry:
         """Take a model out of service (404 when unknown); admitted requests still finish."""
         model = self.get(name)
         del self.models[name]
+        log.info("bundle %s unloaded", name)
         return model
+
+    def index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every bundle of the repository: served ones (READY), failed ones (UNAVAILABLE with the
+        reason), and folders on disk not loaded (UNAVAILABLE, 'not loaded'); by name."""
+        entries = {}
+        for path in discover_bundles(self.settings.models_dir):
+            entries[path.name] = IndexEntry(path.name, "", "UNAVAILABLE", "not loaded")
+        for name, model in self.models.items():
+            state, reason = ("READY", "") if model.ready else ("UNAVAILABLE", model.error or "")
+            entries[name] = IndexEntry(name, model.version or "", state, reason)
+        rows = [entries[n] for n in sorted(entries)]
+        return [r for r in rows if r.state == "READY"] if ready_only else rows
+
+
+@dataclass(frozen=True)
+class IndexEntry:
+    """One row of the model repository index (the Open Inference Protocol's extension)."""
+
+    name: str
+    version: str
+    state: str  # READY or UNAVAILABLE
+    reason: str

@@ -5,10 +5,10 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 
 from bnfold.bundle import EquivalenceReport
-from bnfold.errors import ServiceUnavailable
 from bnfold.sessions import GRAPH_OPT
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
+from service.api.repository import ADMIN_ERRORS, check_admin
 from service.api.state import ModelName, get_core
 from service.registry import LoadedModel
 from service.schemas import (
@@ -133,11 +133,15 @@ async def compare(model: ModelName, request: Request, top_k: int = TopK) -> Comp
         return await core.plane.compare_images(loaded, images.uploads, top_k)
 
 
-@router.post("/models/{model}/reload", response_model=ModelSummary, responses=errors(404, 503))
+@router.post(
+    "/models/{model}/reload",
+    response_model=ModelSummary,
+    responses={**errors(400, 404), **ADMIN_ERRORS},
+)
 async def reload(model: ModelName, request: Request) -> ModelSummary:
-    """Re-verify the bundle's sha256 checksums and recreate its sessions. A bundle whose files
-    changed since start-up is then not served: 503 here, and wherever the model is asked for."""
+    """POST /v2/repository/models/{model}/load for a model already served: re-verify the
+    bundle's files and swap the new sessions in; a bundle that fails verification is not served
+    (400) and the version loaded before stays. Needs the admin token."""
+    check_admin(request)
     loaded = await get_core(request).registry.reload(model)
-    if not loaded.ready:
-        raise ServiceUnavailable(f"model {model!r} failed re-verification: {loaded.error}")
     return ModelSummary(**_summary(loaded))

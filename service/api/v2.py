@@ -35,7 +35,7 @@ from service.v2codec import (
 from service.workers import run_cpu
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
-EXTENSIONS = ["binary_tensor_data"]
+EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
 @router.get("/health/live", response_model=ServerLive)

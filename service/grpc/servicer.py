@@ -1,4 +1,6 @@
-"""`inference.GRPCInferenceService` on the shared core: the gRPC face of the data plane.
+"""`inference.GRPCInferenceService` on the shared core: the gRPC face of the data plane and of
+the model repository (index open; load and unload need the admin token, sent as
+`authorization: Bearer <token>` metadata).
 
 Each RPC translates the protobuf request into registry, admission and data-plane calls, exactly
 as the REST routes do, and every `BnfoldError` into a gRPC status through the one table both
@@ -19,7 +21,7 @@ from typing import Any
 
 import grpc
 
-from bnfold.errors import BnfoldError, NotFound, ServiceUnavailable
+from bnfold.errors import BadInput, BnfoldError, NotFound, ServiceUnavailable
 from service.core import Core
 from service.errors import wire_error
 from service.grpc import codec
@@ -31,7 +33,7 @@ from service.registry import LoadedModel
 from service.workers import run_cpu
 
 SERVICE = "inference.GRPCInferenceService"
-EXTENSIONS: list[str] = []  # the binary tensor extension is REST's; gRPC carries raw bytes anyway
+EXTENSIONS = ["model_repository"]  # binary tensors are REST's extension; gRPC is raw anyway
 access_log = logging.getLogger("service.access")
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,14 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             request_id.reset(token)
 
     return wrapper
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise BadInput(
+            f"unknown repository {name!r}: this server has one (its models folder); leave "
+            "repository_name empty"
+        )
 
 
 def _model_of(request: Any) -> str:
@@ -147,6 +157,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         m = model.manifest
         assert m is not None
         return codec.infer_response(request, model.name, m.version, variant, m.output.name, logits)
+
+    # --- model repository extension: index open, load and unload need the admin token
+    @rpc
+    async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
+        _one_repository(request.repository_name)
+        response = pb.RepositoryIndexResponse()
+        for row in self.core.registry.index(ready_only=request.ready):
+            response.models.add(name=row.name, version=row.version, state=row.state,
+                                reason=row.reason)  # fmt: skip
+        return response
+
+    @rpc
+    async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
+        self._check_admin(context)
+        _one_repository(request.repository_name)
+        await self.core.registry.load(request.model_name)
+        return pb.RepositoryModelLoadResponse()
+
+    @rpc
+    async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
+        self._check_admin(context)
+        _one_repository(request.repository_name)
+        self.core.registry.unload(request.model_name)
+        return pb.RepositoryModelUnloadResponse()
+
+    def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = dict(context.invocation_metadata() or ())
+        self.core.admin.check(metadata.get("authorization"))
 
     async def _input(self, request: pb.ModelInferRequest, model: LoadedModel):
         spec = model.manifest.input if model.manifest else None

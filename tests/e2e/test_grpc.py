@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
+import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,11 +29,13 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
+from tests.conftest import DirectOnnx
 from tests.e2e.conftest import MAX_BODY_BYTES, serve_command
 from tests.servers import free_port, stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 INFER = "/v2/models/digits/infer"
+THREADS = 1  # the server's and the reference's intra-op threads, the same on any machine
 
 
 class Server:
@@ -46,8 +49,8 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("grpc") / "server.log"
     env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
-           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-           "BNFOLD_GRPC_PORT": str(grpc_port)}  # fmt: skip
+           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "BNFOLD_GRPC_PORT": str(grpc_port),
+           "BNFOLD_WORKERS": "1", "BNFOLD_THREADS": str(THREADS)}  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_command(port, models_dir), env=env, stdout=out, stderr=out)
     try:
@@ -57,6 +60,21 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         stop(proc, timeout=10)
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{log.read_text()}"
     assert "Traceback" not in log.read_text()
+
+
+@pytest.fixture(scope="module")
+def direct(bundle_src: Path) -> DirectOnnx:
+    """The reference at the server's intra-op thread count: onnxruntime may round a batch of
+    one differently with another number of threads (measured: unfolded, 1 vs 2 threads)."""
+    reference = DirectOnnx(bundle_src)
+    for variant, session in reference.sessions.items():
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = session.get_session_options().graph_optimization_level
+        opts.intra_op_num_threads = THREADS
+        reference.sessions[variant] = ort.InferenceSession(
+            str(bundle_src / f"{variant}.onnx"), opts, providers=["CPUExecutionProvider"]
+        )
+    return reference
 
 
 @pytest.fixture(scope="module")
