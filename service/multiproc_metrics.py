@@ -18,7 +18,6 @@ A single process (`BNFOLD_WORKERS=1`) keeps prometheus-client's ordinary in-memo
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -62,7 +61,6 @@ def process_gone(pid: int) -> None:
         mark_process_dead(pid, str(folder))
 
 
-def remove_dir(folder: Path) -> None:
-    shutil.rmtree(folder, ignore_errors=True)
-    if os.environ.get(ENV) == str(folder):
-        del os.environ[ENV]
+def forget_dir() -> None:
+    """The server stopped: this process records no more multi-process metrics."""
+    os.environ.pop(ENV, None)
