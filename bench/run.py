@@ -90,6 +90,17 @@ def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
     }
 
 
+def grpc_section(plan: Plan, out: Path) -> dict:
+    """gRPC infer next to REST infer on one server, same run (bench/grpc_vs_rest.py)."""
+    from bench import grpc_vs_rest
+
+    levels = plan.concurrency if plan.name == "full" else plan.concurrency[:1]
+    result = grpc_vs_rest.measure(max(plan.wrk_seconds, 1), plan.rounds, log, levels)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "grpc_vs_rest.md").write_text(grpc_vs_rest.markdown(result) + "\n")
+    return result
+
+
 def preprocess_cost_ms(models: dict, repeats: int = 200) -> dict[str, float]:
     """Decode + preprocess of the benchmark PNG, in process: the per-image floor of serving."""
     from bnfold.preprocess import preprocess_bytes
@@ -177,6 +188,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         int8 = int8_section(models, plan, work)
         serving = serve_models(models, exec_results["limits"], plan, work)
         int8["served"] = int8_bench.served(serving["rows"], max(plan.concurrency))
+        grpc = grpc_section(plan, out) if "digits" in plan.serve_models else {}
         pre = preprocess_cost_ms(models)
     finally:
         if keep_work:
@@ -191,6 +203,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "model_exec": exec_results,
         "int8": int8,
         "serving": serving,
+        "grpc_vs_rest": grpc,
         "goals": goals.check(serving["rows"], pre),
     }
     results["elapsed_s"] = time.perf_counter() - start
