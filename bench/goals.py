@@ -120,7 +120,7 @@ def _bound_note(rows, model, preprocess_ms, limit_rps, relative_to: str = "limit
 def _digits_throughput(rows, target, preprocess_ms) -> list[dict]:
     mine = _series(rows, "digits", target, HEAVY_CONNECTIONS)
     out = []
-    for role, need in (("minimal", 1.5), ("bare", 0.6)):
+    for role, need in (("minimal", 1.5), ("bare", 0.6), ("minimal_workers", 1.0)):
         peer = _series(rows, "digits", role, HEAVY_CONNECTIONS)
         if not mine or not peer:
             continue
@@ -130,7 +130,11 @@ def _digits_throughput(rows, target, preprocess_ms) -> list[dict]:
         if role == "bare" and limit:
             limit_rps = statistics.median(r["rps"] for r in limit.values())
             note = _bound_note(rows, "digits", preprocess_ms, limit_rps, "bare ceiling")
-        what = "minimal handler" if role == "minimal" else "bare HTTP ceiling"
+        what = {
+            "minimal": "minimal handler",
+            "bare": "bare HTTP ceiling",
+            "minimal_workers": "minimal handler with bnfold's number of uvicorn workers",
+        }[role]
         out.append(
             _row(
                 f"digits c64 throughput >= {need:g}x {what}",

@@ -12,6 +12,7 @@ from bench.plots import plot_model_exec, plot_serving
 PEER_COLUMNS = (
     ("bare", "x bare"),
     ("minimal", "x minimal"),
+    ("minimal_workers", "x minimal, same workers"),
     ("litserve", "x LitServe"),
     ("limit", "x in-process"),
 )
@@ -86,12 +87,26 @@ def markdown(results: dict, plots: list[str]) -> str:
         _machine(results),
         _goals(results),
         _serving(results),
+        _workers(results),
         _fold_cost(results),
         _model_exec(results),
         _int8(results),
         f"## Plots\n\n{images}\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _workers(results: dict) -> str:
+    if not results.get("workers"):
+        return ""
+    from bench.workers import markdown as workers_markdown
+
+    return (
+        "## Worker processes (BNFOLD_WORKERS)\n\nDigits, multipart predict, 64 connections; "
+        "memory summed over every process of the server; medians over rounds.\n\n"
+        + workers_markdown(results["workers"])
+        + "\n"
+    )
 
 
 def _int8(results: dict) -> str:

@@ -90,6 +90,21 @@ def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
     }
 
 
+def workers_section(models: dict, plan: Plan, work: Path) -> dict:
+    """Memory and throughput per worker count, digits model (bench/workers.py)."""
+    if "digits" not in models or "digits" not in plan.serve_models:
+        return {}
+    from bench import workers
+
+    return workers.measure(models["digits"], plan, work, log)
+
+
+def load_now() -> str:
+    import os
+
+    return " ".join(f"{v:.2f}" for v in os.getloadavg())
+
+
 def grpc_section(plan: Plan, out: Path) -> dict:
     """gRPC infer next to REST infer on one server, same run (bench/grpc_vs_rest.py)."""
     from bench import grpc_vs_rest
@@ -181,6 +196,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
     from bench import int8 as int8_bench
 
     start = time.perf_counter()
+    load_at_start = load_now()  # other jobs on a shared machine show here
     work = Path(tempfile.mkdtemp(prefix="bnfold-bench-"))
     try:
         models = prepare_models(plan, work)
@@ -189,6 +205,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         serving = serve_models(models, exec_results["limits"], plan, work)
         int8["served"] = int8_bench.served(serving["rows"], max(plan.concurrency))
         grpc = grpc_section(plan, out) if "digits" in plan.serve_models else {}
+        workers = workers_section(models, plan, work)
         pre = preprocess_cost_ms(models)
     finally:
         if keep_work:
@@ -204,8 +221,12 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "int8": int8,
         "serving": serving,
         "grpc_vs_rest": grpc,
+        "workers": workers,
         "goals": goals.check(serving["rows"], pre),
     }
+    results["environment"]["load average (1, 5, 15 min) at start, at end"] = (
+        f"{load_at_start}, {load_now()}"
+    )
     results["elapsed_s"] = time.perf_counter() - start
     for path in report.write(results, out, docs):
         log(f"wrote {path}")

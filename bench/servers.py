@@ -1,6 +1,9 @@
-"""Start each HTTP target as its own single-worker process on a free loopback port; stop it.
+"""Start each HTTP target as its own process (group) on a free loopback port; stop it.
 
-Every server runs uvicorn with its defaults (uvloop and httptools when installed), logs at
+The peers run one uvicorn worker unless told otherwise (the minimal handler also runs with as
+many uvicorn workers as bnfold has); bnfold runs its own default, one worker per usable core
+(BNFOLD_WORKERS). Every server runs uvicorn with its defaults (uvloop and httptools when
+installed), logs at
 warning (no access log) into the work folder, and is started in its own process group so that
 stopping it also stops the worker processes it spawned (LitServe's inference worker).
 
@@ -51,7 +54,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def uvicorn_cmd(app: str, port: int) -> list[str]:
+def uvicorn_cmd(app: str, port: int, workers: int = 1) -> list[str]:
     return [
         sys.executable,
         "-m",
@@ -62,7 +65,7 @@ def uvicorn_cmd(app: str, port: int) -> list[str]:
         "--port",
         str(port),
         "--workers",
-        "1",
+        str(workers),
         "--log-level",
         "warning",
         "--no-access-log",
@@ -73,6 +76,7 @@ def bnfold_server(models_dir: Path, log_dir: Path, settings: dict | None = None)
     """`bnfold-serve` (python -m service) as a user starts it, with `settings` (BNFOLD_*) added."""
     port = free_port()
     env = {
+        "BNFOLD_GRPC_PORT": str(free_port()),  # not 8001: another server may hold it
         **(settings or {}),
         "BNFOLD_MODELS_DIR": str(models_dir),
         "BNFOLD_HOST": HOST,
@@ -89,10 +93,35 @@ def bare_server(log_dir: Path) -> Server:
     return _start("bare", uvicorn_cmd("bench.peers.bare:app", port), {}, port, "/health", log_dir)
 
 
-def minimal_server(bundle: Path, log_dir: Path) -> Server:
+def minimal_server(bundle: Path, log_dir: Path, workers: int = 1) -> Server:
+    """The minimal handler; `workers` > 1 runs it under `uvicorn --workers N`, onnxruntime
+    with one intra-op thread per worker (as bnfold's workers get their share of the cores)."""
     port = free_port()
-    cmd = uvicorn_cmd("bench.peers.minimal:app", port)
-    return _start("minimal", cmd, {"BENCH_BUNDLE": str(bundle)}, port, "/health", log_dir)
+    cmd = uvicorn_cmd("bench.peers.minimal:app", port, workers)
+    env = {"BENCH_BUNDLE": str(bundle)}
+    if workers > 1:
+        env["BENCH_THREADS"] = "1"
+    name = "minimal" if workers == 1 else f"minimal-x{workers}"
+    return _start(name, cmd, env, port, "/health", log_dir)
+
+
+def group_rss_kib(pgid: int) -> int:
+    """Resident memory (VmRSS) summed over every live process of one process group: a server
+    with its worker processes, whole."""
+    total = 0
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:  # the process ended meanwhile
+            continue
+    return total
 
 
 def litserve_server(bundle: Path, max_batch: int, timeout_s: float, log_dir: Path) -> Server:

@@ -27,8 +27,9 @@ from bnfold.bundle import load_bundle
 from bnfold.preprocess import preprocess_bytes
 
 BOUNDARY = "bnfold-bench-boundary"
-PEERS = ("bare", "minimal", "litserve", "limit")
+PEERS = ("bare", "minimal", "minimal_workers", "litserve", "limit")
 WARMUP_CONNECTIONS = 16
+MINIMAL_WORKERS = "minimal handler, same workers"  # uvicorn --workers N, N = bnfold's workers
 
 
 @dataclass
@@ -103,6 +104,9 @@ def start_servers(model: BenchModel, plan: Plan, logs: Path) -> dict[str, server
             model.bundle_dir, plan.litserve_batch, plan.litserve_timeout_s, logs
         ),
     }
+    workers = bnfold_workers(plan)
+    if workers > 1:  # the same handler with as many processes as bnfold: uvicorn --workers N
+        running["minimal_workers"] = servers.minimal_server(model.bundle_dir, logs, workers)
     try:
         for server in running.values():
             servers.wait_ready(server)
@@ -110,6 +114,13 @@ def start_servers(model: BenchModel, plan: Plan, logs: Path) -> dict[str, server
         stop_servers(running)
         raise
     return running
+
+
+def bnfold_workers(plan: Plan) -> int:
+    """The worker processes bnfold runs with in this plan (its default: the usable cores)."""
+    from service.cpus import resolve_workers, usable_cpus
+
+    return resolve_workers(int(plan.bnfold_env.get("BNFOLD_WORKERS", 0)), usable_cpus())
 
 
 def stop_servers(running: dict[str, servers.Server]) -> None:
@@ -133,6 +144,11 @@ def build_targets(
         *([http("bnfold V2 infer int8", "bnfold", infer, "v2_int8")] if int8 else []),
         http("bare FastAPI", "bare", "/predict", "raw"),
         http("minimal handler", "minimal", "/predict", "multipart"),
+        *(
+            [http(MINIMAL_WORKERS, "minimal_workers", "/predict", "multipart")]
+            if "minimal_workers" in running
+            else []
+        ),
         http("LitServe", "litserve", "/predict", "multipart"),
         Target("in-process ORT", "limit", inprocess=limit),
     ]

@@ -22,7 +22,12 @@ BUNDLE = Path(os.environ.get("BENCH_BUNDLE", "models/digits"))
 MANIFEST = json.loads((BUNDLE / "bundle.json").read_text())
 SPEC = PreprocessSpec(**MANIFEST["input"]["preprocess"])
 CLASSES = MANIFEST["classes"]
-session = ort.InferenceSession(str(BUNDLE / "folded.onnx"), providers=["CPUExecutionProvider"])
+OPTIONS = ort.SessionOptions()
+if os.environ.get("BENCH_THREADS"):  # under `uvicorn --workers N`: one share of the cores each
+    OPTIONS.intra_op_num_threads = int(os.environ["BENCH_THREADS"])
+session = ort.InferenceSession(
+    str(BUNDLE / "folded.onnx"), OPTIONS, providers=["CPUExecutionProvider"]
+)
 app = FastAPI()
 
 

@@ -17,7 +17,8 @@ import pytest
 
 from bench import run as bench_run
 from bench.model_exec import ORT_LEVELS
-from bench.serving import PEERS, ratios
+from bench.plan import QUICK
+from bench.serving import MINIMAL_WORKERS, PEERS, bnfold_workers, ratios
 from bench.wrk_load import parse_wrk
 
 REPO = Path(__file__).resolve().parents[2]
@@ -31,6 +32,11 @@ HTTP_TARGETS = {
     "minimal handler",
     "LitServe",
 }
+# With more than one usable core bnfold runs several workers, and so does a minimal handler.
+SAME_WORKERS = bnfold_workers(QUICK) > 1
+if SAME_WORKERS:
+    HTTP_TARGETS.add(MINIMAL_WORKERS)
+PEERS_HERE = tuple(p for p in PEERS if SAME_WORKERS or p != "minimal_workers")
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +116,7 @@ def test_ratios_and_goals_are_numbers(quick):
     bnfold = [t for t in HTTP_TARGETS if t.startswith("bnfold")]
     conc = results["plan"]["concurrency"]
     assert {(r["target"], r["concurrency"], r["peer_role"]) for r in got} == {
-        (t, c, p) for t in bnfold for c in conc for p in PEERS
+        (t, c, p) for t in bnfold for c in conc for p in PEERS_HERE
     }
     assert all(math.isfinite(r["rps_ratio"]) and r["rps_ratio"] > 0 for r in got)
     lone = [g for g in results["goals"] if g["goal"].startswith("c1 median latency")]
@@ -209,3 +215,16 @@ def test_int8_section_covers_every_model(quick):
     assert all(r["images_per_s"] > 0 for r in int8["speed"])
     assert int8["served"] and all(r["int8_rps"] > 0 for r in int8["served"])
     assert "## INT8 after folding" in (out / "results.md").read_text()
+
+
+@pytest.mark.e2e
+def test_workers_section_has_every_worker_count(quick):
+    from bench.workers import counts
+
+    results, out = quick
+    summary = results["workers"]["summary"]
+    assert [s["workers"] for s in summary] == counts()
+    for s in summary:
+        assert s["errors"] == 0 and s["rps"] > 0, s
+        assert 0 < s["idle_rss_mib"] <= s["flood_rss_mib"], s  # flood: the peak, idle included
+    assert "## Worker processes (BNFOLD_WORKERS)" in (out / "results.md").read_text()
