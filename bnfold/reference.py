@@ -16,6 +16,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_batch_normalization import (
+    _batchnorm_test_mode,
+    _batchnorm_training_mode,
+)
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
@@ -94,9 +99,42 @@ class GroupedConvTranspose(_RefConvTranspose):
 GroupedConvTranspose.__name__ = "ConvTranspose"  # replaces the built-in kernel by op name
 
 
+class InferenceBatchNormalization(OpRun):
+    """BatchNormalization as the spec and onnxruntime run it, in every opset.
+
+    onnx.reference's BatchNormalization-9 (opsets 9-13) normalizes with the batch's own
+    statistics whenever `momentum` is set, and PyTorch's TorchScript exporter always sets it:
+    the float64 reference of every such model was wrong. Up to opset 13 a node is in training
+    mode only when it has the statistics outputs (opset 6: `is_test=0`); from 14 on, when
+    `training_mode=1`. Inference mode uses the running mean and variance (inputs 3 and 4).
+    """
+
+    op_domain = ""
+
+    def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, **attrs):
+        n_out = sum(1 for o in self.onnx_node.output if o)
+        training = bool(attrs.get("training_mode")) or attrs.get("is_test") == 0 or n_out > 1
+        eps = 1e-5 if epsilon is None else epsilon
+        if not training:
+            return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=eps),)
+        m = 0.9 if momentum is None else momentum
+        y, saved_mean, saved_var, run_mean, run_var = _batchnorm_training_mode(
+            x, scale, bias, mean, var, momentum=m, epsilon=eps
+        )
+        if "training_mode" in attrs:  # opset 14+: (Y, running_mean, running_var)
+            return (y, run_mean, run_var)[:n_out]
+        return (y, run_mean, run_var, saved_mean, saved_var)[:n_out]  # opsets 7-13
+
+
+InferenceBatchNormalization.__name__ = "BatchNormalization"  # replaces the built-in kernel
+
+
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
-    """onnx.reference on the float64 copy of `model`, with the grouped ConvTranspose fix."""
-    return ReferenceEvaluator(float64_model(model), new_ops=[GroupedConvTranspose])
+    """onnx.reference on the float64 copy of `model`, with the grouped ConvTranspose and
+    inference-mode BatchNormalization fixes."""
+    return ReferenceEvaluator(
+        float64_model(model), new_ops=[GroupedConvTranspose, InferenceBatchNormalization]
+    )
 
 
 class Float64Reference:

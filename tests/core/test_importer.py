@@ -206,6 +206,23 @@ def test_verify_fails_a_tampered_imported_bundle(tmp_path, models):
     assert not res.ok and any("node counts" in line for line in res.lines)
 
 
+@pytest.mark.parametrize("opset", [9, 13, 15])
+def test_float64_reference_uses_running_statistics_with_momentum_set(tmp_path, models, opset):
+    """PyTorch's TorchScript exporter sets BN's momentum; onnx.reference's BatchNormalization
+    for opsets 9-13 then normalized with the batch's own statistics, so every float64 column
+    of such a bundle was off by ~1e-2. The reference must be what onnxruntime computes (the
+    independent reference here) to float32 rounding."""
+    model = classifier("NCHW", "bn", batch="N", opset=opset)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.attribute.append(onnx.helper.make_attribute("momentum", 0.9))
+    x = np.random.default_rng(4).normal(size=(6, 3, 8, 8)).astype(np.float32)
+    want = ort_run(model, x)
+    got = evaluate_float64(model, "x", x)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    m = import_model(save(model, tmp_path / "net.onnx"), ImportOptions(name="n", models_dir=models))
+    assert m.equivalence.unfolded_vs_float64.max_abs_diff <= m.equivalence.tolerance_abs
+
+
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)).save(png, "PNG")
