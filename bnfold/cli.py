@@ -34,14 +34,23 @@ def _size(text: str) -> int | tuple[int, int]:
     try:
         if "x" in text.lower():
             h, w = (int(v) for v in text.lower().split("x"))
-            if h < 1 or w < 1:
-                raise ValueError
-            return h, w
-        value = int(text)
+        else:
+            h = w = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected H W or HxW in pixels, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be >= 1, got {value}")
+    if h < 1 or w < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be >= 1 pixel, got {text!r}")
+    return (h, w) if "x" in text.lower() else h
+
+
+def _count(text: str) -> int:
+    """A class count: an integer >= 2 (a classifier has at least two classes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"a classifier has at least 2 classes, got {value}")
     return value
 
 
@@ -160,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--models-dir", default="models")
     c = i.add_mutually_exclusive_group()
     c.add_argument("--classes", metavar="FILE", help="class names, one per line")
-    c.add_argument("--num-classes", type=int, metavar="N", help="classes named 0..N-1")
+    c.add_argument("--num-classes", type=_count, metavar="N", help="classes named 0..N-1")
     i.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from the input shape")
     i.add_argument(
         "--size", nargs="+", type=_size, metavar="H W", help="H W or HxW (variable-size inputs)"

@@ -12,6 +12,7 @@ Torch-free: onnx, onnxruntime and numpy.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from pydantic import ValidationError
 
 from bnfold.bundle import (
     INT8,
@@ -33,7 +35,7 @@ from bnfold.bundle import (
     sha256_file,
     write_bundle_atomically,
 )
-from bnfold.errors import BnfoldError
+from bnfold.errors import BnfoldError, validation_message
 from bnfold.image_input import ImageInput, check_classes, logits_output, resolve_image_input
 from bnfold.int8 import Int8Options, Int8Request, add_int8_variant
 from bnfold.onnx_fold import FoldError, fold_onnx
@@ -45,6 +47,8 @@ from bnfold.verify import count_bn_nodes, measure_equivalence
 
 N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
 MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)
+MAX_SIDE = 4096  # PreprocessSpec's bound on height and width
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class NotEquivalentError(BnfoldError):
@@ -113,16 +117,39 @@ def preprocess_spec(image: ImageInput, opts: ImportOptions) -> PreprocessSpec:
                 f"--{flag} has {len(values)} values; give 1 or {image.channels} (one per channel)"
             )
         per_channel[flag] = values
+    values = [opts.scale, *per_channel["mean"], *per_channel["std"]]
+    if not all(math.isfinite(v) for v in values):
+        raise ModelImportError("--scale, --mean and --std values must be finite numbers")
     if any(s <= 0 for s in per_channel["std"]) or opts.scale <= 0:
         raise ModelImportError("--scale and --std values must be > 0")
-    return PreprocessSpec(
-        color_mode=mode,
-        height=image.height,
-        width=image.width,
-        scale=opts.scale,
-        layout=image.layout,
-        **per_channel,
-    )
+    _check_float32_range(opts.scale, per_channel["mean"], per_channel["std"])
+    if max(image.height, image.width) > MAX_SIDE:
+        raise ModelImportError(
+            f"input {image.name!r} is {image.height}x{image.width} pixels; the serving "
+            f"preprocessing makes images of at most {MAX_SIDE}x{MAX_SIDE}"
+        )
+    try:
+        return PreprocessSpec(
+            color_mode=mode,
+            height=image.height,
+            width=image.width,
+            scale=opts.scale,
+            layout=image.layout,
+            **per_channel,
+        )
+    except ValidationError as exc:  # a bound checked only by the schema: still one sentence
+        raise ModelImportError(f"preprocessing: {validation_message(exc.errors())}") from None
+
+
+def _check_float32_range(scale: float, mean: list[float], std: list[float]) -> None:
+    """Pixels 0 and 255 after `(p * scale - mean) / std` must be finite in float32: the model
+    would otherwise see inf (or NaN) for every image."""
+    extremes = [(p * scale - m) / s for p in (0.0, 255.0) for m, s in zip(mean, std, strict=True)]
+    if not all(abs(v) <= FLOAT32_MAX for v in extremes):
+        raise ModelImportError(
+            "--scale, --mean and --std map pixels 0..255 outside float32's range "
+            f"(up to {max(abs(v) for v in extremes):.3g}); the model would see inf"
+        )
 
 
 def prepare_for_serving(loaded: LoadedOnnx, image: ImageInput) -> tuple[onnx.ModelProto, list]:
@@ -227,6 +254,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     x, split, inputs = equivalence_inputs(spec, opts)
     int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
     ref64 = _float64_logits(loaded.model, image, x)
+    _check_finite_logits(ref64, loaded.path, output)
     holder: list[Manifest] = []
 
     def fill(tmp: Path) -> None:
@@ -302,6 +330,18 @@ def _float64_logits(model: onnx.ModelProto, image: ImageInput, x: np.ndarray) ->
     if pad:  # a fixed batch the input count does not divide: pad with copies, drop after
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
     return evaluate_float64(model, image.name, x, batch=chunk)[:n]
+
+
+def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:
+    """The user's own model must answer finite logits: NaN or inf (a negative BN variance, an
+    overflow) is the model's fault, not a fold that failed to be equivalent."""
+    bad = int((~np.isfinite(ref64)).any(axis=1).sum())
+    if bad:
+        raise ModelImportError(
+            f"{path}: the model as given computes NaN or infinite {output!r} for {bad} of "
+            f"{len(ref64)} inputs (float64 evaluation of the original graph): check its weights "
+            "and statistics (e.g. a negative BatchNormalization variance) and --mean/--std"
+        )
 
 
 def _not_equivalent(eq: EquivalenceReport) -> str:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 from PIL import Image
 
 from bnfold.bundle import load_bundle, sha256_file
@@ -260,6 +261,11 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     save(simple_model(onnx.TensorProto.FLOAT, ["N", 12]), tmp / "rank2.onnx")
     save(classifier("NCHW", "bn", batch="N", opset=30), tmp / "opset.onnx")
     save(with_fixed_batch_reshape(classifier("NCHW", "bn", batch=1)), tmp / "batch1.onnx")
+    save(classifier("NCHW", "bn", batch="N", size=5000), tmp / "huge.onnx")
+    negative_var = classifier("NCHW", "bn", batch="N")
+    var = next(t for t in negative_var.graph.initializer if t.name == "bn_var")
+    var.CopyFrom(numpy_helper.from_array(np.array([1, -1, 1, 1], np.float32), "bn_var"))
+    save(negative_var, tmp / "nan.onnx")
     (tmp / "two_classes.txt").write_text("cat\ndog\n")
     (tmp / "models" / "taken").mkdir(parents=True)
     (tmp / "models" / "taken" / "keep.txt").write_text("mine")
@@ -290,6 +296,14 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "channels_mode": (["good.onnx", "--color-mode", "L"], "use --color-mode RGB"),
         "mean_count": (["good.onnx", "--mean", "0.1", "0.2"], "--mean has 2 values; give 1 or 3"),
         "no_name": (["good.onnx", "--name"], "expected one argument"),
+        "mean_nan": (["good.onnx", "--mean", "nan"], "values must be finite numbers"),
+        "std_inf": (["good.onnx", "--std", "inf"], "values must be finite numbers"),
+        "scale_overflow": (["good.onnx", "--scale", "1e300"], "outside float32's range"),
+        "std_negative": (["good.onnx", "--std", "-1"], "--std values must be > 0"),
+        "num_classes_negative": (["good.onnx", "--num-classes", "-3"], "at least 2 classes"),
+        "size_zero": (["good.onnx", "--size", "0x0"], "sizes must be >= 1 pixel"),
+        "huge_input": (["huge.onnx"], "at most 4096x4096"),
+        "nan_logits": (["nan.onnx"], "computes NaN or infinite 'logits' for"),
     }
 
 
@@ -303,6 +317,8 @@ CASES = [
     "not_onnx", "truncated", "checker", "external_data_missing", "two_inputs",
     "two_inputs_named", "int_input", "rank2_input", "opset", "fixed_batch", "overwrite",
     "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
+    "mean_nan", "std_inf", "scale_overflow", "std_negative", "num_classes_negative", "size_zero",
+    "huge_input", "nan_logits",
 ]  # fmt: skip
 
 
