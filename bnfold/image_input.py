@@ -7,6 +7,7 @@ flags the user gave, and refuse with one actionable sentence what does not fit.
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from bnfold.onnx_load import (
 )
 
 CHANNELS = (1, 3)  # gray or RGB: what the shared preprocessing makes from an image
+CONTROL = ("Cc", "Cf", "Cs", "Co", "Cn")  # control, format (BOM, zero-width), unassigned, ...
 
 
 @dataclass(frozen=True)
@@ -173,13 +175,20 @@ def check_classes(names: list[str] | None, count: int | None, n_out: int, output
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
         raise ModelImportError(f"duplicate class names: {', '.join(dup)}")
+    odd = [n for n in names if any(unicodedata.category(ch) in CONTROL for ch in n)]
+    if odd:  # they would reach JSON answers, logs and the web page as they are
+        raise ModelImportError(
+            f"class name {odd[0]!r} contains control or invisible format characters; "
+            "use printable text"
+        )
     return names
 
 
 def read_class_file(path: Path) -> list[str]:
-    """One class name per line; blank lines and surrounding spaces ignored."""
+    """One class name per line; blank lines, surrounding spaces and a UTF-8 byte order mark
+    (what Windows editors write first) ignored."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as exc:
         raise ModelImportError(f"--classes {path}: cannot read it ({exc})") from None
     return [line.strip() for line in text.splitlines() if line.strip()]

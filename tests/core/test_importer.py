@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from bnfold.bundle import load_bundle, sha256_file
+from bnfold.image_input import read_class_file
 from bnfold.importer import ImportOptions, NotEquivalentError, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
 from bnfold.reference import evaluate_float64
@@ -224,6 +225,11 @@ def test_float64_reference_uses_running_statistics_with_momentum_set(tmp_path, m
     assert m.equivalence.unfolded_vs_float64.max_abs_diff <= m.equivalence.tolerance_abs
 
 
+def test_class_file_byte_order_mark_and_blank_lines_are_not_names(tmp_path):
+    (tmp_path / "c.txt").write_bytes("\ufeffcat\r\n\r\n dog \r\nbird\r\n".encode())
+    assert read_class_file(tmp_path / "c.txt") == ["cat", "dog", "bird"]
+
+
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)).save(png, "PNG")
@@ -267,6 +273,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     var.CopyFrom(numpy_helper.from_array(np.array([1, -1, 1, 1], np.float32), "bn_var"))
     save(negative_var, tmp / "nan.onnx")
     (tmp / "two_classes.txt").write_text("cat\ndog\n")
+    (tmp / "escape_classes.txt").write_text("cat\ndog\x1b[31m\nbird\n")
+    (tmp / "latin1_classes.txt").write_bytes("caf\xe9\ndog\nbird\n".encode("latin-1"))
     (tmp / "models" / "taken").mkdir(parents=True)
     (tmp / "models" / "taken" / "keep.txt").write_text("mine")
     return {
@@ -296,6 +304,8 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "channels_mode": (["good.onnx", "--color-mode", "L"], "use --color-mode RGB"),
         "mean_count": (["good.onnx", "--mean", "0.1", "0.2"], "--mean has 2 values; give 1 or 3"),
         "no_name": (["good.onnx", "--name"], "expected one argument"),
+        "class_escape": (["good.onnx", "--classes", "escape_classes.txt"], "control or invisible"),
+        "class_latin1": (["good.onnx", "--classes", "latin1_classes.txt"], "cannot read it"),
         "mean_nan": (["good.onnx", "--mean", "nan"], "values must be finite numbers"),
         "std_inf": (["good.onnx", "--std", "inf"], "values must be finite numbers"),
         "scale_overflow": (["good.onnx", "--scale", "1e300"], "outside float32's range"),
@@ -318,7 +328,7 @@ CASES = [
     "two_inputs_named", "int_input", "rank2_input", "opset", "fixed_batch", "overwrite",
     "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
     "mean_nan", "std_inf", "scale_overflow", "std_negative", "num_classes_negative", "size_zero",
-    "huge_input", "nan_logits",
+    "huge_input", "nan_logits", "class_escape", "class_latin1",
 ]  # fmt: skip
 
 
