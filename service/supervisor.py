@@ -76,15 +76,22 @@ class WorkerProcess(Process):
             self._server = build_worker_server(self.settings, self.index, self.cluster)
         return self._server
 
+    def pong(self) -> None:
+        """One health check: alive, and whether the server has started (never builds it)."""
+        self.child_conn.recv()
+        self.child_conn.send(self._server is not None and self._server.started)
+
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
         """The child's main: serve until drained, exit with the server's code."""
         from service.logs import configure_logging
         from service.worker_server import exit_code
 
+        # Health checks are answered from the start: building the server (imports, sessions
+        # come later in its lifespan) can take seconds on a busy machine.
+        threading.Thread(target=self.always_pong, daemon=True).start()
         configure_logging(self.settings.log_level, self.settings.log_format)
         listener = reuse_port_listener(self.settings.host, self.settings.port)
-        server = self.server  # built before the pong thread can ask for it
-        threading.Thread(target=self.always_pong, daemon=True).start()
+        server = self.server
         server.run([listener])
         sys.exit(exit_code(server))
 
