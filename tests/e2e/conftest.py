@@ -27,9 +27,10 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     """Base URL of a running server; stopped with SIGTERM after the session, exiting 0."""
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
+    # BNFOLD_THREADS as the bit-for-bit references use (tests/pinned.py).
     env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
            "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES),
-           "BNFOLD_GRPC_PORT": str(free_port())}  # fmt: skip
+           "BNFOLD_GRPC_PORT": str(free_port()), "BNFOLD_THREADS": "1"}  # fmt: skip
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_command(port, models_dir), env=env, stdout=out, stderr=out)
     url = f"http://127.0.0.1:{port}"

@@ -18,7 +18,6 @@ from pathlib import Path
 import grpc
 import httpx
 import numpy as np
-import onnxruntime as ort
 import pytest
 import tritonclient.grpc as triton
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -31,11 +30,11 @@ from tritonclient.utils import InferenceServerException
 
 from tests.conftest import DirectOnnx
 from tests.e2e.conftest import MAX_BODY_BYTES, serve_command
+from tests.pinned import THREADS, pinned_direct
 from tests.servers import free_port, stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 INFER = "/v2/models/digits/infer"
-THREADS = 1  # the server's and the reference's intra-op threads, the same on any machine
 
 
 class Server:
@@ -64,17 +63,8 @@ def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 
 @pytest.fixture(scope="module")
 def direct(bundle_src: Path) -> DirectOnnx:
-    """The reference at the server's intra-op thread count: onnxruntime may round a batch of
-    one differently with another number of threads (measured: unfolded, 1 vs 2 threads)."""
-    reference = DirectOnnx(bundle_src)
-    for variant, session in reference.sessions.items():
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = session.get_session_options().graph_optimization_level
-        opts.intra_op_num_threads = THREADS
-        reference.sessions[variant] = ort.InferenceSession(
-            str(bundle_src / f"{variant}.onnx"), opts, providers=["CPUExecutionProvider"]
-        )
-    return reference
+    """The reference at the server's intra-op thread count (tests/pinned.py)."""
+    return pinned_direct(bundle_src)
 
 
 @pytest.fixture(scope="module")

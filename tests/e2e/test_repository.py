@@ -32,8 +32,10 @@ def urls(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     models = root / "models"
     shutil.copytree(bundle_src, models / "digits")
     port, grpc_port = free_port(), free_port()
+    # One worker: an unload is seen by the next request (workers follow it within a poll).
     env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "info",
-           "BNFOLD_GRPC_PORT": str(grpc_port), "BNFOLD_ADMIN_TOKEN": TOKEN}  # fmt: skip
+           "BNFOLD_GRPC_PORT": str(grpc_port), "BNFOLD_ADMIN_TOKEN": TOKEN,
+           "BNFOLD_WORKERS": "1"}  # fmt: skip
     log = root / "server.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(serve_command(port, models), env=env, stdout=out, stderr=out)

@@ -13,6 +13,7 @@ import tritonclient.http as triton
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import MAX_BODY_BYTES
+from tests.pinned import pinned_direct
 
 pytestmark = pytest.mark.e2e
 
@@ -39,6 +40,12 @@ def test_a_body_over_the_limit_gets_413_not_a_dropped_connection(server):
                    headers={"content-type": "image/png"})  # fmt: skip
     assert r.status_code == 413
     assert r.json()["error"].startswith(f"request body is {MAX_BODY_BYTES + 1} bytes, over the")
+
+
+@pytest.fixture(scope="module")
+def direct(bundle_src):
+    """The reference at the server's intra-op thread count (BNFOLD_THREADS=1, tests/pinned.py)."""
+    return pinned_direct(bundle_src)
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,17 @@ import httpx
 import pytest
 
 from tests.conftest import REPO
+from tests.pinned import THREADS, pinned_direct
 from tests.servers import free_port, wait_ready
 from tests.service.conftest import client, copy_bundle, serve, settings  # noqa: F401 (fixtures)
 
 PREDICT = "/v1/models/digits/predict"
+
+
+@pytest.fixture(scope="session")
+def direct(bundle_src: Path):
+    """The reference at the servers' intra-op thread count (tests/pinned.py)."""
+    return pinned_direct(bundle_src)
 
 
 @dataclass
@@ -54,7 +61,7 @@ def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
     def start(slow_run_s: float = 0.0, **overrides) -> ServerProcess:
         port = free_port()
         chosen = {"provider": "cpu", "log_level": "warning", "models_dir": models_dir,
-                  "grpc_port": free_port(), "workers": 1}  # fmt: skip
+                  "grpc_port": free_port(), "workers": 1, "threads": THREADS}  # fmt: skip
         chosen.update(overrides)
         env = {f"BNFOLD_{k.upper()}": str(v) for k, v in chosen.items()}
         env = {**os.environ, **env, "SLOW_SERVE_RUN_S": str(slow_run_s)}

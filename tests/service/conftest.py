@@ -17,11 +17,20 @@ with warnings.catch_warnings():  # Starlette's notice that its TestClient will m
 
 from service.app import create_app
 from service.config import Settings
+from tests.conftest import DirectOnnx
+from tests.pinned import THREADS, pinned_direct
 
 
 @pytest.fixture(scope="session")
 def settings(models_dir: Path) -> Settings:
-    return Settings(models_dir=models_dir, provider="cpu", max_images_per_request=32)
+    return Settings(models_dir=models_dir, provider="cpu", max_images_per_request=32,
+                    threads=THREADS)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def direct(bundle_src: Path) -> DirectOnnx:
+    """The reference at the apps' intra-op thread count (tests/pinned.py)."""
+    return pinned_direct(bundle_src)
 
 
 @pytest.fixture(scope="session")
@@ -36,7 +45,7 @@ def serve() -> Iterator[Callable[..., TestClient]]:
     clients: list[TestClient] = []
 
     def start(models_dir: Path, runner=None, **overrides) -> TestClient:
-        s = Settings(models_dir=models_dir, provider="cpu", **overrides)
+        s = Settings(models_dir=models_dir, provider="cpu", **{"threads": THREADS, **overrides})
         c = TestClient(create_app(s, runner=runner))
         c.__enter__()
         clients.append(c)
