@@ -205,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BnfoldError as exc:
         return _fail(exc.message, 2)
+    except MemoryError as exc:  # numpy's float64 reference on a large input, say
+        return _fail(f"not enough memory for this model's input size ({exc})", 2)
     except (OSError, ValueError) as exc:  # file system, or a value no check above foresaw
         return _fail(f"{type(exc).__name__}: {exc}", 2)
     except Exception as exc:  # a bug of ours: still one line; BNFOLD_DEBUG=1 shows the traceback

@@ -43,7 +43,7 @@ from bnfold.onnx_load import LoadedOnnx, ModelImportError, default_opset, load_o
 from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
 from bnfold.quantize import calibration_images
 from bnfold.reference import evaluate_float64
-from bnfold.verify import count_bn_nodes, measure_equivalence
+from bnfold.verify import count_bn_nodes, measure_equivalence, within_budget
 
 N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
 MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)
@@ -193,16 +193,19 @@ def _set_dim0(vi: onnx.ValueInfoProto, name: str) -> None:
 
 def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.ndarray, str, str]:
     """(x, split, description): sample images through the shared preprocessing, or generated."""
+    per_input = spec.channels * spec.height * spec.width
     if opts.samples is None:
-        x = generated_batch(spec, N_GENERATED, opts.seed)
-        return x, "generated", f"{N_GENERATED} " + GENERATED_INPUTS.format(seed=opts.seed)
+        n = within_budget(per_input, N_GENERATED)
+        x = generated_batch(spec, n, opts.seed)
+        return x, "generated", f"{n} " + GENERATED_INPUTS.format(seed=opts.seed)
     folder = Path(opts.samples)
     if not folder.is_dir():
         raise ModelImportError(f"--samples {folder}: not a folder of images")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
     if not files:
         raise ModelImportError(f"--samples {folder}: no files in it")
-    files = files[:MAX_SAMPLES]
+    limit = within_budget(per_input, MAX_SAMPLES)
+    files = files[:limit]
     rows = []
     for p in files:
         try:
@@ -210,7 +213,7 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
         except BnfoldError as exc:
             raise ModelImportError(f"--samples: {p}: {exc.message}") from None
     desc = (
-        f"{len(files)} sample images from {folder} (sorted by path, first {MAX_SAMPLES} at "
+        f"{len(files)} sample images from {folder} (sorted by path, first {limit} at "
         "most), through this bundle's preprocessing"
     )
     return np.stack(rows), "samples", desc
@@ -324,7 +327,8 @@ def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
 
 def _float64_logits(model: onnx.ModelProto, image: ImageInput, x: np.ndarray) -> np.ndarray:
     """The original graph (as given, fixed batch included) in float64, chunked to fit it."""
-    chunk = image.batch if isinstance(image.batch, int) else 32
+    per_input = int(np.prod(x.shape[1:]))  # numpy's im2col needs ~kernel-size times more
+    chunk = image.batch if isinstance(image.batch, int) else within_budget(per_input, 32, 2**20)
     n = len(x)
     pad = (-n) % chunk
     if pad:  # a fixed batch the input count does not divide: pad with copies, drop after

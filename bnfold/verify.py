@@ -35,6 +35,16 @@ from bnfold.preprocess import generated_batch
 from bnfold.sessions import make_probe_session, make_session
 
 N_VERIFY = 64  # generated inputs when the caller gives none
+# Memory bounds, in float32 input values: the inputs held at once (64 MiB) and those fed to one
+# onnxruntime run (16 MiB; its intermediate tensors grow with it). A 4096x4096 RGB model gets
+# one input at a time instead of 64 (12.9 GB).
+INPUT_BUDGET = 2**24
+RUN_BUDGET = 2**22
+
+
+def within_budget(per_input: int, wanted: int, budget: int = INPUT_BUDGET) -> int:
+    """How many of `wanted` inputs of `per_input` values each fit in `budget` (at least 1)."""
+    return max(1, min(wanted, budget // max(1, per_input)))
 
 
 def count_bn_nodes(proto: onnx.ModelProto) -> int:
@@ -50,7 +60,8 @@ def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
 
 
 def run_logits(session, input_name: str, output: str, x: np.ndarray, batch: int = 256):
-    """One output for x, in chunks of `batch` rows."""
+    """One output for x, in chunks of `batch` rows (fewer for large inputs, RUN_BUDGET)."""
+    batch = within_budget(x[0].size, batch, RUN_BUDGET) if len(x) else batch
     outs = [
         session.run([output], {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)
     ]
@@ -94,7 +105,9 @@ def measure_equivalence(
         folded_vs_unfolded=fvu,
         folded_vs_float64=diff_stats(folded, ref64),
         unfolded_vs_float64=diff_stats(unfolded, ref64),
-        per_layer=per_layer_diffs(d, input_name, probes, x[:256]),
+        per_layer=per_layer_diffs(
+            d, input_name, probes, x[: within_budget(x[0].size, 256, RUN_BUDGET)]
+        ),
         passed=is_equivalent(fvu, tol),
         inputs=inputs,
     )
@@ -136,7 +149,8 @@ def verify_bundle(
     if not res.ok:
         return res
     if x is None:
-        x = generated_batch(manifest.input.preprocess, N_VERIFY)
+        spec = manifest.input.preprocess
+        x = generated_batch(spec, within_budget(spec.channels * spec.height * spec.width, N_VERIFY))
     _check_logits(res, Path(bundle_dir), manifest, x)
     int8 = check_int8(Path(bundle_dir), manifest, x, labels)
     if int8 is not None and int8[0]:

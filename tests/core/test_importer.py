@@ -19,10 +19,10 @@ from PIL import Image
 
 from bnfold.bundle import load_bundle, sha256_file
 from bnfold.image_input import read_class_file
-from bnfold.importer import ImportOptions, NotEquivalentError, import_model
+from bnfold.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
 from bnfold.reference import evaluate_float64
-from bnfold.verify import verify_bundle
+from bnfold.verify import INPUT_BUDGET, verify_bundle
 from tests.core.import_graphs import (
     classifier,
     simple_model,
@@ -228,6 +228,22 @@ def test_float64_reference_uses_running_statistics_with_momentum_set(tmp_path, m
 def test_class_file_byte_order_mark_and_blank_lines_are_not_names(tmp_path):
     (tmp_path / "c.txt").write_bytes("\ufeffcat\r\n\r\n dog \r\nbird\r\n".encode())
     assert read_class_file(tmp_path / "c.txt") == ["cat", "dog", "bird"]
+
+
+def test_large_inputs_are_measured_on_fewer_images_within_the_memory_budget(tmp_path):
+    """64 generated 2048x2048 RGB inputs would hold 3.2 GB (and 512 samples 26 GB): the count
+    shrinks to what INPUT_BUDGET holds, at least one, and the report says how many."""
+    big = PreprocessSpec(color_mode="RGB", height=2048, width=2048, mean=[0] * 3, std=[1] * 3)
+    x, split, desc = equivalence_inputs(big, ImportOptions(name="n"))
+    want = max(1, INPUT_BUDGET // (3 * 2048 * 2048))
+    assert x.shape == (want, 3, 2048, 2048) and desc.startswith(f"{want} uniform")
+    small = PreprocessSpec(color_mode="L", height=8, width=8, mean=[0], std=[1])
+    assert len(equivalence_inputs(small, ImportOptions(name="n"))[0]) == 64
+    (tmp_path / "s").mkdir()
+    for i in range(3):
+        Image.new("RGB", (5, 4), (i, 0, 0)).save(tmp_path / "s" / f"{i}.png")
+    x, split, _ = equivalence_inputs(big, ImportOptions(name="n", samples=tmp_path / "s"))
+    assert split == "samples" and len(x) == min(3, want)
 
 
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
