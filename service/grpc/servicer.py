@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
+import numpy as np
 
 from bnfold.errors import BadInput, BnfoldError, NotFound, ServiceUnavailable
 from service.core import Core
@@ -186,13 +187,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         metadata = dict(context.invocation_metadata() or ())
         self.core.admin.check(metadata.get("authorization"))
 
-    async def _input(self, request: pb.ModelInferRequest, model: LoadedModel):
-        spec = model.manifest.input if model.manifest else None
-        assert spec is not None
-        codec.requested_outputs(request, model.manifest.output)  # type: ignore[union-attr]
+    async def _input(self, request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
+        """The request's tensor as the model's input (N, C, H, W) float32, outputs checked."""
+        manifest = model.manifest
+        assert manifest is not None
+        codec.requested_outputs(request, manifest.output)
         if request.raw_input_contents:  # bytes -> array without a copy: no thread needed
-            return codec.input_array(request, spec)
-        return await run_cpu(codec.input_array, request, spec)  # typed values: CPU work
+            return codec.input_array(request, manifest.input)
+        return await run_cpu(codec.input_array, request, manifest.input)  # typed: CPU work
 
     def _record(self, method: str, model: str, code: str, seconds: float, context) -> None:
         if model and model not in self.core.registry.models:
