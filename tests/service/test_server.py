@@ -3,11 +3,14 @@ process, drained and exiting 0, is tests/load/test_shutdown.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import signal
+import socket
 
 import uvicorn
 
 from service.server import DrainingServer
+from service.shutdown import adopt_backlog, serve_adopted
 
 
 def draining_server(client) -> DrainingServer:
@@ -38,3 +41,38 @@ def test_a_second_ctrl_c_stops_waiting(serve, models_dir):
     assert server.should_exit and not server.force_exit
     server.handle_exit(signal.SIGINT, None)
     assert server.force_exit
+
+
+class Listener:
+    """Stands in for asyncio's Server: what adopt_backlog reads is `.sockets`."""
+
+    def __init__(self, sock) -> None:
+        self.sockets = [sock]
+
+
+def test_connections_waiting_in_the_backlog_are_adopted_with_what_they_sent():
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    clients = [socket.create_connection(listener.getsockname()) for _ in range(3)]
+    for i, c in enumerate(clients):
+        c.sendall(f"request {i}".encode())  # sent before anyone accepted the connection
+    adopted = adopt_backlog([Listener(listener)])
+    assert len(adopted) == 3
+    assert adopt_backlog([Listener(listener)]) == []  # nothing left, and it never blocks
+    received: list[bytes] = []
+
+    class Echo(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            received.append(data)
+
+    async def main() -> None:
+        await serve_adopted(adopted, Echo)
+        while len(received) < 3:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(asyncio.wait_for(main(), 10))
+    assert sorted(received) == [b"request 0", b"request 1", b"request 2"]
+    listener.close()
+    for c in clients:
+        c.close()
