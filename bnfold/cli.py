@@ -82,7 +82,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from bnfold.image_input import read_class_file
+    import onnx
+
+    from bnfold.image_input import output_notes, read_class_file
     from bnfold.importer import ImportOptions, NotEquivalentError, import_model
     from bnfold.int8 import int8_options
 
@@ -108,7 +110,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     except NotEquivalentError as exc:
         print(f"{PROG}: {exc.message}", file=sys.stderr)
         return 1
-    print_import_summary(manifest, Path(args.models_dir) / args.name)
+    target = Path(args.models_dir) / args.name
+    print_import_summary(manifest, target)
+    unfolded = onnx.load(str(target / manifest.files["unfolded"].path))
+    for note in output_notes(unfolded, manifest.output.name):
+        print(f"warning: {note}")
     return 0
 
 

@@ -163,6 +163,34 @@ def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tupl
     return out.name, int(result.shape[1])
 
 
+PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+
+
+def output_notes(model: onnx.ModelProto, served: str) -> list[str]:
+    """What a user should know about the outputs: others than the served one are dropped, and
+    an output that already went through Softmax is probabilities, not logits."""
+    notes = []
+    others = [o.name for o in model.graph.output if o.name != served]
+    if others:
+        notes.append(
+            f"the model has {len(others) + 1} outputs; the bundle serves {served!r} only "
+            f"(not {', '.join(repr(o) for o in others)})"
+        )
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node, name = producers.get(served), served
+    while node is not None and node.op_type == "Identity":
+        name = node.input[0]
+        node = producers.get(name)
+    if node is not None and node.op_type in PROBABILITY_OPS:
+        notes.append(
+            f"output {served!r} comes out of {node.op_type}: it holds probabilities, not "
+            "logits; V2 infer returns it as it is, but probabilities computed from it (softmax "
+            "of the output) are flattened; export the model without its final "
+            f"{node.op_type} to serve logits"
+        )
+    return notes
+
+
 def check_classes(names: list[str] | None, count: int | None, n_out: int, output: str) -> list[str]:
     """Class names from --classes, else '0'..'N-1'; their count must be the output size."""
     if names is None:

@@ -246,6 +246,30 @@ def test_large_inputs_are_measured_on_fewer_images_within_the_memory_budget(tmp_
     assert split == "samples" and len(x) == min(3, want)
 
 
+def test_softmax_head_and_extra_outputs_are_imported_with_a_warning(tmp_path):
+    """A Softmax at the end and a second output: imported, and the summary says that the
+    output is probabilities (the served softmax of it is flattened) and what is not served."""
+    model = classifier("NCHW", "bn", batch="N")
+    model.graph.node[-1].output[0] = "z"
+    model.graph.node.append(onnx.helper.make_node("Softmax", ["z"], ["logits"], axis=1))
+    model.graph.output.append(
+        onnx.helper.make_tensor_value_info("f", onnx.TensorProto.FLOAT, ["N", 4])
+    )
+    src = save(model, tmp_path / "soft.onnx")
+    proc = subprocess.run(
+        [BNFOLD, "import", str(src), "--name", "s", "--models-dir", str(tmp_path / "m")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    warnings = [line for line in proc.stdout.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 2, proc.stdout
+    assert "serves 'logits' only (not 'f')" in warnings[0]
+    assert "comes out of Softmax" in warnings[1]
+    x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype(np.float32)
+    served = ort_run(str(tmp_path / "m" / "s" / "unfolded.onnx"), x)
+    np.testing.assert_array_equal(served, ort_run(model, x))  # the original's first output
+
+
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)).save(png, "PNG")
