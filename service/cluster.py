@@ -49,13 +49,14 @@ class Cluster:
         self.applied[index] = DEAD
         self.pids[index] = 0
 
-    def append(self, op: str, name: str) -> int:
-        """Add an operation to the log; its sequence number."""
+    def append(self, op: str, name: str, slot: int) -> int:
+        """Add an operation (done by worker `slot`) to the log; its sequence number."""
         with self.seq.get_lock():
             n = self.seq.value + 1
             path = self.state_dir / "ops" / f"{n:012d}.json"
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"op": op, "model": name, "pid": os.getpid()}))
+            entry = {"op": op, "model": name, "slot": slot, "pid": os.getpid()}
+            tmp.write_text(json.dumps(entry))
             tmp.rename(path)  # complete before any worker can see n
             self.seq.value = n
         return n

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import os
 
+from bnfold.errors import BnfoldError
 from service.cluster import POLL_S, Member
 from service.config import Settings
 from service.registry import LoadedModel, ModelRegistry
@@ -47,7 +48,7 @@ class SharedRegistry(ModelRegistry):
         """Load here, then in every other worker (waited for, at most the request timeout)."""
         await self._catch_up()  # the others' earlier operations first, in log order
         model = await super().load(name)
-        n = self.member.cluster.append("load", name)
+        n = self.member.cluster.append("load", name, self.member.index)
         behind = await self.member.wait_applied(n, self.settings.request_timeout_s)
         if behind:
             slots = ", ".join(str(i + 1) for i in behind)
@@ -57,7 +58,7 @@ class SharedRegistry(ModelRegistry):
     def unload(self, name: str) -> LoadedModel:
         """Unload here; the other workers unload within `POLL_S` (not waited for)."""
         model = super().unload(name)
-        self.member.cluster.append("unload", name)
+        self.member.cluster.append("unload", name, self.member.index)
         return model
 
     def _replay_unloads(self, upto: int) -> None:
@@ -90,13 +91,17 @@ class SharedRegistry(ModelRegistry):
 
     async def _apply(self, n: int) -> None:
         entry = self.member.cluster.read(n)
-        if entry["pid"] == os.getpid():
+        if entry["slot"] == self.member.index and entry["pid"] == os.getpid():
             return  # this worker's own operation, done before it was logged
         op, name = entry["op"], entry["model"]
-        if op == "unload":
-            if name in self.models:
-                ModelRegistry.unload(self, name)
-        else:
-            await ModelRegistry.load(self, name)
+        try:
+            if op == "unload":
+                if name in self.models:
+                    ModelRegistry.unload(self, name)
+            else:
+                await ModelRegistry.load(self, name)
+        except BnfoldError as exc:  # the files changed again since: the next operation tells
+            log.warning("cluster: %s %s (operation %d) failed here: %s", op, name, n, exc.message)
+            return
         log.info("cluster: applied %s %s (operation %d from worker pid %d)", op, name, n,
                  entry["pid"])  # fmt: skip
