@@ -65,18 +65,30 @@ def parse_size(values: list | None) -> tuple[int, int] | None:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from bnfold.onnx_fold import FoldError, fold_onnx_file
-    from bnfold.onnx_load import ModelImportError, load_onnx
+    from bnfold.onnx_fold import FoldError, fold_onnx, write_model_atomically
+    from bnfold.onnx_load import ModelImportError, load_onnx, ort_session
+    from bnfold.verify import fold_agreement
 
     src, dst = Path(args.src), Path(args.dst)
-    load_onnx(src)  # the same one-line refusals as import: not ONNX, truncated, checker, data
+    loaded = load_onnx(src)  # the same one-line refusals as import: not ONNX, truncated, ...
     if dst.is_dir():
         raise ModelImportError(f"{dst} is a folder: give the output .onnx file name")
     try:
-        report = fold_onnx_file(src, dst)
+        folded, report = fold_onnx(loaded.model)
     except FoldError as exc:
         raise ModelImportError(f"{src}: cannot fold: {exc}") from None
     print(report.summary() or "no BatchNormalization or per-channel Mul/Add found")
+    if report.folded:  # a fold is written only once onnxruntime agrees with the original
+        try:
+            ort_session(loaded.model, src)
+            passed, line = fold_agreement(loaded.model, folded)
+        except ModelImportError as exc:  # custom ops, say: the fold stands, unmeasured
+            passed, line = None, f"not measured: {exc.message}"
+        print(line)
+        if passed is False:
+            print(f"{PROG}: the folded model differs from {src}; nothing written", file=sys.stderr)
+            return 1
+    write_model_atomically(folded, dst)
     print(f"wrote {dst}: folded {len(report.folded)}, refused {len(report.refused)}")
     return 0
 

@@ -133,7 +133,7 @@ def fold_onnx_file(src: Path, dst: Path) -> FoldReport:
     except ModelImportError as exc:
         raise FoldError(exc.message) from None
     folded, report = fold_onnx(model)
-    _write_atomically(folded, dst)
+    write_model_atomically(folded, dst)
     return report
 
 
@@ -428,7 +428,7 @@ def _default_opset(model: onnx.ModelProto) -> int:
     raise FoldError("the model imports no default-domain (ai.onnx) opset")
 
 
-def _write_atomically(model: onnx.ModelProto, dst: Path) -> None:
+def write_model_atomically(model: onnx.ModelProto, dst: Path) -> None:
     """Write to a temporary sibling, then rename: a crash never leaves a half-written dst."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent)

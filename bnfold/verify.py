@@ -208,3 +208,56 @@ def _check_logits(res: VerifyResult, bundle_dir: Path, manifest: Manifest, x: np
         res.good(msg)
     else:
         res.fail(msg)
+
+
+N_FOLD_CHECK = 8  # random inputs `bnfold fold` compares the folded model on
+FP16_ULPS = 16  # a float16 model's outputs: within 16 float16 ulps of their scale
+
+
+def fold_agreement(
+    original: onnx.ModelProto, folded: onnx.ModelProto, seed: int = 0
+) -> tuple[bool | None, str]:
+    """Folded vs original in onnxruntime on random N(0, 1) inputs, every output: (passed, line).
+
+    Each output must stay within the bundles' tolerance of its scale (bnfold.equivalence), or
+    for float16 outputs within FP16_ULPS of float16's rounding at that scale (2e-5 is below one
+    float16 ulp). None when inputs cannot be made (a variable
+    dim other than the batch, a non-float input). Outputs need not be logits: no top-1 test.
+    """
+    from bnfold.onnx_load import dims, real_inputs
+
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for vi in real_inputs(original):
+        tt = vi.type.tensor_type
+        shape = dims(vi) if tt.HasField("shape") else None
+        np_type = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
+        if np_type is None or np_type.kind != "f" or shape is None:
+            return None, f"not measured: input '{vi.name}' is not a float tensor of known rank"
+        if not all(isinstance(d, int) for d in shape[1:]):
+            return None, (
+                f"not measured: input '{vi.name}' has variable dims {shape}; `bnfold import` "
+                "measures it on images of a given size"
+            )
+        rest = [int(d) for d in shape[1:]]
+        batch = shape[0] if shape and isinstance(shape[0], int) else None
+        n = batch or within_budget(int(np.prod(rest)) if rest else 1, N_FOLD_CHECK, RUN_BUDGET)
+        feeds[vi.name] = rng.normal(size=[n, *rest] if shape else []).astype(np_type)
+    want = make_session(original.SerializeToString(), "unfolded").run(None, feeds)
+    got = make_session(folded.SerializeToString(), "folded").run(None, feeds)
+    worst, passed = (0.0, 1.0), True  # (diff, tolerance) of the output closest to failing
+    for w, g in zip(want, got, strict=True):
+        w64, g64 = np.asarray(w, np.float64), np.asarray(g, np.float64)
+        tol = tolerance_for(w64)
+        if w.dtype.kind == "f" and np.finfo(w.dtype).eps > np.finfo(np.float32).eps:
+            scale = max(1.0, float(np.max(np.abs(w64))) if w64.size else 1.0)
+            tol = max(tol, FP16_ULPS * float(np.finfo(w.dtype).eps) * scale)  # float16 rounding
+        diff = float(np.max(np.abs(g64 - w64))) if w64.size else 0.0
+        passed &= bool(diff <= tol)  # NaN fails
+        if not diff <= tol * worst[0] / worst[1]:  # a larger share of its tolerance, or NaN
+            worst = (diff, tol)
+    line = (
+        f"folded vs original in onnxruntime on {len(next(iter(feeds.values()), []))} random "
+        f"N(0, 1) inputs: max |diff| {worst[0]:.3g} (tolerance {worst[1]:.3g})"
+    )
+    return passed, line

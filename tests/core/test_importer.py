@@ -198,6 +198,30 @@ def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
     assert list(models.iterdir()) == []
 
 
+def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkeypatch, capsys):
+    """`bnfold fold` compares the fold with the original in onnxruntime before it writes: a
+    wrong fold (a perturbed weight) exits 1 with nothing written; a right one says its diff."""
+    import bnfold.onnx_fold as onnx_fold
+    from bnfold.cli import main
+
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    assert main(["fold", str(src), str(tmp_path / "ok.onnx")]) == 0
+    out = capsys.readouterr().out
+    assert "folded vs original in onnxruntime on 8 random N(0, 1) inputs" in out
+    real = onnx_fold.fold_onnx
+
+    def broken_fold(model):
+        folded, report = real(model)
+        w = next(t for t in folded.graph.initializer if t.name == "conv_b")
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + 1e-3, w.name))
+        return folded, report
+
+    monkeypatch.setattr(onnx_fold, "fold_onnx", broken_fold)
+    assert main(["fold", str(src), str(tmp_path / "bad.onnx")]) == 1
+    assert "differs from" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "ok.onnx"]
+
+
 def test_verify_fails_a_tampered_imported_bundle(tmp_path, models):
     src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
     import_model(src, ImportOptions(name="net", models_dir=models))
