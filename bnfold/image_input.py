@@ -146,6 +146,13 @@ def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tupl
     except Exception as exc:  # onnxruntime's own error types
         from bnfold.onnx_load import ort_message
 
+        try:  # the batch is to blame only when one image runs
+            run_zeros(session, image.name, [1, *shape[1:]])
+        except Exception as exc1:
+            raise ModelImportError(
+                f"{path}: the model fails to run on one all-zero image {[1, *shape[1:]]}: "
+                f"{ort_message(exc1)}"
+            ) from None
         raise ModelImportError(
             f"{path}: the model fails on a batch of 2 images {shape}: {ort_message(exc)}; "
             "re-export it with a variable batch axis"

@@ -336,6 +336,11 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     var = next(t for t in negative_var.graph.initializer if t.name == "bn_var")
     var.CopyFrom(numpy_helper.from_array(np.array([1, -1, 1, 1], np.float32), "bn_var"))
     save(negative_var, tmp / "nan.onnx")
+    fails = classifier("NCHW", "bn", batch="N")  # a Reshape to a size no input has
+    fails.graph.initializer.append(numpy_helper.from_array(np.int64([5, -1]), "bad_shape"))
+    flat = next(n for n in fails.graph.node if n.op_type == "Flatten")
+    flat.CopyFrom(onnx.helper.make_node("Reshape", [flat.input[0], "bad_shape"], ["f"]))
+    save(fails, tmp / "fails.onnx")
     (tmp / "two_classes.txt").write_text("cat\ndog\n")
     (tmp / "escape_classes.txt").write_text("cat\ndog\x1b[31m\nbird\n")
     (tmp / "latin1_classes.txt").write_bytes("caf\xe9\ndog\nbird\n".encode("latin-1"))
@@ -370,6 +375,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "no_name": (["good.onnx", "--name"], "expected one argument"),
         "class_escape": (["good.onnx", "--classes", "escape_classes.txt"], "control or invisible"),
         "class_latin1": (["good.onnx", "--classes", "latin1_classes.txt"], "cannot read it"),
+        "fails_on_one": (["fails.onnx"], "fails to run on one all-zero image [1, 3, 8, 8]"),
         "mean_nan": (["good.onnx", "--mean", "nan"], "values must be finite numbers"),
         "std_inf": (["good.onnx", "--std", "inf"], "values must be finite numbers"),
         "scale_overflow": (["good.onnx", "--scale", "1e300"], "outside float32's range"),
@@ -392,7 +398,7 @@ CASES = [
     "two_inputs_named", "int_input", "rank2_input", "opset", "fixed_batch", "overwrite",
     "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
     "mean_nan", "std_inf", "scale_overflow", "std_negative", "num_classes_negative", "size_zero",
-    "huge_input", "nan_logits", "class_escape", "class_latin1",
+    "huge_input", "nan_logits", "class_escape", "class_latin1", "fails_on_one",
 ]  # fmt: skip
 
 
