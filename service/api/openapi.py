@@ -3,8 +3,9 @@
 FastAPI documents only bodies it parses itself; these routes parse by Content-Type, so their
 request bodies are declared here and the models they reference are added to the components.
 Validation errors answer 400 {"error"} here, so FastAPI's default 422 entries are removed.
-`/docs` (Swagger UI) and `/redoc` load their JavaScript and CSS from this server, taken from the
-fastapi-offline distribution, so they work offline, in air-gapped clusters and under a strict CSP.
+`/docs` (Swagger UI) loads its JavaScript and CSS from this server, taken from the fastapi-offline
+distribution, so it works offline, in air-gapped clusters and under a strict CSP. (No ReDoc page:
+ReDoc fetches its logo from its own CDN whatever the options.)
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import fastapi_offline
 from fastapi import FastAPI, Request
-from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -94,11 +95,11 @@ def _drop_default_422(schema: dict[str, Any]) -> None:
         schema["components"]["schemas"].pop(name, None)
 
 
-DOCS_ASSETS = "/docs-assets"  # swagger-ui-bundle.js, swagger-ui.css, redoc.standalone.js
+DOCS_ASSETS = "/docs-assets"  # swagger-ui-bundle.js, swagger-ui.css, favicon.png
 
 
 def install_docs(app: FastAPI) -> None:
-    """/docs and /redoc with their assets served from the installed package, no CDN."""
+    """/docs with its assets served from the installed package, no CDN."""
     static = Path(fastapi_offline.__file__).parent / "static"
     app.mount(DOCS_ASSETS, StaticFiles(directory=static), name="docs-assets")
 
@@ -111,15 +112,4 @@ def install_docs(app: FastAPI) -> None:
             swagger_js_url=f"{root}{DOCS_ASSETS}/swagger-ui-bundle.js",
             swagger_css_url=f"{root}{DOCS_ASSETS}/swagger-ui.css",
             swagger_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
-        )
-
-    @app.get("/redoc", include_in_schema=False)
-    async def redoc(request: Request) -> HTMLResponse:
-        root = request.scope.get("root_path", "")
-        return get_redoc_html(
-            openapi_url=f"{root}{app.openapi_url}",
-            title=f"{app.title} - API reference",
-            redoc_js_url=f"{root}{DOCS_ASSETS}/redoc.standalone.js",
-            redoc_favicon_url=f"{root}{DOCS_ASSETS}/favicon.png",
-            with_google_fonts=False,
         )

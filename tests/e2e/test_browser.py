@@ -239,16 +239,13 @@ def test_page_and_assets_are_served_by_the_service(api: httpx.Client) -> None:
 
 
 def test_api_docs_render_from_the_server_alone(tab: Tab) -> None:
-    """Swagger UI and ReDoc load every asset from the server (no CDN) and render the API."""
+    """Swagger UI loads every asset from the server (no CDN) and renders the API."""
     response = tab.page.goto(tab.base + "/docs")
     assert response is not None and response.status == 200
     tab.page.wait_for_selector(".opblock-summary-path")  # Swagger UI drew the operations
     paths = tab.page.locator(".opblock-summary-path").all_text_contents()
     assert "/v2/models/{model}/infer" in [p.replace("\u200b", "") for p in paths]
-    response = tab.page.goto(tab.base + "/redoc")
-    assert response is not None and response.status == 200
-    tab.page.wait_for_selector("[data-section-id]")  # ReDoc drew its sections
-    assert len(tab.requests) >= 6  # html, js, css, favicon, openapi.json twice: all local
+    assert len(tab.requests) >= 4  # html, js, css, openapi.json: all local (checked on teardown)
 
 
 def test_model_card_shows_the_manifest(tab: Tab, api: httpx.Client) -> None:
