@@ -114,11 +114,17 @@ def wait_healthy(name: str, timeout: float = 120) -> None:
         time.sleep(0.5)
 
 
+GRPC_PORT: dict[str, int] = {}
+
+
 @pytest.fixture(scope="module")
 def container(image: str) -> Iterator[tuple[str, int]]:
-    """A running, healthy serve container on a free loopback port: (name, port)."""
+    """A running, healthy serve container on free loopback ports: (name, REST port); its gRPC
+    port is in GRPC_PORT (host networking: the image's 8000/8001 could be taken here)."""
     name, port = f"bnfold-e2e-{uuid.uuid4().hex[:8]}", free_port()
-    env = ["-e", "BNFOLD_HOST=127.0.0.1", "-e", f"BNFOLD_PORT={port}"]
+    GRPC_PORT[name] = free_port()
+    env = ["-e", "BNFOLD_HOST=127.0.0.1", "-e", f"BNFOLD_PORT={port}",
+           "-e", f"BNFOLD_GRPC_PORT={GRPC_PORT[name]}"]  # fmt: skip
     docker("run", "-d", "--name", name, "--network", "host", *env, image)
     try:
         wait_healthy(name)
@@ -152,6 +158,20 @@ def test_healthy_non_root_and_without_torch(container):
     assert uid_line.split()[1:] == ["10001"] * 4  # real, effective, saved, filesystem
     res = docker("exec", name, "python", "-c", "import torch", check=False)
     assert res.returncode != 0 and "No module named 'torch'" in res.stderr
+
+
+def test_grpc_answers_from_the_container(container):
+    """The image's second protocol: gRPC health and the KServe ServerReady/ModelReady RPCs."""
+    import tritonclient.grpc as grpcclient
+
+    name, _ = container
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{GRPC_PORT[name]}")
+    try:
+        assert client.is_server_live() and client.is_server_ready()
+        assert client.is_model_ready("digits")
+        assert client.get_model_metadata("digits").name == "digits"
+    finally:
+        client.close()
 
 
 def test_predicts_every_example_digit(container):
