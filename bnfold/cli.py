@@ -113,6 +113,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         std=args.std,
         samples=Path(args.samples) if args.samples else None,
         input_name=args.input,
+        output_name=args.output,
         force=args.force,
         int8=int8_options(args),
         calibration=Path(args.calibration) if args.calibration else None,
@@ -198,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--std", type=float, nargs="+", help="divides after the mean (1 or C)")
     i.add_argument("--samples", metavar="FOLDER", help="images to measure equivalence on")
     i.add_argument("--input", metavar="NAME", help="the image input, when the model has several")
+    i.add_argument("--output", metavar="NAME", help="the logits output (default: the first)")
     i.add_argument("--force", action="store_true", help="replace an existing bundle")
     add_quantize_arguments(i)
     i.add_argument(

@@ -132,9 +132,18 @@ def _show(shape: list) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
 
 
-def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tuple[str, int]:
-    """The first graph output, checked to answer (N, classes) float32 for a batch of 2."""
-    out = model.graph.output[0]
+def logits_output(
+    model: onnx.ModelProto, path: Path, image: ImageInput, name: str | None = None
+) -> tuple[str, int]:
+    """The graph output `name` (default: the first), checked to answer (N, classes) float32
+    for a batch of 2."""
+    names = [o.name for o in model.graph.output]
+    if name is not None and name not in names:
+        raise ModelImportError(
+            f"{path}: no output named {name!r}; the model's outputs are {', '.join(names)}"
+        )
+    index = names.index(name) if name is not None else 0
+    out = model.graph.output[index]
     if elem_type_name(out) != "float":
         raise ModelImportError(
             f"{path}: output {out.name!r} is {elem_type_name(out)}; bnfold serves float32 logits"
@@ -142,7 +151,7 @@ def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tupl
     session = ort_session(model, path)
     shape = [2, *image.served_shape[1:]]
     try:
-        result = run_zeros(session, image.name, shape)[0]
+        result = run_zeros(session, image.name, shape)[index]
     except Exception as exc:  # onnxruntime's own error types
         from bnfold.onnx_load import ort_message
 
@@ -158,9 +167,10 @@ def logits_output(model: onnx.ModelProto, path: Path, image: ImageInput) -> tupl
             "re-export it with a variable batch axis"
         ) from None
     if result.ndim != 2 or result.shape[0] != 2:
+        hint = " (choose the logits with --output NAME)" if len(names) > 1 else ""
         raise ModelImportError(
             f"{path}: output {out.name!r} has shape {list(result.shape)} for 2 images; bnfold "
-            "serves classifiers answering (batch, classes) logits"
+            f"serves classifiers answering (batch, classes) logits{hint}"
         )
     if result.shape[1] < 2:
         raise ModelImportError(

@@ -75,6 +75,7 @@ class ImportOptions:
     std: list[float] | None = None  # one value or one per channel; default 1
     samples: Path | None = None
     input_name: str | None = None
+    output_name: str | None = None  # the logits output, when the graph lists several
     force: bool = False
     seed: int = 0
     int8: Int8Options | None = None  # --quantize int8: also write quantized.onnx if it passes
@@ -246,7 +247,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     image = resolve_image_input(loaded.model, loaded.path, opts.input_name, opts.layout, opts.size)
     spec = preprocess_spec(image, opts)
     unfolded, changes = prepare_for_serving(loaded, image)
-    output, n_out = logits_output(unfolded, loaded.path, image)
+    output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
     classes = check_classes(opts.classes, opts.num_classes, n_out, output)
     try:
         folded, report = fold_onnx(unfolded)
@@ -256,7 +257,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     probes, note = layer_probes(report.rows, unfolded, folded)
     x, split, inputs = equivalence_inputs(spec, opts)
     int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
-    ref64 = _float64_logits(loaded.model, image, x)
+    ref64 = _float64_logits(loaded.model, image, x, output)
     _check_finite_logits(ref64, loaded.path, output)
     holder: list[Manifest] = []
 
@@ -325,7 +326,9 @@ def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
     )
 
 
-def _float64_logits(model: onnx.ModelProto, image: ImageInput, x: np.ndarray) -> np.ndarray:
+def _float64_logits(
+    model: onnx.ModelProto, image: ImageInput, x: np.ndarray, output: str
+) -> np.ndarray:
     """The original graph (as given, fixed batch included) in float64, chunked to fit it."""
     per_input = int(np.prod(x.shape[1:]))  # numpy's im2col needs ~kernel-size times more
     chunk = image.batch if isinstance(image.batch, int) else within_budget(per_input, 32, 2**20)
@@ -333,7 +336,7 @@ def _float64_logits(model: onnx.ModelProto, image: ImageInput, x: np.ndarray) ->
     pad = (-n) % chunk
     if pad:  # a fixed batch the input count does not divide: pad with copies, drop after
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    return evaluate_float64(model, image.name, x, batch=chunk)[:n]
+    return evaluate_float64(model, image.name, x, batch=chunk, output=output)[:n]
 
 
 def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:

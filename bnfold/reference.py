@@ -156,10 +156,14 @@ class Float64Reference:
 
 
 def evaluate_float64(
-    model: onnx.ModelProto, input_name: str, x: np.ndarray, batch: int = 32
+    model: onnx.ModelProto,
+    input_name: str,
+    x: np.ndarray,
+    batch: int = 32,
+    output: str | None = None,
 ) -> np.ndarray:
-    """The model's first output in float64 for x, in chunks of `batch` rows (memory)."""
+    """The model's `output` (default: its first) in float64 for x, in chunks of `batch` rows."""
     ref = Float64Reference(model)
-    first = model.graph.output[0].name
-    chunks = [ref.run({input_name: x[i : i + batch]}, [first])[0] for i in range(0, len(x), batch)]
+    name = output or model.graph.output[0].name
+    chunks = [ref.run({input_name: x[i : i + batch]}, [name])[0] for i in range(0, len(x), batch)]
     return np.concatenate(chunks)

@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from PIL import Image
 
 from bnfold.bundle import load_bundle, sha256_file
+from bnfold.errors import BnfoldError
 from bnfold.image_input import read_class_file
 from bnfold.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
@@ -292,6 +293,21 @@ def test_softmax_head_and_extra_outputs_are_imported_with_a_warning(tmp_path):
     x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype(np.float32)
     served = ort_run(str(tmp_path / "m" / "s" / "unfolded.onnx"), x)
     np.testing.assert_array_equal(served, ort_run(model, x))  # the original's first output
+
+
+def test_output_flag_picks_the_logits_when_features_come_first(tmp_path, models):
+    """(features, logits) outputs: refused with a pointer to --output; with it, the bundle
+    serves the logits and its float64 columns are measured on that output too."""
+    model = classifier("NCHW", "bn", batch="N")
+    model.graph.output.insert(
+        0, onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, ["N", 4, 8, 8])
+    )
+    src = save(model, tmp_path / "two.onnx")
+    with pytest.raises(BnfoldError, match="choose the logits with --output NAME"):
+        import_model(src, ImportOptions(name="t", models_dir=models))
+    m = import_model(src, ImportOptions(name="t", models_dir=models, output_name="logits"))
+    assert m.output.name == "logits" and m.output.shape == [-1, 3]
+    assert m.equivalence.unfolded_vs_float64.max_abs_diff <= m.equivalence.tolerance_abs
 
 
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
