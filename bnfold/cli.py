@@ -73,6 +73,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     loaded = load_onnx(src)  # the same one-line refusals as import: not ONNX, truncated, ...
     if dst.is_dir():
         raise ModelImportError(f"{dst} is a folder: give the output .onnx file name")
+    inputs = [src, *(src.parent / f for f in loaded.external_files)]
+    if dst.exists() and any(dst.samefile(p) for p in inputs):
+        raise ModelImportError(f"{dst} is the model being folded (or its data): give a new name")
     try:
         folded, report = fold_onnx(loaded.model)
     except FoldError as exc:

@@ -435,6 +435,7 @@ def write_model_atomically(model: onnx.ModelProto, dst: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(model.SerializeToString())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a model file is meant to be shared
         os.replace(tmp, dst)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -209,6 +209,11 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
     assert main(["fold", str(src), str(tmp_path / "ok.onnx")]) == 0
     out = capsys.readouterr().out
     assert "folded vs original in onnxruntime on 8 random N(0, 1) inputs" in out
+    assert (tmp_path / "ok.onnx").stat().st_mode & 0o777 == 0o644  # not mkstemp's 0o600
+    before = src.read_bytes()
+    assert main(["fold", str(src), str(tmp_path / "." / "net.onnx")]) == 2  # its own source
+    assert "is the model being folded" in capsys.readouterr().err
+    assert src.read_bytes() == before
     real = onnx_fold.fold_onnx
 
     def broken_fold(model):
