@@ -49,14 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"bnfold-serve: invalid setting: {validation_message(exc.errors())}", file=sys.stderr)
         return 2
-    from bnfold.sessions import resolve_providers
     from service.logs import configure_logging
 
-    try:
-        resolve_providers(settings.provider)
-    except RuntimeError as exc:
-        print(f"bnfold-serve: {exc}", file=sys.stderr)
-        return 2
+    if settings.provider == "cuda":  # only a forced CUDA can be missing ('auto' falls back)
+        from bnfold.sessions import resolve_providers  # imports onnxruntime: not in a supervisor
+
+        try:
+            resolve_providers(settings.provider)
+        except RuntimeError as exc:
+            print(f"bnfold-serve: {exc}", file=sys.stderr)
+            return 2
     configure_logging(settings.log_level, settings.log_format)
     settings = split_cores(settings)
     if settings.workers > 1:
