@@ -68,6 +68,11 @@ def _attach_external_data(model: onnx.ModelProto, path: Path) -> list[str]:
     for t in tensors:
         info = ext.ExternalDataInfo(t)
         where = base / info.location
+        if Path(info.location).is_absolute() or not where.resolve().is_relative_to(base.resolve()):
+            raise ModelImportError(
+                f"{path}: the weights of {t.name!r} point to {info.location!r}, outside the "
+                "model's folder: external data must be a file next to the model"
+            )  # checked before looking at it: a model file cannot probe other files
         if not where.is_file():
             raise ModelImportError(
                 f"{path}: the weights of {t.name!r} are stored in {info.location!r}, which is "

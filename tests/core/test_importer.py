@@ -347,6 +347,16 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         size_threshold=0,
     )
     (ext / "ext.onnx.data").unlink()
+    outside = classifier("NCHW", "bn", batch="N")
+    (tmp / "secret").write_bytes(b"0123")  # beside the folder of the model, not in it
+    (tmp / "sub").mkdir()
+    w = next(t for t in outside.graph.initializer if t.name == "conv_w")
+    w.ClearField("raw_data")
+    del w.float_data[:]
+    w.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "../secret"), ("offset", "0"), ("length", "432")):
+        w.external_data.append(onnx.StringStringEntryProto(key=key, value=value))
+    save(outside, tmp / "sub" / "outside.onnx")
     save(with_two_inputs(classifier("NCHW", "bn", batch="N")), tmp / "two.onnx")
     save(simple_model(onnx.TensorProto.INT64, ["N", 3, 8, 8]), tmp / "int.onnx")
     save(simple_model(onnx.TensorProto.FLOAT, ["N", 12]), tmp / "rank2.onnx")
@@ -397,6 +407,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "class_escape": (["good.onnx", "--classes", "escape_classes.txt"], "control or invisible"),
         "class_latin1": (["good.onnx", "--classes", "latin1_classes.txt"], "cannot read it"),
         "fails_on_one": (["fails.onnx"], "fails to run on one all-zero image [1, 3, 8, 8]"),
+        "external_outside": (["sub/outside.onnx"], "outside the model's folder"),
         "mean_nan": (["good.onnx", "--mean", "nan"], "values must be finite numbers"),
         "std_inf": (["good.onnx", "--std", "inf"], "values must be finite numbers"),
         "scale_overflow": (["good.onnx", "--scale", "1e300"], "outside float32's range"),
@@ -420,6 +431,7 @@ CASES = [
     "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
     "mean_nan", "std_inf", "scale_overflow", "std_negative", "num_classes_negative", "size_zero",
     "huge_input", "nan_logits", "class_escape", "class_latin1", "fails_on_one",
+    "external_outside",
 ]  # fmt: skip
 
 
