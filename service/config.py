@@ -122,10 +122,11 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         128,
         ge=1,
-        description="Most requests per model inside the server at once (reading, decoding, "
+        description="Most requests per model inside one worker at once (reading, decoding, "
         "queued for a batch or running); the next gets 503 with Retry-After at once. Bounds "
-        "memory: about max_queue_size x max_body_bytes per model at worst. Keep it above the "
-        "number of clients expected at once (a load balancer's connections per replica): "
+        "memory: about max_queue_size x max_body_bytes per model and worker at worst; the "
+        "server admits up to workers x max_queue_size. Keep it above the number of clients "
+        "expected at once per worker (a load balancer's connections per replica / workers): "
         "below it, a steady load is answered mostly 503 instead of waiting a few ms.",
     )
     request_timeout_s: float = Field(
