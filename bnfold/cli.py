@@ -228,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except BnfoldError as exc:
         return _fail(exc.message, 2)
+    except KeyboardInterrupt:  # Ctrl-C: bundles and folded files are written atomically
+        print(f"{PROG}: interrupted; nothing written", file=sys.stderr)
+        return 130
     except MemoryError as exc:  # numpy's float64 reference on a large input, say
         return _fail(f"not enough memory for this model's input size ({exc})", 2)
     except (OSError, ValueError) as exc:  # file system, or a value no check above foresaw

@@ -228,6 +228,20 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "ok.onnx"]
 
 
+def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
+    import bnfold.importer as importer
+    from bnfold.cli import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(importer, "measure_equivalence", interrupted)  # inside the bundle write
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    assert main(["import", str(src), "--name", "net", "--models-dir", str(models)]) == 130
+    assert capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
+    assert list(models.iterdir()) == []  # not even the temporary folder
+
+
 def test_verify_fails_a_tampered_imported_bundle(tmp_path, models):
     src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
     import_model(src, ImportOptions(name="net", models_dir=models))
