@@ -26,6 +26,8 @@ What this module adds to uvicorn's supervisor:
 - a worker that exits is logged with its exit code or signal, its slot is cleared (not ready,
   its live gauges dropped) and a new one starts in its place within `TICK_S`; a worker that
   failed at start-up (exit 3: bad port, bad provider) stops the server instead, as in uvicorn.
+  Requests the dead worker held, and connections waiting in its own accept queue, are lost
+  (their clients see the connection reset); new connections go to the live workers.
 
 The parent imports no web framework: it only supervises.
 """
