@@ -3,7 +3,8 @@
     python -m tests.e2e.byom_export torch OUT_DIR    # PyTorch, dynamo exporter, BN kept
     python -m tests.e2e.byom_export keras OUT_DIR    # Keras 3 AlexNet-with-BN, scaled down
 
-Each writes OUT_DIR/model.onnx (torch: plus model.onnx.data, the exporter's side file), x.npy
+Each writes OUT_DIR/model.onnx (torch: plus model.onnx.data, the exporter's side file, and
+model_ts13.onnx from the TorchScript exporter at opset 13), x.npy
 (a test batch in the model's layout) and ref64.npy: the framework's own float64 answer on x,
 the independent reference for the imported bundle. Running in a child keeps TensorFlow and
 torch out of the test process (import cost, threads, memory).
@@ -63,6 +64,12 @@ def export_torch(out: Path) -> None:
     torch.onnx.export(
         model, (torch.from_numpy(x[:2]),), str(out / "model.onnx"), dynamo=True, optimize=False,
         input_names=["image"], dynamic_shapes={"x": {0: "batch"}}, verbose=False,
+    )  # fmt: skip
+    # TorchScript at opset 13, BN kept (it sets momentum, which onnx.reference once misread)
+    torch.onnx.export(
+        model, (torch.from_numpy(x[:2]),), str(out / "model_ts13.onnx"), dynamo=False,
+        opset_version=13, training=torch.onnx.TrainingMode.PRESERVE, input_names=["image"],
+        dynamic_axes={"image": {0: "batch"}},
     )  # fmt: skip
     with torch.no_grad():
         ref64 = model.double()(torch.from_numpy(x).double()).numpy()

@@ -166,6 +166,24 @@ def test_equivalent_to_the_frameworks_own_float64(byom, name):
         assert (eq.split, eq.n_images) == ("samples", 12)
 
 
+def test_torchscript_opset_13_export_float64_columns_match_torch(byom, tmp_path):
+    """The TorchScript exporter at opset 13 keeps BN with momentum set: every BN folds, and the
+    bundle's float64 reference agrees with torch's own float64 model (it was off by ~1e-2)."""
+    m = byom["torchcnn"]
+    src = m.source.parent / "model_ts13.onnx"
+    done = _run([BNFOLD, "import", str(src), "--name", "ts13", "--models-dir", str(tmp_path)])
+    assert done.returncode == 0, done.stderr
+    manifest = read_manifest(tmp_path / "ts13")
+    eq = manifest.equivalence
+    assert [r.folded for r in manifest.fold_report] == [True] * 3
+    assert eq.passed and eq.unfolded_vs_float64.max_abs_diff <= eq.tolerance_abs
+    assert eq.folded_vs_float64.max_abs_diff <= eq.tolerance_abs
+    opts = ort.SessionOptions()
+    s = ort.InferenceSession(str(tmp_path / "ts13" / "folded.onnx"), opts,
+                             providers=["CPUExecutionProvider"])  # fmt: skip
+    assert np.abs(s.run(None, {"image": m.x})[0] - m.ref64).max() <= eq.tolerance_abs
+
+
 @pytest.mark.parametrize("name", ["torchcnn", "alexnet"])
 def test_bnfold_verify_passes(byom, name):
     m = byom[name]
