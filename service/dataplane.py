@@ -27,6 +27,7 @@ from service.inference import Upload, predictions, preprocess_uploads
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
 from service.schemas import CompareResponse, Int8Comparison, PredictResponse
+from service.tensors import shape_error
 
 
 class Runner(Protocol):
@@ -49,12 +50,9 @@ class ThreadRunner:
 
 def check_input(spec: TensorSpec, x: np.ndarray, max_rows: int) -> None:
     """Refuse a batch the model cannot take: wrong shape, too many rows, NaN or Inf values."""
-    expected = [d if d >= 0 else None for d in spec.shape]
-    if x.ndim != len(expected) or any(
-        e is not None and e != d for e, d in zip(expected, x.shape, strict=True)
-    ):
-        want = [d if d >= 0 else "N" for d in spec.shape]
-        raise BadInput(f"input {spec.name!r} must have shape {want}, got {list(x.shape)}")
+    wrong_shape = shape_error(spec, x.shape)
+    if wrong_shape:
+        raise BadInput(wrong_shape)
     if x.shape[0] < 1:
         raise BadInput(f"input {spec.name!r} has no rows: send at least one image")
     if x.shape[0] > max_rows:

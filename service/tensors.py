@@ -21,6 +21,25 @@ DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "IN
              "FP16", "FP32", "FP64", "BYTES", "BF16")  # fmt: skip
 NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
 MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
+MAX_RANK = 64  # numpy's most dimensions (np.MAXDIMS)
+MAX_BYTES = 2**63 - 1  # numpy refuses a shape whose non-zero dimensions need more, even when empty
+
+
+def shape_error(spec: TensorSpec, shape: Sequence[int]) -> str | None:
+    """Why `shape` is not one the model takes (rank or a fixed dimension), None when it is;
+    -1 in the spec's shape is the variable batch dimension."""
+    expected = [d if d >= 0 else None for d in spec.shape]
+    if len(shape) == len(expected) and all(
+        e is None or e == d for e, d in zip(expected, shape, strict=True)
+    ):
+        return None
+    want = [d if d >= 0 else "N" for d in spec.shape]
+    return f"input {spec.name!r} must have shape {want}, got {list(shape)}"
+
+
+def _representable(shape: Sequence[int]) -> bool:
+    """Whether numpy can hold an array of `shape` at all (an empty one included)."""
+    return len(shape) <= MAX_RANK and math.prod(d for d in shape if d) * 8 <= MAX_BYTES
 
 
 def check_header(
@@ -38,6 +57,10 @@ def check_header(
         )
     if any(d > MAX_DIM for d in shape):
         raise BadInput(f"input {spec.name!r}: shape {list(shape)} has a dimension over {MAX_DIM}")
+    if not _representable(shape):  # e.g. 100 dimensions, or [2**31-1]*3 + [0]: no array has it
+        raise BadInput(
+            shape_error(spec, shape) or f"input {spec.name!r}: shape {list(shape)} is too large"
+        )
     return math.prod(shape)
 
 

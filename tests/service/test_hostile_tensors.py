@@ -1,0 +1,52 @@
+"""V2 tensors a hostile or careless client sends: each is a 4xx with the reason, never a 500, and
+the server answers the next ordinary request as before.
+
+Found by sending them to a running `bnfold-serve`; each case here failed (500, or a silently
+wrong answer) before its fix.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+INFER = "/v2/models/digits/infer"
+ZERO = {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+
+
+def infer(client, **tensor):
+    return client.post(INFER, json={"inputs": [{**ZERO, **tensor}]})
+
+
+def assert_still_serving(client, direct):
+    r = infer(client)
+    assert r.status_code == 200
+    got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
+    assert np.array_equal(got, direct.logits(np.zeros((1, 1, 8, 8), np.float32)))
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        [1] * 100,  # more dimensions than numpy has (64)
+        [2**31 - 1] * 3 + [0],  # 0 elements, but no array of that shape can exist
+        [2**31 - 1] * 40 + [0],
+    ],
+)
+def test_shapes_no_array_can_have_are_400_naming_the_models_shape(client, direct, shape):
+    data = [0.0] * (0 if 0 in shape else 1)
+    r = infer(client, shape=shape, data=data)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == f"input 'input' must have shape ['N', 1, 8, 8], got {shape}"
+    assert_still_serving(client, direct)
+
+
+def test_binary_data_with_an_impossible_empty_shape_is_400(client, direct):
+    head = b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [2147483647, 2147483647,'
+    head += b' 2147483647, 0], "parameters": {"binary_data_size": 0}}]}'
+    r = client.post(
+        INFER, content=head, headers={"Inference-Header-Content-Length": str(len(head))}
+    )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith("input 'input' must have shape ['N', 1, 8, 8], got [")
+    assert_still_serving(client, direct)
