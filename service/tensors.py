@@ -87,6 +87,7 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values, where: s
         ) from None
     if array.dtype.kind not in "iuf":
         raise BadInput(f"input {name!r}: {where} must hold only numbers ({datatype})")
+    _check_nesting(name, shape, array.shape, where)
     count = math.prod(shape)
     if array.size != count:
         raise BadInput(
@@ -95,3 +96,20 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values, where: s
         )
     with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
         return array.astype(np.float32).reshape(shape)
+
+
+def _check_nesting(name: str, shape: Sequence[int], nested: tuple[int, ...], where: str) -> None:
+    """Nested lists must follow the declared shape: flat, or nested as the shape's leading
+    dimensions with the rest flattened in the innermost lists. Anything else (say an NHWC
+    image under an NCHW shape, same element count) would be reshaped into the wrong pixels."""
+    depth = len(nested)
+    if depth <= 1 or (
+        depth <= len(shape)
+        and list(nested[:-1]) == list(shape[: depth - 1])
+        and nested[-1] == math.prod(shape[depth - 1 :])
+    ):
+        return
+    raise BadInput(
+        f"input {name!r}: {where} is nested as {list(nested)} but the shape is {list(shape)}: "
+        "nest it as the shape (row-major), or send it flat"
+    )

@@ -50,3 +50,25 @@ def test_binary_data_with_an_impossible_empty_shape_is_400(client, direct):
     assert r.status_code == 400, r.text
     assert r.json()["error"].startswith("input 'input' must have shape ['N', 1, 8, 8], got [")
     assert_still_serving(client, direct)
+
+
+def test_data_nested_otherwise_than_the_shape_is_400_not_reshaped(client, direct):
+    """An NHWC-nested image ([1, 8, 8, 1]) under an NCHW shape has the right element count:
+    reshaping it would answer for other pixels than the client meant."""
+    nhwc = np.zeros((1, 8, 8, 1)).tolist()
+    r = infer(client, data=nhwc)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"] == (
+        "input 'input': data is nested as [1, 8, 8, 1] but the shape is [1, 1, 8, 8]: nest it "
+        "as the shape (row-major), or send it flat"
+    )
+    assert_still_serving(client, direct)
+
+
+@pytest.mark.parametrize("nesting", [(64,), (1, 64), (1, 1, 64), (1, 1, 8, 8)])
+def test_data_flat_or_nested_as_the_leading_dimensions_is_served(client, direct, nesting):
+    x = np.random.default_rng(1).standard_normal((1, 1, 8, 8)).astype(np.float32)
+    r = infer(client, data=x.reshape(nesting).tolist())
+    assert r.status_code == 200, r.text
+    got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
+    assert np.array_equal(got, direct.logits(x))
