@@ -134,12 +134,37 @@ def _to_color_mode(img: Image.Image, color_mode: str) -> Image.Image:
     """Upright (EXIF orientation applied), alpha composited on black, in the model's mode."""
     if img.getexif().get(0x0112, 1) != 1:  # orientation tag: camera pictures taken sideways
         img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
+        img = _wide_gray_to_8bit(img)
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         # Composite on black so transparent pixels read as background (no ink), not garbage.
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert(color_mode)
+
+
+def _wide_gray_to_8bit(img: Image.Image) -> Image.Image:
+    """A 16-bit or 32-bit grayscale image as 8-bit 'L', its range mapped onto 0..255.
+
+    Pillow's own convert clips these at 255 instead of scaling, so a 16-bit PNG (values up to
+    65535) would turn into a saturated, nearly all-white image. 16-bit images (modes I;16*, and
+    PPM/PGM with maxval over 255, which Pillow decodes as 'I' scaled to 0..65535) are scaled by
+    255/65535 with rounding. Other 32-bit integer or float images have no fixed range: served
+    as they are when their values lie in 0..255, refused otherwise.
+    """
+    pixels = np.asarray(img)  # (H, W): uint16, int32 or float32
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.format == "PPM"):
+        wide = np.clip(pixels.astype(np.int64), 0, 65535)
+        return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    if not (low >= 0 and high <= 255):  # NaN fails too
+        kind = "floating-point" if img.mode == "F" else "32-bit integer"
+        raise UnsupportedMediaType(
+            f"a {kind} grayscale image with values from {low:g} to {high:g}: its pixel range "
+            "is unknown; send an 8-bit or 16-bit image (values 0..255 or 0..65535)"
+        )
+    return Image.fromarray(np.rint(pixels).astype(np.uint8), "L")
 
 
 def preprocess_bytes(
