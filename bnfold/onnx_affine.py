@@ -40,11 +40,12 @@ class Affine:
     def name(self) -> str:
         return "+".join(node_name(n) for n in self.nodes)
 
-    def expand(self, n: int, repeat: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(s, t) as (n,): a uniform map broadcast, a per-channel one repeated `repeat` times."""
+    def expand(self, n: int, repeat: int = 1, tile: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(s, t) as (n,): a uniform map broadcast; a per-channel one with each value repeated
+        `repeat` times and the whole tiled `tile` times (see onnx_graph.map_axis)."""
         if self.axis is None:
             return np.full(n, self.s[0]), np.full(n, self.t[0])
-        s, t = np.repeat(self.s, repeat), np.repeat(self.t, repeat)
+        s, t = (np.tile(np.repeat(v, repeat), tile) for v in (self.s, self.t))
         if s.size != n:
             raise Refused(f"not folded: {s.size} channels, but the layer has {n}")
         return s, t

@@ -40,7 +40,16 @@ from bnfold.onnx_affine import (
     mul_add_chain,
     mul_add_step,
 )
-from bnfold.onnx_graph import SHAPE_OPS, Graph, attr, describe, map_axis, node_name, set_float_attr
+from bnfold.onnx_graph import (
+    SHAPE_OPS,
+    Channel,
+    Graph,
+    attr,
+    describe,
+    map_axis,
+    node_name,
+    set_float_attr,
+)
 
 MAX_MODEL_BYTES = 2**31 - 1  # protobuf's limit for one serialized ModelProto
 PADDED_REASON = "not folded: next conv is zero-padded, forward fold inexact"
@@ -231,8 +240,8 @@ def _plan_backward(graph: Graph, affine: Affine) -> _Plan:
     axis = out_rank - 1 if layer.kind == "MatMul" and out_rank else 1
     if layer.kind == "MatMul" and out_rank is None:
         raise Refused(f"not folded: rank of {describe(layer.node)} output unknown")
-    axis, repeat = _through(graph, path, axis, 1, layer)
-    if affine.axis is not None and (axis != affine.axis or repeat != 1):
+    axis, repeat, tile = _through(graph, path, (axis, 1, 1), layer)
+    if affine.axis is not None and (axis != affine.axis or (repeat, tile) != (1, 1)):
         raise Refused(
             f"not folded: it scales axis {affine.axis} of '{affine.x}', not the output "
             f"channels of {describe(layer.node)}"
@@ -244,12 +253,13 @@ def _plan_backward(graph: Graph, affine: Affine) -> _Plan:
 def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     """The layer after the map and (s, t) per input channel, or Refused."""
     path, cur = [], affine.y
-    while (c := graph.sole_consumer(cur)) is not None and c.op_type in SHAPE_OPS:
+    # Shape/Size readers (Keras computes its Flatten's target shape) see no value change
+    while (c := graph.sole_value_reader(cur)) is not None and c.op_type in SHAPE_OPS:
         if c.input[0] != cur:
             break
         path.append(c)
         cur = c.output[0]
-    layer = layer_at(graph, graph.sole_consumer(cur), data=cur)
+    layer = layer_at(graph, graph.sole_value_reader(cur), data=cur)
     if layer is None:
         raise _NoLayer(
             f"output feeds {graph.users_text(cur)}, not one Conv/Gemm/MatMul it can fold into"
@@ -259,33 +269,31 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     _attach_matmul_bias(graph, layer)
     check_layer(graph, layer)
     in_axis = _input_axis(graph, layer)
-    axis, repeat = (in_axis, 1)
+    axis, repeat, tile = (in_axis, 1, 1)
     if affine.axis is not None:
-        axis, repeat = _through(graph, path, affine.axis, 1, layer)
-    if axis != in_axis or (layer.kind == "Conv" and repeat != 1):
+        axis, repeat, tile = _through(graph, path, (affine.axis, 1, 1), layer)
+    if axis != in_axis or (layer.kind == "Conv" and (repeat, tile) != (1, 1)):
         raise Refused(
             f"not folded: its channels are not the input channels of {describe(layer.node)}"
         )
     n = foldmath.in_channels(layer.w.shape, layer.layout(), layer.groups)
-    s, t = affine.expand(n, repeat)
+    s, t = affine.expand(n, repeat, tile)
     if layer.kind == "Conv" and np.any(t != 0) and _reads_zero_padding(layer):
         raise Refused(PADDED_REASON)
     return _Plan(layer, s, t)
 
 
-def _through(graph: Graph, path: list, axis: int, repeat: int, layer: Layer) -> tuple[int, int]:
-    """Follow the channel axis through shape-only nodes, or Refused."""
+def _through(graph: Graph, path: list, at: Channel, layer: Layer) -> Channel:
+    """Follow the channel (axis, repeat, tile) through shape-only nodes, or Refused."""
     for node in path:
-        moved = map_axis(
-            node, axis, repeat, graph.dims.get(node.input[0]), graph.dims.get(node.output[0])
-        )
+        moved = map_axis(node, at, graph.dims.get(node.input[0]), graph.dims.get(node.output[0]))
         if moved is None:
             raise Refused(
                 f"not folded: {describe(node)} between it and {describe(layer.node)} does not "
                 "keep the channel axis (or its shapes are unknown)"
             )
-        axis, repeat = moved
-    return axis, repeat
+        at = moved
+    return at
 
 
 def _input_axis(graph: Graph, layer: Layer) -> int:

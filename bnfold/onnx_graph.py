@@ -62,6 +62,14 @@ class Graph:
     def sole_consumer(self, name: str) -> onnx.NodeProto | None:
         return self.consumers[name][0] if self.private(name) else None
 
+    def sole_value_reader(self, name: str) -> onnx.NodeProto | None:
+        """The one node that reads the values of `name`; Shape/Size readers, which see only
+        its shape (a per-channel map keeps it), do not count. None for a graph output."""
+        readers = [n for n in self.consumers.get(name, []) if not _shape_only_reader(n)]
+        if len(readers) != 1 or name in self.graph_outputs:
+            return None
+        return readers[0]
+
     def users_text(self, name: str, besides: onnx.NodeProto | None = None) -> str:
         """Who else reads `name`: for refusal reasons."""
         others = [describe(n) for n in self.consumers.get(name, []) if n is not besides]
@@ -266,37 +274,43 @@ def set_float_attr(node: onnx.NodeProto, name: str, value: float) -> None:
     node.attribute.append(onnx.helper.make_attribute(name, float(value)))
 
 
-def map_axis(
-    node: onnx.NodeProto, axis: int, repeat: int, src: list[Dim] | None, dst: list[Dim] | None
-) -> tuple[int, int] | None:
-    """Where channel `axis` of a shape-only node's input lands in its output, or None.
+Channel = tuple[int, int, int]  # (axis, repeat, tile): see map_axis
 
-    `repeat` > 1 means the channel value is constant over `repeat` consecutive indices of that
-    axis (after a Flatten merged the channel with trailing dims). A Reshape that keeps the
-    prefix before the channel and keeps the channel (or merges it with the dims right after
-    it) moves it exactly; anything else (a split, a shuffle across the channel) is refused.
+
+def map_axis(
+    node: onnx.NodeProto, at: Channel, src: list[Dim] | None, dst: list[Dim] | None
+) -> Channel | None:
+    """Where the channel of a shape-only node's input lands in its output, or None.
+
+    `at` = (axis, repeat, tile): along `axis`, index j holds channel (j // repeat) % C, over
+    C * repeat * tile indices. A plain channel axis is (axis, 1, 1); a Flatten that merges the
+    channel with the dims after it (NCHW) raises `repeat`, one that merges it with the dims
+    before it (NHWC, how Keras flattens) raises `tile`. A Reshape moves the channel exactly
+    when the dims before the merged group keep their product (or, the totals being equal, the
+    dims from it on); anything else (a split, a shuffle across the channel) is refused.
     """
+    axis, repeat, tile = at
     if node.op_type == "Identity":
-        return axis, repeat
+        return at
     if node.op_type == "Transpose":
         rank = len(src) if src is not None else None
         perm = attr(node, "perm") or (list(range(rank))[::-1] if rank else None)
-        return None if perm is None else (list(perm).index(axis), repeat)
+        return None if perm is None else (list(perm).index(axis), repeat, tile)
     if src is None or dst is None or not isinstance(src[axis], int):
         return None
-    prefix = _prod(src[:axis])
-    if prefix is None:
-        return None
-    for j in range(len(dst)):
-        if _prod(dst[:j]) != prefix or not isinstance(dst[j], int):
-            continue
-        if dst[j] == src[axis]:
-            return j, repeat
-        for m in range(axis + 2, len(src) + 1):  # merge src[axis:m] into dst[j]
-            merged = _prod(src[axis:m])
-            if merged is not None and merged == (dst[j], ()):
-                inner = _prod(src[axis + 1 : m])
-                return j, repeat * inner[0]
+    for p in range(axis, -1, -1):  # merge src[p:m] (p <= axis < m) into one dst axis
+        prefix, suffix = _prod(src[:p]), _prod(src[p:])
+        for j in range(len(dst)):
+            # The dims before must hold as many elements: equal products before, or (the
+            # total being equal) after; shape inference may name the batch anew ('unk__0')
+            before = prefix is not None and _prod(dst[:j]) == prefix
+            after = suffix is not None and _prod(dst[j:]) == suffix
+            if not isinstance(dst[j], int) or not (before or after):
+                continue
+            for m in range(axis + 1, len(src) + 1):
+                if _prod(src[p:m]) == (dst[j], ()):
+                    inner, outer = _prod(src[axis + 1 : m]), _prod(src[p:axis])
+                    return j, repeat * inner[0], tile * outer[0]
     return None
 
 
@@ -339,6 +353,10 @@ def _dim(d: onnx.TensorShapeProto.Dimension) -> Dim:
     if d.HasField("dim_value"):
         return int(d.dim_value)
     return d.dim_param if d.HasField("dim_param") and d.dim_param else None
+
+
+def _shape_only_reader(node: onnx.NodeProto) -> bool:
+    return node.op_type in ("Shape", "Size") and node.domain in ("", "ai.onnx")
 
 
 def _pure(node: onnx.NodeProto) -> bool:

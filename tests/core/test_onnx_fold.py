@@ -390,6 +390,36 @@ def test_a_fold_that_enables_another_is_found():
     assert foldable_mul_add(folded) == 0 and not fold_onnx(folded)[1].rows
 
 
+def test_bn_after_relu_folds_forward_through_a_keras_nhwc_flatten():
+    """Keras Conv -> ReLU -> BN -> Flatten -> Dense: tf2onnx flattens NHWC (Transpose, then a
+    Reshape whose target is computed from Shape of the BN's output), so channel c of the dense
+    input is every C-th value (tiled, not repeated), and a Shape node reads the BN output."""
+    b = Builder(31)
+    relu = b.node("Relu", [b.node("Conv", ["x", b.const(b.randn(4, 3, 3, 3))])])  # (N,4,3,3)
+    mul = b.node("Mul", [relu, b.const(b.randn(1, 4, 1, 1))], name="bn_mul")
+    add = b.node("Add", [mul, b.const(b.randn(1, 4, 1, 1))], name="bn_add")
+    nhwc = b.node("Transpose", [add], perm=[0, 2, 3, 1])  # (N, 3, 3, 4)
+    batch = b.node("Slice", [b.node("Shape", [add]), b.i64([0]), b.i64([1])])
+    target = b.node("Concat", [batch, b.i64([36])], axis=0)
+    flat = b.node("Reshape", [nhwc, target])  # (N, 36): index j holds channel j % 4
+    out = b.node("MatMul", [flat, b.const(b.randn(36, 5))], name="dense")
+    model = b.model(["N", 3, 5, 5], out)
+    folded, report = fold_and_check(model, b.randn(3, 3, 5, 5).astype(np.float32), 1)
+    assert (only_row(report).direction, only_row(report).into) == ("forward", "dense")
+    assert foldable_mul_add(folded) == 0
+
+
+def test_a_split_channel_axis_is_refused_not_folded():
+    """Reshape (N, 36) -> (N, 6, 6) after an NHWC flatten splits the channel period: no fold."""
+    b = Builder(32)
+    relu = b.node("Relu", ["x"])  # (N, 4, 3, 3)
+    bn = b.bn(relu, 4)
+    flat = b.node("Reshape", [b.node("Transpose", [bn], perm=[0, 2, 3, 1]), b.i64([0, 6, 6])])
+    out = b.node("MatMul", [flat, b.const(b.randn(6, 5))])
+    model = b.model(["N", 4, 3, 3], out)
+    assert "does not keep the channel axis" in refused(model, b.randn(2, 4, 3, 3).astype("f4"))
+
+
 @pytest.mark.parametrize("attrs", [{"pads": 1}, {"auto_pad": "SAME_UPPER"}])
 def test_forward_into_zero_padded_conv_is_refused(attrs):
     model, x = relu_bn_then("Conv", **attrs)
