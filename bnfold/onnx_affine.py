@@ -17,6 +17,7 @@ from bnfold import foldmath
 from bnfold.onnx_graph import FLOAT_DTYPES, Graph, attr, describe, node_name
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+STEP_OPS = ("Mul", "Add", "Sub", "Div")  # with a constant operand: per-channel affine steps
 FLOAT_NAMES = "float32, float64 or float16"
 
 
@@ -108,8 +109,9 @@ def batchnorm_affine(graph: Graph, node: onnx.NodeProto, opset: int) -> Affine:
 
 
 def mul_add_step(graph: Graph, node: onnx.NodeProto) -> Affine | None:
-    """A Mul/Add with one constant, per-channel (or scalar) float operand as a map, else None."""
-    if node.op_type not in ("Mul", "Add") or node.domain not in ("", "ai.onnx"):
+    """A Mul/Add/Sub/Div with one constant, per-channel (or scalar) float operand as a map,
+    else None (`c / x` is not affine)."""
+    if node.op_type not in STEP_OPS or node.domain not in ("", "ai.onnx"):
         return None
     if len(node.input) != 2:
         return None
@@ -117,6 +119,8 @@ def mul_add_step(graph: Graph, node: onnx.NodeProto) -> Affine | None:
     if sum(c is not None for c in consts) != 1:
         return None
     k = 0 if consts[0] is not None else 1
+    if node.op_type == "Div" and k == 0:
+        return None
     c, x = consts[k], node.input[1 - k]
     rank = graph.rank(x)
     if c.dtype.kind != "f" or rank is None or c.ndim > rank:
@@ -130,7 +134,13 @@ def mul_add_step(graph: Graph, node: onnx.NodeProto) -> Affine | None:
         return None  # would broadcast the data along that axis
     v = foldmath.f64(c).reshape(-1)
     ones, zeros = np.ones_like(v), np.zeros_like(v)
-    s, t = (v, zeros) if node.op_type == "Mul" else (ones, v)
+    with np.errstate(divide="ignore"):  # x / 0: an infinite scale, refused as non-finite
+        s, t = {
+            "Mul": (v, zeros),
+            "Add": (ones, v),
+            "Sub": (ones, -v) if k == 1 else (-ones, v),  # x - c, or c - x
+            "Div": (1.0 / v, zeros),  # x / c, in float64: within the fold's rounding
+        }[node.op_type]
     return Affine("Mul/Add", [node], x, node.output[0], axis, s, t)
 
 

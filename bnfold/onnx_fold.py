@@ -1,7 +1,8 @@
 """Fold BatchNormalization and per-channel constant Mul/Add chains in an ONNX graph, exactly.
 
 Torch-free (onnx + numpy). Each per-channel affine map `y = s * x + t` (a BN in inference form,
-or the `Mul`/`Add` chain Keras 3 exports for a BN) folds:
+or a chain of `Mul`/`Add`/`Sub`/`Div` by constants, as Keras 3 exports a BN or a model
+normalizes with `(x - mean) / std`) folds:
 
 - backward into the Conv / ConvTranspose / Gemm / MatMul (+ bias Add) that produces its input,
   through shape-only nodes (Reshape, Unsqueeze, Squeeze, Flatten, Transpose, Identity) that
@@ -173,7 +174,7 @@ def _affine_maps(graph: Graph, opset: int):
         yield key, chain
 
 
-_CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add")
+_CANDIDATE_OPS = ("BatchNormalization", "Mul", "Add", "Sub", "Div")
 
 
 # ---------------------------------------------------------------- deciding

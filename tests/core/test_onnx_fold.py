@@ -219,6 +219,24 @@ def test_keras_conv_mul_add_chain():
     assert foldable_mul_add(folded) == 0 and count_ops(folded, "Conv") == 1
 
 
+def test_sub_div_chains_fold_and_constant_over_x_does_not():
+    """(h - mean) / std after a Conv folds backward; x / 255 after a ReLU folds forward into
+    a padded Conv (no shift); 2 / x is no affine map and stays."""
+    b = Builder(33)
+    conv = b.node("Conv", ["x", b.const(b.randn(4, 3, 3, 3))], pads=[1] * 4)
+    sub = b.node("Sub", [conv, b.const(b.randn(1, 4, 1, 1))], name="sub")
+    div = b.node("Div", [sub, b.const(np.abs(b.randn(4, 1, 1)) + 0.5)], name="div")
+    scaled = b.node("Div", [b.node("Relu", [div]), b.const(255.0)], name="scale")
+    conv2 = b.node("Conv", [scaled, b.const(b.randn(2, 4, 3, 3))], name="next", pads=[1] * 4)
+    inv = b.node("Div", [b.const(2.0), b.node("Sigmoid", [conv2])], name="inverse")
+    model = b.model(["N", 3, 5, 5], inv)
+    x = b.randn(2, 3, 5, 5).astype(np.float32)
+    folded, report = fold_and_check(model, x, 2)
+    assert [(r.bn, r.direction) for r in report.rows] == [("sub+div", "backward"),
+                                                          ("scale", "forward")]  # fmt: skip
+    assert [n.op_type for n in folded.graph.node].count("Div") == 1  # 2 / x
+
+
 def test_keras_dense_matmul_add_mul_add():
     """Keras 3 BN after Dense: MatMul -> Add(bias) -> Mul(C,) -> Add(C,)."""
     b = Builder(4)
