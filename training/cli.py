@@ -18,6 +18,13 @@ import numpy as np
 
 from bnfold.bundle import NAME_PATTERN
 from bnfold.errors import BnfoldError
+from bnfold.int8 import (
+    Int8Options,
+    Int8Request,
+    add_quantize_arguments,
+    int8_options,
+    summary_line,
+)
 from bnfold.preprocess import PreprocessSpec
 from training.data import (
     DataError,
@@ -78,6 +85,7 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
 
     if args.resume is not None and not args.resume.is_file():
         raise DataError(f"checkpoint {args.resume} does not exist")
+    int8 = int8_options(args)  # a bad int8 flag is refused before any training
     splits = load_splits(args.data, args.seed, args.image_size, args.color_mode)
     if not args.no_export:
         check_bundle_target(args.models_dir, args.name, args.force)
@@ -98,7 +106,7 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
     )
     if args.no_export:
         return 0
-    return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits)
+    return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits, int8)
 
 
 def configs_from_args(
@@ -148,7 +156,14 @@ def check_bundle_target(models_dir: str, name: str, force: bool) -> None:
         )
 
 
-def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Splits | None) -> int:
+def export_checkpoint(
+    ckpt_path: Path,
+    name: str,
+    models_dir: str,
+    splits: Splits | None,
+    int8: Int8Options | None = None,
+) -> int:
+    """Fold and export; with int8, calibrate on the training split, measure on the test split."""
     from training.export import export_bundle
     from training.train import load_checkpoint, model_from_checkpoint
 
@@ -170,6 +185,10 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
             extra.get("color_mode", "L"),
         )
     model = model_from_checkpoint(ckpt)
+    request = None
+    if int8 is not None:  # calibrated on the training split, measured on the test split
+        source = f"{extra.get('data', 'digits')} train split"
+        request = Int8Request(int8, splits.train.x, source, splits.test.y)
     manifest = export_bundle(
         model,
         name=name,
@@ -180,6 +199,7 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
         out_dir=Path(models_dir),
         architecture=ckpt["model_config"],
         training_metrics=checkpoint_metrics(ckpt, model, splits),
+        int8=request,
     )
     eq = manifest.equivalence
     folded = sum(r.folded for r in manifest.fold_report)
@@ -192,6 +212,8 @@ def export_checkpoint(ckpt_path: Path, name: str, models_dir: str, splits: Split
     for row in manifest.fold_report:
         if row.warning:
             print(f"warning: {row.bn}: {row.warning}")
+    if eq.int8 is not None:
+        print(summary_line(eq.int8))
     return 0 if eq.passed else 1
 
 
@@ -223,7 +245,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).is_file():
         raise DataError(f"checkpoint {args.checkpoint} does not exist")
     check_bundle_target(args.models_dir, args.name, args.force)
-    return export_checkpoint(Path(args.checkpoint), args.name, args.models_dir, None)
+    int8 = int8_options(args)
+    return export_checkpoint(Path(args.checkpoint), args.name, args.models_dir, None, int8)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -235,8 +258,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         raise DataError(f"bundle folder {bundle} does not exist")
     if not (bundle / "bundle.json").is_file():
         raise DataError(f"{bundle} is not a bundle: it has no bundle.json")
-    x = verification_inputs(bundle, read_manifest(bundle), args.data)
-    res = verify_bundle(bundle, x)
+    x, labels = verification_split(bundle, read_manifest(bundle), args.data)
+    res = verify_bundle(bundle, x, labels)
     print("\n".join(res.lines))
     print(f"{bundle}: {'verified' if res.ok else 'VERIFICATION FAILED'}")
     return 0 if res.ok else 1
@@ -244,14 +267,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def verification_inputs(bundle: Path, manifest, data: str | None) -> np.ndarray:
     """The bundle's own held-out split when it can be rebuilt, else seeded inputs in range."""
+    return verification_split(bundle, manifest, data)[0]
+
+
+def verification_split(bundle: Path, manifest, data: str | None):
+    """(x, labels): the held-out split when it can be rebuilt, else (seeded inputs, None)."""
     source = data or manifest.training.get("data")
     seed = manifest.training.get("seed", DEFAULT_SEED)
     spec = manifest.input.preprocess
     if source == "digits" or (source and Path(source).is_dir()):
-        return load_splits(source, seed, spec.height, spec.color_mode).test.x
+        test = load_splits(source, seed, spec.height, spec.color_mode).test
+        return test.x, test.y
     from bnfold.preprocess import generated_batch
 
-    return generated_batch(spec, 256, seed)  # the model's layout (NCHW, or NHWC if imported)
+    return generated_batch(spec, 256, seed), None  # the model's layout (NCHW, or NHWC)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -364,12 +393,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="under torchrun: auto = nccl with CUDA, gloo on CPU",
     )
+    add_quantize_arguments(t)
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="fold and export a checkpoint to models/<name>/")
     e.add_argument("checkpoint")
     e.add_argument("--name", type=_name, default="digits")
     e.add_argument("--models-dir", default="models")
     e.add_argument("--force", action="store_true", help="replace models/<name>/ if it exists")
+    add_quantize_arguments(e)
     e.set_defaults(func=cmd_export)
     v = sub.add_parser("verify", help="check a bundle: checksums, BN counts, equivalence")
     v.add_argument("bundle")
