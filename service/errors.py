@@ -8,9 +8,13 @@ only 500 (the server's own failure) maps to INTERNAL.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from bnfold.errors import BnfoldError
+
+MAX_SHOWN = 80  # characters of a client's value an error message repeats
+MAX_SHOWN_ITEMS = 8  # items of a client's list (names, dimensions) an error message repeats
 
 # HTTP status -> gRPC status code name (grpc.StatusCode[name]; grpc itself is not imported here).
 GRPC_CODE = {
@@ -50,3 +54,21 @@ def wire_error(exc: BnfoldError) -> WireError:
     status = exc.status_code
     code = GRPC_CODE.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
     return WireError(status, code, exc.message, dict(exc.headers or {}))
+
+
+def shown(value: object) -> str:
+    """repr(value) for an error message, cut after MAX_SHOWN characters: a 10 kB model name
+    must not come back 10 kB long (over gRPC, a status message past the client's 8 KiB metadata
+    limit never arrives; the client sees RESOURCE_EXHAUSTED instead of the real code)."""
+    text = repr(value)
+    if len(text) <= MAX_SHOWN:
+        return text
+    size = len(value) if isinstance(value, str | bytes) else len(text)
+    return f"{text[:MAX_SHOWN]}... ({size} characters)"
+
+
+def shown_list(values: Sequence, item: Callable[[object], str] = shown) -> str:
+    """'[a, b]' for an error message; a long list as its first items and its length."""
+    head = ", ".join(item(v) for v in values[:MAX_SHOWN_ITEMS])
+    more = f", ... ({len(values)} in all)" if len(values) > MAX_SHOWN_ITEMS else ""
+    return f"[{head}{more}]"

@@ -27,6 +27,7 @@ from bnfold.bundle import NAME_PATTERN, Manifest, discover_bundles, load_bundle,
 from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
 from bnfold.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
+from service.errors import shown
 
 log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
@@ -67,7 +68,7 @@ class LoadedModel:
                 f"{self.variant_errors[variant]}; use {one_of(self.variants)}"
             )
         if not isinstance(variant, str) or variant not in self.sessions:
-            raise BadInput(f"unknown variant {variant!r}; use {one_of(self.variants)}")
+            raise BadInput(f"unknown variant {shown(variant)}; use {one_of(self.variants)}")
         return variant
 
     def run(self, variant: str, x: np.ndarray) -> np.ndarray:
@@ -243,9 +244,11 @@ class ModelRegistry:
         model = self.models.get(name)
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
-            raise NotFound(f"unknown model {name!r}; models served here: {known}")
+            raise NotFound(f"unknown model {shown(name)}; models served here: {known}")
         if version is not None and model.manifest and version != model.version:
-            raise NotFound(f"model {name!r} has no version {version!r}; it has {model.version!r}")
+            raise NotFound(
+                f"model {name!r} has no version {shown(version)}; it has {model.version!r}"
+            )
         return model
 
     def get_ready(self, name: str, version: str | None = None) -> LoadedModel:
@@ -259,7 +262,7 @@ class ModelRegistry:
         """Where the bundle `name` lives (it may not exist yet); 400 for a name that could
         leave the models folder."""
         if not re.fullmatch(NAME_PATTERN, name):
-            raise BadInput(f"{name!r} is not a bundle name (letters, digits, '_', '.', '-')")
+            raise BadInput(f"{shown(name)} is not a bundle name (letters, digits, '_', '.', '-')")
         return Path(self.settings.models_dir) / name
 
     async def load(self, name: str) -> LoadedModel:

@@ -16,6 +16,7 @@ import numpy as np
 
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
+from service.errors import shown, shown_list
 
 DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
              "FP16", "FP32", "FP64", "BYTES", "BF16")  # fmt: skip
@@ -23,6 +24,11 @@ NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and an
 MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
 MAX_RANK = 64  # numpy's most dimensions (np.MAXDIMS)
 MAX_BYTES = 2**63 - 1  # numpy refuses a shape whose non-zero dimensions need more, even when empty
+
+
+def dims(shape: Sequence[int]) -> str:
+    """A client's shape for an error message: '[1, 1, 8, 8]', a long one cut."""
+    return shown_list(shape, str)
 
 
 def shape_error(spec: TensorSpec, shape: Sequence[int]) -> str | None:
@@ -34,7 +40,7 @@ def shape_error(spec: TensorSpec, shape: Sequence[int]) -> str | None:
     ):
         return None
     want = [d if d >= 0 else "N" for d in spec.shape]
-    return f"input {spec.name!r} must have shape {want}, got {list(shape)}"
+    return f"input {spec.name!r} must have shape {want}, got {dims(shape)}"
 
 
 def _representable(shape: Sequence[int]) -> bool:
@@ -49,17 +55,18 @@ def check_header(
     Returns the element count the shape implies."""
     if list(names) != [spec.name]:
         raise BadInput(
-            f"this model takes one input named {spec.name!r}; the request has {list(names)}"
+            f"this model takes one input named {spec.name!r}; the request has {shown_list(names)}"
         )
     if datatype != spec.datatype:
+        given = datatype if datatype.isalnum() and len(datatype) <= 16 else shown(datatype)
         raise BadInput(
-            f"input {spec.name!r} has datatype {datatype}; this model takes {spec.datatype}"
+            f"input {spec.name!r} has datatype {given}; this model takes {spec.datatype}"
         )
     if any(d > MAX_DIM for d in shape):
-        raise BadInput(f"input {spec.name!r}: shape {list(shape)} has a dimension over {MAX_DIM}")
+        raise BadInput(f"input {spec.name!r}: shape {dims(shape)} has a dimension over {MAX_DIM}")
     if not _representable(shape):  # e.g. 100 dimensions, or [2**31-1]*3 + [0]: no array has it
         raise BadInput(
-            shape_error(spec, shape) or f"input {spec.name!r}: shape {list(shape)} is too large"
+            shape_error(spec, shape) or f"input {spec.name!r}: shape {dims(shape)} is too large"
         )
     return math.prod(shape)
 
@@ -71,7 +78,7 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, where: 
     count = math.prod(shape)
     if len(raw) != count * dtype.itemsize:
         raise BadInput(
-            f"input {name!r} has shape {list(shape)} ({count} elements, "
+            f"input {name!r} has shape {dims(shape)} ({count} elements, "
             f"{count * dtype.itemsize} bytes of {datatype}) but {where} is {len(raw)} bytes"
         )
     return np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(shape)
@@ -91,7 +98,7 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values, where: s
     count = math.prod(shape)
     if array.size != count:
         raise BadInput(
-            f"input {name!r} has shape {list(shape)} ({count} elements) but its {where} holds "
+            f"input {name!r} has shape {dims(shape)} ({count} elements) but its {where} holds "
             f"{array.size} elements"
         )
     with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
@@ -110,6 +117,6 @@ def _check_nesting(name: str, shape: Sequence[int], nested: tuple[int, ...], whe
     ):
         return
     raise BadInput(
-        f"input {name!r}: {where} is nested as {list(nested)} but the shape is {list(shape)}: "
+        f"input {name!r}: {where} is nested as {dims(nested)} but the shape is {dims(shape)}: "
         "nest it as the shape (row-major), or send it flat"
     )

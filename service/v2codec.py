@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput, validation_message
+from service.errors import shown
 from service.schemas import InferenceRequest, Parameters, RequestInput
 from service.tensors import check_header, from_raw, from_values
 
@@ -123,7 +124,9 @@ def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple
     answer = []
     for out in request.outputs:
         if out.name != spec.name:
-            raise BadInput(f"unknown output {out.name!r}; this model has outputs [{spec.name!r}]")
+            raise BadInput(
+                f"unknown output {shown(out.name)}; this model has outputs [{spec.name!r}]"
+            )
         if (out.parameters or {}).get("classification"):
             raise BadInput(
                 "the classification extension is not supported; request the logits "

@@ -13,6 +13,7 @@ import numpy as np
 
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
+from service.errors import shown
 from service.grpc import inference_pb2 as pb
 from service.tensors import check_header, from_raw, from_values
 
@@ -79,7 +80,9 @@ def requested_outputs(request: pb.ModelInferRequest, spec: TensorSpec) -> None:
     """Every output asked for must be the model's one output (all outputs when none are)."""
     for out in request.outputs:
         if out.name != spec.name:
-            raise BadInput(f"unknown output {out.name!r}; this model has outputs [{spec.name!r}]")
+            raise BadInput(
+                f"unknown output {shown(out.name)}; this model has outputs [{spec.name!r}]"
+            )
         if parameter(out.parameters, "classification"):
             raise BadInput(
                 "the classification extension is not supported; request the logits "

@@ -59,7 +59,7 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             code = wire.grpc_code
             trailing += [(k.lower(), v) for k, v in wire.headers.items()]  # retry-after
             context.set_trailing_metadata(trailing)
-            await context.abort(grpc.StatusCode[code], wire.message)
+            await context.abort(grpc.StatusCode[code], _fitting(wire.message))
         except asyncio.CancelledError:  # the client went away, or the drain timeout ran out
             code = "CANCELLED"
             if self.cut_after is not None and time.monotonic() >= self.cut_after:
@@ -81,6 +81,17 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             request_id.reset(token)
 
     return wrapper
+
+
+MAX_MESSAGE = 2048  # characters: grpc-message travels in trailers, which clients cap at 8 KiB
+
+
+def _fitting(message: str) -> str:
+    """The status message, cut to fit the client's metadata limit: past it the client gets
+    RESOURCE_EXHAUSTED 'Stream removed' instead of the status and message sent."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    return f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters, cut)"
 
 
 def _one_repository(name: str) -> None:

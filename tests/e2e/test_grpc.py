@@ -181,8 +181,29 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
     output.outputs.add(name="probs")
     classify = raw_request()
     classify.outputs.add(name="logits").parameters["classification"].int64_param = 3
+    hundred_dims = pb.ModelInferRequest(model_name="digits")
+    hundred_dims.inputs.add(name="input", datatype="FP32", shape=[1] * 100)
+    hundred_dims.inputs[0].contents.fp32_contents.append(0.0)
+    long = "m" * 10000
     invalid, busy = "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
     return {
+        # Names and shapes come back cut: a status message over the client's 8 KiB metadata
+        # limit never arrives (the client saw RESOURCE_EXHAUSTED 'Stream removed').
+        "10 kB model name": (raw_request(model_name=long), "NOT_FOUND",
+                             f"unknown model '{long[:79]}... (10000 characters); models served "
+                             "here: digits"),
+        "10 kB version": (raw_request(model_version=long), "NOT_FOUND",
+                          f"model 'digits' has no version '{long[:79]}... (10000 characters)"),
+        "10 kB datatype": (raw_request(tensor={"datatype": long}), invalid,
+                           f"input 'input' has datatype '{long[:79]}... (10000 characters); "
+                           "this model takes FP32"),
+        # No numpy array has these shapes: were INTERNAL from numpy's reshape.
+        "impossible empty shape": (
+            raw_request(tensor={"shape": [2**31 - 1] * 3 + [0]}, raw_input_contents=[b""]),
+            invalid, "input 'input' must have shape ['N', 1, 8, 8], got [2147483647, 2147483647, "
+            "2147483647, 0]"),
+        "100 dimensions": (hundred_dims, invalid, "input 'input' must have shape ['N', 1, 8, 8], "
+                           "got [1, 1, 1, 1, 1, 1, 1, 1, ... (100 in all)]"),
         "unknown model": (raw_request(model_name="cats"), "NOT_FOUND",
                           "unknown model 'cats'; models served here: digits"),
         "no model name": (raw_request(model_name=""), "NOT_FOUND", "model_name is empty"),

@@ -26,18 +26,20 @@ def assert_still_serving(client, direct):
 
 
 @pytest.mark.parametrize(
-    "shape",
+    ("shape", "shown"),
     [
-        [1] * 100,  # more dimensions than numpy has (64)
-        [2**31 - 1] * 3 + [0],  # 0 elements, but no array of that shape can exist
-        [2**31 - 1] * 40 + [0],
+        # more dimensions than numpy has (64); a long shape comes back cut
+        ([1] * 100, "[1, 1, 1, 1, 1, 1, 1, 1, ... (100 in all)]"),
+        # 0 elements, but no array of that shape can exist
+        ([2**31 - 1] * 3 + [0], "[2147483647, 2147483647, 2147483647, 0]"),
+        ([2**31 - 1] * 40 + [0], "[" + "2147483647, " * 8 + "... (41 in all)]"),
     ],
 )
-def test_shapes_no_array_can_have_are_400_naming_the_models_shape(client, direct, shape):
+def test_shapes_no_array_can_have_are_400_naming_the_models_shape(client, direct, shape, shown):
     data = [0.0] * (0 if 0 in shape else 1)
     r = infer(client, shape=shape, data=data)
     assert r.status_code == 400, r.text
-    assert r.json()["error"] == f"input 'input' must have shape ['N', 1, 8, 8], got {shape}"
+    assert r.json()["error"] == f"input 'input' must have shape ['N', 1, 8, 8], got {shown}"
     assert_still_serving(client, direct)
 
 
@@ -72,3 +74,17 @@ def test_data_flat_or_nested_as_the_leading_dimensions_is_served(client, direct,
     assert r.status_code == 200, r.text
     got = np.asarray(r.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
     assert np.array_equal(got, direct.logits(x))
+
+
+def test_a_long_model_name_comes_back_cut(client):
+    """Errors repeat what the client sent, cut after 80 characters (see the gRPC corpus: a
+    status message past the client's 8 KiB metadata limit never arrives)."""
+    long = "m" * 10000
+    r = client.post(f"/v2/models/{long}/infer", json={"inputs": [ZERO]})
+    assert r.status_code == 404
+    assert r.json()["error"] == (
+        f"unknown model '{long[:79]}... (10000 characters); models served here: digits"
+    )
+    r = client.post(INFER, json={"inputs": [ZERO], "parameters": {"variant": long}})
+    assert r.status_code == 400
+    assert r.json()["error"].startswith(f"unknown variant '{long[:79]}... (10000 characters); use")
