@@ -222,10 +222,20 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
         w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + 1e-3, w.name))
         return folded, report
 
+    log = classifier("NCHW", "bn", batch="N")  # NaN wherever the logits are negative
+    log.graph.node[-1].output[0] = "z"
+    log.graph.node.append(onnx.helper.make_node("Log", ["z"], ["logits"]))
+    assert main(["fold", str(save(log, tmp_path / "log.onnx")), str(tmp_path / "l.onnx")]) == 0
+    assert "max |diff|" in capsys.readouterr().out
     monkeypatch.setattr(onnx_fold, "fold_onnx", broken_fold)
     assert main(["fold", str(src), str(tmp_path / "bad.onnx")]) == 1
     assert "differs from" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "ok.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "l.onnx",
+        "log.onnx",
+        "net.onnx",
+        "ok.onnx",
+    ]
 
 
 def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
