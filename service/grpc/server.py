@@ -22,8 +22,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import Settings
 from service.core import Core
-from service.grpc import inference_pb2_grpc as pb_grpc
-from service.grpc.servicer import SERVICE, InferenceServicer
+from service.grpc.servicer import SERVICE, InferenceServicer, add_to_server
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ class GrpcServer:
                 ("grpc.so_reuseport", int(settings.workers > 1)),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(self.servicer, self.server)
+        add_to_server(self.servicer, self.server)  # undecodable requests: INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         names = (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME)  # fmt: skip

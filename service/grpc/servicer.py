@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from bnfold.errors import BadInput, BnfoldError, NotFound, ServiceUnavailable
 from service.core import Core
@@ -53,6 +54,8 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
         self.active += 1
         trailing = [("x-request-id", rid)]
         try:
+            if isinstance(request, Undecodable):
+                raise BadInput(request.message())
             return await handler(self, request, context)
         except BnfoldError as exc:
             wire = wire_error(exc)
@@ -92,6 +95,48 @@ def _fitting(message: str) -> str:
     if len(message) <= MAX_MESSAGE:
         return message
     return f"{message[: MAX_MESSAGE - 40]}... ({len(message)} characters, cut)"
+
+
+class Undecodable:
+    """A request whose bytes are not its method's protobuf message: `rpc` answers it
+    INVALID_ARGUMENT (grpc itself would answer UNKNOWN for a deserializer's exception)."""
+
+    def __init__(self, message_type: str, reason: str) -> None:
+        self.message_type, self.reason = message_type, reason
+
+    def message(self) -> str:
+        return (
+            f"the request is not a valid {self.message_type} protobuf message ({self.reason}): "
+            "send one serialized from the service's .proto (service/grpc/inference.proto)"
+        )
+
+
+def lenient(message_class: type) -> Callable[[bytes], Any]:
+    """`message_class.FromString`, returning an Undecodable instead of raising."""
+    name = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Undecodable(name, str(exc) or "DecodeError")
+
+    return parse
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register every method of inference.GRPCInferenceService, as the generated
+    `add_GRPCInferenceServiceServicer_to_server` does, but with `lenient` deserializers."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {
+        method.name: grpc.unary_unary_rpc_method_handler(
+            getattr(servicer, method.name),
+            request_deserializer=lenient(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 def _one_repository(name: str) -> None:

@@ -267,6 +267,19 @@ def test_a_hostile_request_gets_its_code_and_the_server_goes_on(stub, case, digi
     assert np.array_equal(logits, direct.logits(digit_batch[:1]))
 
 
+@pytest.mark.parametrize("method", ["ModelInfer", "ModelMetadata", "RepositoryModelLoad"])
+def test_bytes_that_are_no_protobuf_message_are_invalid_argument(server, stub, method, digit_batch):
+    """grpc answers UNKNOWN when a request cannot be deserialized; the server says what."""
+    with grpc.insecure_channel(server.grpc_url) as channel:
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff\xff\x0f")  # a varint tag that never ends
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details().startswith(f"the request is not a valid inference.{method}Request")
+    response = stub.ModelInfer(raw_request(digit_batch[:1]))  # still serving
+    assert response.outputs[0].shape == [1, 10]
+
+
 def rest_json(x: np.ndarray, **fields) -> dict:
     tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32",
               "data": x.ravel().tolist(), **fields.pop("tensor", {})}  # fmt: skip
