@@ -45,5 +45,11 @@ class AdminGuard:
                 headers={"WWW-Authenticate": "Bearer"},
             )
         given = authorization[len(BEARER) :].strip().encode()
+        if not given:
+            raise Unauthorized(
+                "the Authorization header has no token after 'Bearer': send "
+                "'Bearer <BNFOLD_ADMIN_TOKEN>'",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         if not hmac.compare_digest(given, self._token):
             raise Forbidden("the admin token is not the one this server was given")

@@ -59,6 +59,9 @@ def test_index_load_and_unload_a_bundle_written_while_the_server_runs(serve, cop
                   "Bearer <BNFOLD_ADMIN_TOKEN>'"),
         ({"Authorization": TOKEN}, 401,
          "the Authorization header must be 'Bearer <BNFOLD_ADMIN_TOKEN>'"),
+        ({"Authorization": "Bearer "}, 401,  # was 403 'not the one': there is none
+         "the Authorization header has no token after 'Bearer': send 'Bearer "
+         "<BNFOLD_ADMIN_TOKEN>'"),
         ({"Authorization": "Bearer wrong-token-wrong-token"}, 403,
          "the admin token is not the one this server was given"),
         ({"Authorization": f"Bearer {TOKEN}x"}, 403,
