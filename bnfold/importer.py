@@ -221,18 +221,36 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
 
 
 def layer_probes(report_rows, unfolded: onnx.ModelProto, folded: onnx.ModelProto):
-    """One probe per folded row whose `probe` tensor exists in both graphs, and a note if none."""
-    produced = [{o for n in m.graph.node for o in n.output} for m in (unfolded, folded)]
+    """One probe per folded row whose `probe` tensor is a float32 tensor of both graphs (the
+    probe sessions read float32), and a note if none."""
+    f32 = [_float32_tensors(m) for m in (unfolded, folded)]
+    rows = [r for r in report_rows if r.folded and r.probe]
     probes = [
         LayerProbe(bn=r.bn, folded_tensor=r.probe, unfolded_tensor=r.probe)
-        for r in report_rows
-        if r.folded and r.probe and all(r.probe in names for names in produced)
+        for r in rows
+        if all(r.probe in names for names in f32)
     ]
     if probes:
         return probes, None
     if not any(r.folded for r in report_rows):
         return [], "nothing was folded, so there are no per-layer differences to show"
+    if rows and all(r.probe in {o for n in folded.graph.node for o in n.output} for r in rows):
+        return [], "the folded layers' outputs are not float32, so they have no probe points"
     return [], "the folded graph has no tensor matching a folded layer's output (no probe points)"
+
+
+def _float32_tensors(model: onnx.ModelProto) -> set[str]:
+    """Node outputs that shape inference types as float32."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # onnx raises several types; no types known, no probes
+        return set()
+    g = inferred.graph
+    typed = {
+        v.name for v in (*g.value_info, *g.output, *g.input)
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }  # fmt: skip
+    return typed & {o for n in g.node for o in n.output}
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -267,7 +285,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
             tmp, image.name, output, probes, x, split, ref64=ref64, inputs=inputs
         )
         if not eq.passed:
-            raise NotEquivalentError(_not_equivalent(eq), eq)
+            raise NotEquivalentError(_not_equivalent(eq, unfolded), eq)
         if int8 is not None:  # measured on the same inputs as the fold; no labels here
             entry, int8_report = add_int8_variant(tmp, int8, x, split)
             if entry is not None:
@@ -351,11 +369,18 @@ def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:
         )
 
 
-def _not_equivalent(eq: EquivalenceReport) -> str:
+def _not_equivalent(eq: EquivalenceReport, model: onnx.ModelProto) -> str:
     s = eq.folded_vs_unfolded
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    hint = (
+        "; the model computes in float16, whose rounding (~1e-3) a fold changes by more than "
+        "the float32 tolerance: fold the float32 model, then convert it"
+        if half
+        else ""
+    )
     return (
         f"folded model not equivalent: max |folded - unfolded| {s.max_abs_diff:.3g} "
-        f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement {s.top1_agreement}; "
+        f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement {s.top1_agreement}{hint}; "
         "no bundle written"
     )
 

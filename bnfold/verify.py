@@ -220,8 +220,8 @@ def fold_agreement(
     """Folded vs original in onnxruntime on random N(0, 1) inputs, every output: (passed, line).
 
     Each output must stay within the bundles' tolerance of its scale (bnfold.equivalence), or
-    for float16 outputs within FP16_ULPS of float16's rounding at that scale (2e-5 is below one
-    float16 ulp). None when inputs cannot be made (a variable
+    for float16 outputs or float16 weights within FP16_ULPS of float16's rounding at that scale
+    (2e-5 is below one float16 ulp). None when inputs cannot be made (a variable
     dim other than the batch, a non-float input). Outputs need not be logits: no top-1 test.
     """
     from bnfold.onnx_load import dims, real_inputs
@@ -245,6 +245,8 @@ def fold_agreement(
         feeds[vi.name] = rng.normal(size=[n, *rest] if shape else []).astype(np_type)
     want = make_session(original.SerializeToString(), "unfolded").run(None, feeds)
     got = make_session(folded.SerializeToString(), "folded").run(None, feeds)
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in original.graph.initializer)
+    coarsest = float(np.finfo(np.float16).eps) if half else 0.0  # float16 weights: its rounding
     worst, passed = (0.0, 1.0), True  # (diff, tolerance) of the output closest to failing
     for w, g in zip(want, got, strict=True):
         w, g = np.asarray(w), np.asarray(g)
@@ -256,9 +258,10 @@ def fold_agreement(
         )
         w64, g64 = (np.where(finite, v, 0).astype(np.float64) for v in (w, g))
         tol = tolerance_for(w64)
-        if np.finfo(w.dtype).eps > np.finfo(np.float32).eps:
+        eps = max(float(np.finfo(w.dtype).eps), coarsest)
+        if eps > np.finfo(np.float32).eps:  # float16 outputs, or float16 layers inside
             scale = max(1.0, float(np.max(np.abs(w64))) if w64.size else 1.0)
-            tol = max(tol, FP16_ULPS * float(np.finfo(w.dtype).eps) * scale)  # float16 rounding
+            tol = max(tol, FP16_ULPS * eps * scale)
         diff = float(np.max(np.abs(g64 - w64), initial=0.0)) if same_rest else np.nan
         passed &= bool(diff <= tol)  # NaN fails
         if not diff <= tol * worst[0] / worst[1]:  # a larger share of its tolerance, or NaN
