@@ -144,9 +144,11 @@ def logits_output(
         )
     index = names.index(name) if name is not None else 0
     out = model.graph.output[index]
+    hint = " (choose the logits with --output NAME)" if len(names) > 1 else ""
     if elem_type_name(out) != "float":
         raise ModelImportError(
-            f"{path}: output {out.name!r} is {elem_type_name(out)}; bnfold serves float32 logits"
+            f"{path}: output {out.name!r} is {elem_type_name(out)}; bnfold serves float32 "
+            f"logits{hint}"
         )
     session = ort_session(model, path)
     shape = [2, *image.served_shape[1:]]
@@ -167,7 +169,6 @@ def logits_output(
             "re-export it with a variable batch axis"
         ) from None
     if result.ndim != 2 or result.shape[0] != 2:
-        hint = " (choose the logits with --output NAME)" if len(names) > 1 else ""
         raise ModelImportError(
             f"{path}: output {out.name!r} has shape {list(result.shape)} for 2 images; bnfold "
             f"serves classifiers answering (batch, classes) logits{hint}"

@@ -379,6 +379,16 @@ def test_output_flag_picks_the_logits_when_features_come_first(tmp_path, models)
     src = save(model, tmp_path / "two.onnx")
     with pytest.raises(BnfoldError, match="choose the logits with --output NAME"):
         import_model(src, ImportOptions(name="t", models_dir=models))
+    labels = onnx.ModelProto()
+    labels.CopyFrom(model)
+    labels.graph.node.append(onnx.helper.make_node("ArgMax", ["logits"], ["label"], axis=1))
+    labels.graph.output.insert(
+        0, onnx.helper.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N", 1])
+    )
+    with pytest.raises(BnfoldError, match="'label' is int64; .* --output NAME"):
+        import_model(
+            save(labels, tmp_path / "lab.onnx"), ImportOptions(name="t", models_dir=models)
+        )
     m = import_model(src, ImportOptions(name="t", models_dir=models, output_name="logits"))
     assert m.output.name == "logits" and m.output.shape == [-1, 3]
     assert m.equivalence.unfolded_vs_float64.max_abs_diff <= m.equivalence.tolerance_abs
