@@ -35,7 +35,7 @@ COPY bnfold/ bnfold/
 COPY service/ service/
 COPY training/ training/
 RUN pip install --no-compile --no-deps . \
-    && bnfold-train train --name digits --seed 0 --models-dir /app/models --runs-dir /tmp/runs \
+    && bnfold-train train --name digits --seed 0 --quantize int8 --models-dir /app/models --runs-dir /tmp/runs \
     && bnfold-train verify /app/models/digits
 
 # ---- where the serve image takes its models from ----

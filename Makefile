@@ -53,7 +53,7 @@ test-fast: $(DEV_STAMP)
 	$(PY) -m pytest -m "not e2e"
 
 train: $(DEV_STAMP)
-	$(VENV)/bin/bnfold-train train --name digits --seed 0 --force
+	$(VENV)/bin/bnfold-train train --name digits --seed 0 --quantize int8 --force
 
 verify: $(DEV_STAMP)
 	$(VENV)/bin/bnfold-train verify models/digits
