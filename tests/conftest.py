@@ -18,6 +18,18 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 # The shipped bundle; BNFOLD_TEST_BUNDLE points elsewhere (e.g. a freshly trained one).
 BUNDLE_SRC = Path(os.environ.get("BNFOLD_TEST_BUNDLE", REPO / "models" / "digits"))
+
+
+def variants_phrase(bundle: Path = BUNDLE_SRC) -> str:
+    """The variants a bundle serves as the server names them in errors: "'folded' or 'unfolded'",
+    or "'folded', 'unfolded' or 'int8'" for a bundle with an int8 file."""
+    import json
+
+    names = [repr(v) for v in json.loads((bundle / "bundle.json").read_text())["files"]]
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+SERVED_VARIANTS = variants_phrase() if (BUNDLE_SRC / "bundle.json").is_file() else "?"
 GRAPH_OPT = {
     "folded": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
     "unfolded": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,

@@ -28,7 +28,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
-from tests.conftest import DirectOnnx
+from tests.conftest import SERVED_VARIANTS, DirectOnnx
 from tests.e2e.conftest import MAX_BODY_BYTES, serve_command
 from tests.pinned import THREADS, pinned_direct
 from tests.servers import free_port, stop, wait_ready
@@ -240,7 +240,7 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
                 "at index [1, 0, 2, 3]: send finite FP32 values"),
         "huge values": (raw_request(np.full((1, 1, 8, 8), 3e38, np.float32)), invalid,
                         "the model's output is not finite for input row(s) [0]"),
-        "unknown variant": (variant, invalid, "unknown variant 'half'; use 'folded' or 'unfolded'"),
+        "unknown variant": (variant, invalid, f"unknown variant 'half'; use {SERVED_VARIANTS}"),
         "variant type": (variant_int, invalid, "parameters.variant must be a string, got 3"),
         "unknown output": (output, invalid,
                            "unknown output 'probs'; this model has outputs ['logits']"),

@@ -19,6 +19,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
+from tests.conftest import SERVED_VARIANTS
+
 PREDICT = "/v1/models/digits/predict"
 COMPARE = "/v1/models/digits/compare"
 MULTIPART_XYZ = "multipart/form-data; boundary=xyz"
@@ -226,7 +228,7 @@ def test_a_bad_file_among_many_is_named(client, digits):
                      b"--xyz--\r\n", "headers": {"content-type": MULTIPART_XYZ}}, 400,
          'malformed multipart body: The Content-Disposition header field "name" must be'),
         ({"params": {"variant": "half"}, "content": b"x", "headers": {"content-type": "image/png"}},
-         400, "unknown variant 'half'; use 'folded' or 'unfolded'"),
+         400, f"unknown variant 'half'; use {SERVED_VARIANTS}"),
         ({"params": {"top_k": 0}, "content": b"x", "headers": {"content-type": "image/png"}},
          400, "invalid request: query.top_k: Input should be greater than or equal to 1"),
     ],

@@ -11,6 +11,8 @@ import json
 import numpy as np
 import pytest
 
+from tests.conftest import SERVED_VARIANTS
+
 INFER = "/v2/models/digits/infer"
 
 
@@ -134,7 +136,7 @@ BAD_JSON = [
     ({"inputs": [tensor(ZERO, name="image")]},
      "this model takes one input named 'input'; the request has ['image']"),
     ({"inputs": [tensor(ZERO)], "parameters": {"variant": "half"}},
-     "unknown variant 'half'; use 'folded' or 'unfolded'"),
+     f"unknown variant 'half'; use {SERVED_VARIANTS}"),
     ({"inputs": [tensor(ZERO)], "outputs": [{"name": "probabilities"}]},
      "unknown output 'probabilities'; this model has outputs ['logits']"),
     ({"inputs": [{**tensor(ZERO), "datatype": "FP33"}]},

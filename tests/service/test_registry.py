@@ -19,6 +19,7 @@ from service.config import Settings
 from service.core import Core
 from service.dataplane import ThreadRunner, check_input
 from service.registry import load_model, one_of
+from tests.conftest import SERVED_VARIANTS
 
 CPU = ["CPUExecutionProvider"]
 
@@ -44,9 +45,12 @@ def test_a_good_bundle_loads_both_variants_at_their_optimization_levels(copy_bun
         v: s.get_session_options().graph_optimization_level for v, s in model.sessions.items()
     }
     # Unfolded with optimization off: onnxruntime would fuse Conv+BN and hide the BN otherwise.
+    # int8, when the bundle has it, with full optimization: QDQ fuses into int8 kernels.
+    int8 = {"int8": ort.GraphOptimizationLevel.ORT_ENABLE_ALL} if "int8" in levels else {}
     assert levels == {
         "folded": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "unfolded": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        **int8,
     }
     assert set(model.probe_sessions) == {"folded", "unfolded"}
 
@@ -188,7 +192,7 @@ def test_every_inference_goes_through_the_runner_after_validation(models_dir, di
     core = start_core(models_dir, runner)
     model = core.registry.get_ready("digits")
     asyncio.run(core.plane.infer(model, "unfolded", digit_batch[:3]))
-    with pytest.raises(BadInput, match="^unknown variant 'both'; use 'folded' or 'unfolded'$"):
+    with pytest.raises(BadInput, match=f"^unknown variant 'both'; use {SERVED_VARIANTS}$"):
         asyncio.run(core.plane.infer(model, "both", digit_batch[:3]))
     with pytest.raises(BadInput):
         asyncio.run(core.plane.infer(model, "folded", digit_batch[:3, :, :4]))
