@@ -31,6 +31,7 @@ from service.errors import shown
 
 log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
+LOAD_AGAIN = "POST /v2/repository/models/{model}/load serves it again"
 
 
 @dataclass(eq=False)
@@ -207,6 +208,7 @@ class ModelRegistry:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.models: dict[str, LoadedModel] = {}
+        self.unloaded: set[str] = set()  # unloaded on request, not loaded again since
         self.loaded = False
         self._changing = asyncio.Lock()
 
@@ -231,6 +233,8 @@ class ModelRegistry:
         """None when every bundle loaded; else why the server is not ready."""
         if not self.loaded:
             return "model bundles are still loading"
+        if not self.models and self.unloaded:
+            return f"no model is served: {', '.join(sorted(self.unloaded))} unloaded ({LOAD_AGAIN})"
         if not self.models:
             return (
                 f"no model bundles in {self.settings.models_dir}: "
@@ -242,6 +246,8 @@ class ModelRegistry:
     def get(self, name: str, version: str | None = None) -> LoadedModel:
         """The model by name (and version when given), loaded or not; 404 when unknown."""
         model = self.models.get(name)
+        if model is None and name in self.unloaded:
+            raise NotFound(f"unknown model {name!r}: it was unloaded ({LOAD_AGAIN})")
         if model is None:
             known = ", ".join(sorted(self.models)) or "none"
             raise NotFound(f"unknown model {shown(name)}; models served here: {known}")
@@ -288,6 +294,7 @@ class ModelRegistry:
                     f"bundle {name!r} failed verification, not loaded: {model.error}{kept}"
                 )
             self.models[name] = model
+            self.unloaded.discard(name)
         log.info("bundle %s in service (version %s)", name, model.version)
         return model
 
@@ -300,6 +307,7 @@ class ModelRegistry:
         """Take a model out of service (404 when unknown); admitted requests still finish."""
         model = self.get(name)
         del self.models[name]
+        self.unloaded.add(name)
         log.info("bundle %s unloaded", name)
         return model
 

@@ -135,3 +135,26 @@ def test_a_bundle_that_fails_verification_is_not_loaded_and_the_old_one_stays(
     shutil.rmtree(bundle)  # gone from disk: the served model answers until it is unloaded
     assert client.post("/v2/repository/models/digits/unload", headers=ADMIN).status_code == 200
     assert client.get("/v2/health/ready").status_code == 503  # nothing left to serve
+
+
+def test_an_unloaded_model_is_named_as_unloaded_with_how_to_serve_it_again(serve, copy_bundle):
+    """Once its only model was unloaded, readiness said 'no model bundles in DIR: run make
+    train' and requests 'unknown model', though the bundle sits on disk; load brings it back."""
+    bundle = copy_bundle("digits")
+    client = serve(bundle.parent, admin_token=TOKEN)
+    assert client.post("/v2/repository/models/digits/unload", headers=ADMIN).status_code == 200
+    again = "POST /v2/repository/models/{model}/load serves it again"
+    r = client.get("/v2/health/ready")
+    assert r.status_code == 503
+    assert r.json() == {"error": f"not ready: no model is served: digits unloaded ({again})"}
+    for r in (
+        client.post("/v1/models/digits/predict", content=b"x", headers=PNG),
+        client.post("/v2/repository/models/digits/unload", headers=ADMIN),
+        client.post("/v1/models/digits/reload", headers=ADMIN),
+    ):
+        assert r.status_code == 404
+        assert r.json() == {"error": f"unknown model 'digits': it was unloaded ({again})"}
+    assert client.post("/v2/repository/models/digits/load", headers=ADMIN).status_code == 200
+    assert client.get("/v2/health/ready").status_code == 200
+    r = client.post("/v1/models/nope/predict", content=b"x", headers=PNG)
+    assert r.json() == {"error": "unknown model 'nope'; models served here: digits"}
