@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 from python_multipart.exceptions import FormParserError
-from python_multipart.multipart import MultipartParser, parse_options_header
+from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
 from service.inference import Upload, check_image_count
@@ -160,6 +160,11 @@ def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
         parser = MultipartParser(boundary, callbacks)
         parser.write(body.data)
         parser.finalize()
+        if parser.state not in (MultipartState.START, MultipartState.END):  # cut short
+            raise _Malformed(
+                f"it ends before its closing boundary --{boundary.decode('latin-1')[:70]}--: the "
+                "upload was cut short; send the whole body"
+            )
     except _Malformed as exc:
         raise BadInput(f"malformed multipart body: {exc}") from None
     except FormParserError:
