@@ -43,6 +43,12 @@ class Admission:
         cannot answer, 503 with Retry-After at once when its queue is full, 504 when the
         request timeout (or the client's `deadline_s`, when shorter) runs out."""
         model = self.registry.get_ready(name, version)
+        if deadline_s is not None and deadline_s <= 0:  # nothing it could be answered in
+            self.metrics.timeouts.labels(name).inc()
+            raise GatewayTimeout(
+                "the client's deadline had passed when the request arrived: nothing was run; "
+                "give the call a longer deadline"
+            )
         limit = self.settings.max_queue_size
         if self.admitted[name] >= limit:
             self.metrics.rejected.labels(name).inc()

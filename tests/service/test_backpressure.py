@@ -10,8 +10,11 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import anyio
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from bnfold.errors import GatewayTimeout
 from tests.service.test_batching import Gate
 
 PREDICT = "/v1/models/digits/predict"
@@ -93,3 +96,22 @@ def test_an_unknown_model_is_404_before_any_queue(serve, models_dir, digits):
     client = serve(models_dir, max_queue_size=1)
     r = client.post("/v1/models/cats/predict", **png(digits[0]))
     assert r.status_code == 404 and "retry-after" not in r.headers
+
+
+def test_a_deadline_already_past_is_504_before_taking_a_slot(client):
+    """gRPC hands admission the client's time_remaining(); at or below 0 the answer was
+    'not answered within the client's deadline (0 s)' after taking a queue slot."""
+    admission = client.app.state.core.admission
+
+    async def admit(deadline: float) -> None:
+        async with admission.admit("digits", None, deadline):
+            raise AssertionError("admitted past its deadline")
+
+    for deadline in (0.0, -0.5):
+        with pytest.raises(GatewayTimeout) as info:
+            anyio.run(admit, deadline)
+        assert info.value.message == (
+            "the client's deadline had passed when the request arrived: nothing was run; give "
+            "the call a longer deadline"
+        )
+    assert admission.admitted["digits"] == 0
