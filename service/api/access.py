@@ -21,6 +21,14 @@ CANCELLED = 499  # status recorded for a request cut off by the drain timeout (n
 access_log = logging.getLogger("service.access")
 
 
+def printable(text: str) -> str:
+    """`text` with control and other unprintable characters escaped (a newline as '\\n'):
+    a client's percent-encoded path must not start a forged line in a text log."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
 def choose_request_id(scope: Scope) -> str:
     """The client's X-Request-ID when it is sane, else a new random one."""
     for name, value in scope["headers"]:
@@ -86,6 +94,6 @@ class AccessMiddleware:
             "client": client[0] if client else None,
         }
         access_log.info(
-            "%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
+            "%s %s %d %.1f ms", scope["method"], printable(scope["path"]), status, seconds * 1000,
             extra={"fields": fields},
         )  # fmt: skip

@@ -12,6 +12,7 @@ import logging
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bnfold.errors import PayloadTooLarge
+from service.api.access import printable
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class InternalErrorMiddleware:
         try:
             await self.app(scope, receive, tracking_send)
         except Exception:
-            log.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
+            path = printable(scope.get("path", ""))
+            log.exception("unhandled error in %s %s", scope.get("method"), path)
             if started:  # too late for a clean answer; the server closes the connection
                 raise
             await send_json(send, 500, {"error": "internal server error"})
