@@ -26,6 +26,21 @@ MAX_RANK = 64  # numpy's most dimensions (np.MAXDIMS)
 MAX_BYTES = 2**63 - 1  # numpy refuses a shape whose non-zero dimensions need more, even when empty
 
 
+SHARED_MEMORY = "shared_memory_region"  # the shared memory extensions' tensor parameter
+
+
+def refuse_shared_memory(kind: str, name: str) -> None:
+    """The shared memory extensions are not served: a tensor that names a region is refused
+    (an output answered in the body instead would leave the client reading its stale region)."""
+    where = (
+        "send it as data or binary tensor data"
+        if kind == "input"
+        else "leave its shared_memory_region out: outputs come back in the response"
+    )
+    raise BadInput(f"{kind} {shown(name)} names a shared memory region; this server has no "
+                   f"shared memory extension: {where}")  # fmt: skip
+
+
 def dims(shape: Sequence[int]) -> str:
     """A client's shape for an error message: '[1, 1, 8, 8]', a long one cut."""
     return shown_list(shape, str)

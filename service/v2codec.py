@@ -18,7 +18,13 @@ from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput, validation_message
 from service.errors import shown
 from service.schemas import InferenceRequest, Parameters, RequestInput
-from service.tensors import check_header, from_raw, from_values
+from service.tensors import (
+    SHARED_MEMORY,
+    check_header,
+    from_raw,
+    from_values,
+    refuse_shared_memory,
+)
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -57,6 +63,8 @@ def _validate_header(raw: bytes) -> InferenceRequest:
 def _split_binary(request: InferenceRequest, tail: bytes) -> dict[int, bytes]:
     chunks, offset = {}, 0
     for i, tensor in enumerate(request.inputs):
+        if SHARED_MEMORY in (tensor.parameters or {}):
+            refuse_shared_memory("input", tensor.name)
         size = _binary_size(tensor)
         if size is None:
             if tensor.data is None:
@@ -123,6 +131,8 @@ def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple
         return [(spec.name, default_binary)]
     answer = []
     for out in request.outputs:
+        if SHARED_MEMORY in (out.parameters or {}):
+            refuse_shared_memory("output", out.name)
         if out.name != spec.name:
             raise BadInput(
                 f"unknown output {shown(out.name)}; this model has outputs [{spec.name!r}]"

@@ -15,7 +15,13 @@ from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
 from service.errors import shown
 from service.grpc import inference_pb2 as pb
-from service.tensors import check_header, from_raw, from_values
+from service.tensors import (
+    SHARED_MEMORY,
+    check_header,
+    from_raw,
+    from_values,
+    refuse_shared_memory,
+)
 
 TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
                 "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")  # fmt: skip
@@ -43,6 +49,8 @@ def input_array(request: pb.ModelInferRequest, spec: TensorSpec) -> np.ndarray:
     """The model's one input from the request, as an array of the declared shape."""
     inputs = request.inputs
     for i, tensor in enumerate(inputs):
+        if SHARED_MEMORY in tensor.parameters:
+            refuse_shared_memory("input", tensor.name)
         for j, d in enumerate(tensor.shape):
             if d < 0:
                 raise BadInput(
@@ -79,6 +87,8 @@ def input_array(request: pb.ModelInferRequest, spec: TensorSpec) -> np.ndarray:
 def requested_outputs(request: pb.ModelInferRequest, spec: TensorSpec) -> None:
     """Every output asked for must be the model's one output (all outputs when none are)."""
     for out in request.outputs:
+        if SHARED_MEMORY in out.parameters:
+            refuse_shared_memory("output", out.name)
         if out.name != spec.name:
             raise BadInput(
                 f"unknown output {shown(out.name)}; this model has outputs [{spec.name!r}]"

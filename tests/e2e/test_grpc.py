@@ -185,6 +185,10 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
     hundred_dims.inputs.add(name="input", datatype="FP32", shape=[1] * 100)
     hundred_dims.inputs[0].contents.fp32_contents.append(0.0)
     long = "m" * 10000
+    shm_in = raw_request(raw_input_contents=[])
+    shm_in.inputs[0].parameters["shared_memory_region"].string_param = "in0"
+    shm_out = raw_request()
+    shm_out.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "out0"
     invalid, busy = "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
     return {
         # Names and shapes come back cut: a status message over the client's 8 KiB metadata
@@ -197,6 +201,10 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
         "10 kB datatype": (raw_request(tensor={"datatype": long}), invalid,
                            f"input 'input' has datatype '{long[:79]}... (10000 characters); "
                            "this model takes FP32"),
+        # Shared memory is not served: an output region was ignored (answered in the body).
+        "shared memory input": (shm_in, invalid, "input 'input' names a shared memory region; "
+                                "this server has no shared memory extension: send it as data"),
+        "shared memory output": (shm_out, invalid, "output 'logits' names a shared memory region"),
         # No numpy array has these shapes: were INTERNAL from numpy's reshape.
         "impossible empty shape": (
             raw_request(tensor={"shape": [2**31 - 1] * 3 + [0]}, raw_input_contents=[b""]),

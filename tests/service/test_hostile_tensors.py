@@ -88,3 +88,28 @@ def test_a_long_model_name_comes_back_cut(client):
     r = client.post(INFER, json={"inputs": [ZERO], "parameters": {"variant": long}})
     assert r.status_code == 400
     assert r.json()["error"].startswith(f"unknown variant '{long[:79]}... (10000 characters); use")
+
+
+SHM_IN = (
+    "input 'input' names a shared memory region; this server has no shared memory extension: "
+    "send it as data or binary tensor data"
+)
+SHM_OUT = (
+    "output 'logits' names a shared memory region; this server has no shared memory extension: "
+    "leave its shared_memory_region out: outputs come back in the response"
+)
+
+
+def test_shared_memory_tensors_are_refused_not_ignored(client, direct):
+    """tritonclient's set_shared_memory: an input was 'neither data nor binary_data_size';
+    an output region was ignored and answered in the body, the client reading its region."""
+    region = {"shared_memory_region": "out0", "shared_memory_byte_size": 40}
+    r = client.post(
+        INFER, json={"inputs": [ZERO], "outputs": [{"name": "logits", "parameters": region}]}
+    )
+    assert r.status_code == 400 and r.json() == {"error": SHM_OUT}
+    shm_input = {k: v for k, v in ZERO.items() if k != "data"}
+    shm_input["parameters"] = {"shared_memory_region": "in0", "shared_memory_byte_size": 256}
+    r = client.post(INFER, json={"inputs": [shm_input]})
+    assert r.status_code == 400 and r.json() == {"error": SHM_IN}
+    assert_still_serving(client, direct)
