@@ -240,8 +240,14 @@ def fold_agreement(
                 "measures it on images of a given size"
             )
         rest = [int(d) for d in shape[1:]]
+        per_input = int(np.prod(rest, dtype=np.float64)) if rest else 1
+        if per_input > INPUT_BUDGET:
+            return None, (
+                f"not measured: one input '{vi.name}' holds {per_input:.3g} values, over the "
+                f"{INPUT_BUDGET} this check holds"
+            )
         batch = shape[0] if shape and isinstance(shape[0], int) else None
-        n = batch or within_budget(int(np.prod(rest)) if rest else 1, N_FOLD_CHECK, RUN_BUDGET)
+        n = batch or within_budget(per_input, N_FOLD_CHECK, RUN_BUDGET)
         feeds[vi.name] = rng.normal(size=[n, *rest] if shape else []).astype(np_type)
     want = make_session(original.SerializeToString(), "unfolded").run(None, feeds)
     got = make_session(folded.SerializeToString(), "folded").run(None, feeds)

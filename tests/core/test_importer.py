@@ -222,6 +222,9 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
         w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) + 1e-3, w.name))
         return folded, report
 
+    huge = save(classifier("NCHW", "bn", batch="N", size=5000), tmp_path / "huge.onnx")
+    assert main(["fold", str(huge), str(tmp_path / "h.onnx")]) == 0  # folded, not measured
+    assert "not measured: one input 'x' holds 7.5e+07 values" in capsys.readouterr().out
     log = classifier("NCHW", "bn", batch="N")  # NaN wherever the logits are negative
     log.graph.node[-1].output[0] = "z"
     log.graph.node.append(onnx.helper.make_node("Log", ["z"], ["logits"]))
@@ -230,12 +233,8 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
     monkeypatch.setattr(onnx_fold, "fold_onnx", broken_fold)
     assert main(["fold", str(src), str(tmp_path / "bad.onnx")]) == 1
     assert "differs from" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "l.onnx",
-        "log.onnx",
-        "net.onnx",
-        "ok.onnx",
-    ]
+    written = ["h.onnx", "huge.onnx", "l.onnx", "log.onnx", "net.onnx", "ok.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == written
 
 
 def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
