@@ -89,3 +89,29 @@ def test_shipped_digits_bundle_reaches_98_percent(digits_splits):
     acc = float(np.mean(logits.argmax(1) == digits_splits.test.y))
     assert acc >= 0.98
     assert abs(acc - m.training["test_acc"]) < 0.01
+
+
+def make_train_argv() -> list[str]:
+    """The arguments `make train` passes to bnfold-train, read from the Makefile itself."""
+    lines = (REPO / "Makefile").read_text().splitlines()
+    recipe = lines[lines.index("train: $(DEV_STAMP)") + 1]
+    return recipe.split("bnfold-train", 1)[1].split()
+
+
+def test_shipped_bundle_is_what_make_train_makes(digits_splits):
+    """models/digits was exported by today's code from `make train`'s own command line: same
+    architecture, same training configuration, and metadata that matches the weights. (The
+    weights themselves may differ in the last bits on another CPU or thread count.)"""
+    import json
+    from dataclasses import asdict
+
+    from training.cli import build_parser, configs_from_args
+
+    args = build_parser().parse_args(make_train_argv())
+    model_cfg, train_cfg = configs_from_args(args, digits_splits)
+    m = load_bundle(REPO / "models" / "digits")
+    as_json = lambda d: json.loads(json.dumps(d))  # noqa: E731  tuples -> lists, as stored
+    assert m.architecture == as_json(model_cfg.to_dict())
+    assert m.training["config"] == as_json(asdict(train_cfg))
+    assert m.training["epochs"] == train_cfg.epochs and m.training["seed"] == train_cfg.seed
+    assert m.name == args.name and m.classes == list(digits_splits.test.classes)
