@@ -4,6 +4,7 @@ around inference for image requests. Protocol-free.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,10 +36,23 @@ def check_image_count(count: int, limit: int) -> None:
         )
 
 
-def images_to_batch(uploads: list[Upload], spec: PreprocessSpec, max_pixels: int) -> np.ndarray:
-    """Decode and preprocess every upload -> (N, C, H, W) float32; errors name the image."""
+class Abandoned(Exception):
+    """The request stopped waiting (its timeout): the decoding thread stops too."""
+
+
+def images_to_batch(
+    uploads: list[Upload],
+    spec: PreprocessSpec,
+    max_pixels: int,
+    abandoned: threading.Event | None = None,
+) -> np.ndarray:
+    """Decode and preprocess every upload -> (N, C, H, W) float32; errors name the image.
+    Stops before the next image once `abandoned` is set: 64 large images take many seconds,
+    and a thread that went on after its request's 504 would hold up the requests behind it."""
     rows = []
     for i, upload in enumerate(uploads):
+        if abandoned is not None and abandoned.is_set():
+            raise Abandoned
         try:
             rows.append(preprocess_bytes(upload.data, spec, max_pixels))
         except BnfoldError as exc:
@@ -55,15 +69,22 @@ async def preprocess_uploads(
     `uploads` may be a blocking function that yields them (a multipart body to parse): it runs
     in the same worker call, so the request takes one trip to a thread, not two.
     """
-    return await run_cpu(_uploads_to_batch, uploads, spec, max_pixels)
+    abandoned = threading.Event()
+    try:
+        return await run_cpu(_uploads_to_batch, uploads, spec, max_pixels, abandoned)
+    finally:
+        abandoned.set()  # answered, or cancelled by its timeout: no image is decoded after
 
 
 def _uploads_to_batch(
-    uploads: list[Upload] | Callable[[], list[Upload]], spec: PreprocessSpec, max_pixels: int
+    uploads: list[Upload] | Callable[[], list[Upload]],
+    spec: PreprocessSpec,
+    max_pixels: int,
+    abandoned: threading.Event,
 ) -> tuple[list[Upload], np.ndarray]:
     if callable(uploads):
         uploads = uploads()
-    return uploads, images_to_batch(uploads, spec, max_pixels)
+    return uploads, images_to_batch(uploads, spec, max_pixels, abandoned)
 
 
 def predictions(
