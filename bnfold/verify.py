@@ -219,61 +219,85 @@ def fold_agreement(
 ) -> tuple[bool | None, str]:
     """Folded vs original in onnxruntime on random N(0, 1) inputs, every output: (passed, line).
 
-    Each output must stay within the bundles' tolerance of its scale (bnfold.equivalence), or
-    for float16 outputs or float16 weights within FP16_ULPS of float16's rounding at that scale
-    (2e-5 is below one float16 ulp). None when inputs cannot be made (a variable
-    dim other than the batch, a non-float input). Outputs need not be logits: no top-1 test.
+    Each float output must stay within the bundles' tolerance of its scale (bnfold.equivalence),
+    or, for float16 outputs or float16 weights, within FP16_ULPS of float16's rounding at that
+    scale (2e-5 is below one float16 ulp). passed is None when no inputs can be made (a
+    variable dim other than the batch, a non-float input) or the original does not run on them.
+    Outputs need not be logits: no top-1 test.
     """
+    from bnfold.onnx_load import ort_message
+
+    feeds, reason = _random_feeds(original, np.random.default_rng(seed))
+    if feeds is None:
+        return None, f"not measured: {reason}"
+    try:
+        want = make_session(original.SerializeToString(), "unfolded").run(None, feeds)
+    except Exception as exc:  # onnxruntime's own error types
+        return None, f"not measured: the original fails on random inputs ({ort_message(exc)})"
+    try:
+        got = make_session(folded.SerializeToString(), "folded").run(None, feeds)
+    except Exception as exc:
+        return False, f"the folded model fails where the original runs ({ort_message(exc)})"
+    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in original.graph.initializer)
+    coarsest = float(np.finfo(np.float16).eps) if half else 0.0  # float16 weights: its rounding
+    worst = (0.0, 1.0)  # (diff, tolerance) of the output closest to failing
+    passed = True
+    for w, g in zip(want, got, strict=True):
+        if np.asarray(w).dtype.kind != "f":  # indices or labels (ArgMax): a near tie may flip
+            continue
+        diff, tol = _output_diff(np.asarray(w), np.asarray(g), coarsest)
+        passed &= bool(diff <= tol)  # NaN fails
+        if not diff <= tol * worst[0] / worst[1]:  # a larger share of its tolerance, or NaN
+            worst = (diff, tol)
+    n = len(next(iter(feeds.values()), []))
+    line = (
+        f"folded vs original in onnxruntime on {n} random N(0, 1) inputs: max |diff| "
+        f"{worst[0]:.3g} (tolerance {worst[1]:.3g})"
+    )
+    return passed, line
+
+
+def _random_feeds(model: onnx.ModelProto, rng) -> tuple[dict | None, str]:
+    """N(0, 1) values for every input the caller feeds ((batch, ...) as declared), or why not."""
     from bnfold.onnx_load import dims, real_inputs
 
-    rng = np.random.default_rng(seed)
     feeds = {}
-    for vi in real_inputs(original):
+    for vi in real_inputs(model):
         tt = vi.type.tensor_type
         shape = dims(vi) if tt.HasField("shape") else None
         np_type = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type) if tt.elem_type else None
         if np_type is None or np_type.kind != "f" or shape is None:
-            return None, f"not measured: input '{vi.name}' is not a float tensor of known rank"
+            return None, f"input '{vi.name}' is not a float tensor of known rank"
         if not all(isinstance(d, int) for d in shape[1:]):
             return None, (
-                f"not measured: input '{vi.name}' has variable dims {shape}; `bnfold import` "
-                "measures it on images of a given size"
+                f"input '{vi.name}' has variable dims {shape}; `bnfold import` measures it on "
+                "images of a given size"
             )
         rest = [int(d) for d in shape[1:]]
         per_input = int(np.prod(rest, dtype=np.float64)) if rest else 1
         if per_input > INPUT_BUDGET:
             return None, (
-                f"not measured: one input '{vi.name}' holds {per_input:.3g} values, over the "
-                f"{INPUT_BUDGET} this check holds"
+                f"one input '{vi.name}' holds {per_input:.3g} values, over the {INPUT_BUDGET} "
+                "this check holds"
             )
         batch = shape[0] if shape and isinstance(shape[0], int) else None
         n = batch or within_budget(per_input, N_FOLD_CHECK, RUN_BUDGET)
         feeds[vi.name] = rng.normal(size=[n, *rest] if shape else []).astype(np_type)
-    want = make_session(original.SerializeToString(), "unfolded").run(None, feeds)
-    got = make_session(folded.SerializeToString(), "folded").run(None, feeds)
-    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in original.graph.initializer)
-    coarsest = float(np.finfo(np.float16).eps) if half else 0.0  # float16 weights: its rounding
-    worst, passed = (0.0, 1.0), True  # (diff, tolerance) of the output closest to failing
-    for w, g in zip(want, got, strict=True):
-        w, g = np.asarray(w), np.asarray(g)
-        if w.dtype.kind != "f":  # indices or labels (ArgMax): a near tie may flip them
-            continue
-        finite = np.isfinite(w)  # a Log or Sqrt of random inputs: NaN where the original is
-        same_rest = np.array_equal(finite, np.isfinite(g)) and np.array_equal(
-            w[~finite], g[~finite], equal_nan=True
-        )
-        w64, g64 = (np.where(finite, v, 0).astype(np.float64) for v in (w, g))
-        tol = tolerance_for(w64)
-        eps = max(float(np.finfo(w.dtype).eps), coarsest)
-        if eps > np.finfo(np.float32).eps:  # float16 outputs, or float16 layers inside
-            scale = max(1.0, float(np.max(np.abs(w64))) if w64.size else 1.0)
-            tol = max(tol, FP16_ULPS * eps * scale)
-        diff = float(np.max(np.abs(g64 - w64), initial=0.0)) if same_rest else np.nan
-        passed &= bool(diff <= tol)  # NaN fails
-        if not diff <= tol * worst[0] / worst[1]:  # a larger share of its tolerance, or NaN
-            worst = (diff, tol)
-    line = (
-        f"folded vs original in onnxruntime on {len(next(iter(feeds.values()), []))} random "
-        f"N(0, 1) inputs: max |diff| {worst[0]:.3g} (tolerance {worst[1]:.3g})"
+    return feeds, ""
+
+
+def _output_diff(w: np.ndarray, g: np.ndarray, coarsest: float) -> tuple[float, float]:
+    """(max |g - w| where w is finite, tolerance); NaN unless g has w's NaN/inf elsewhere (a
+    Log or Sqrt of random inputs)."""
+    finite = np.isfinite(w)
+    same_rest = np.array_equal(finite, np.isfinite(g)) and np.array_equal(
+        w[~finite], g[~finite], equal_nan=True
     )
-    return passed, line
+    w64, g64 = (np.where(finite, v, 0).astype(np.float64) for v in (w, g))
+    tol = tolerance_for(w64)
+    eps = max(float(np.finfo(w.dtype).eps), coarsest)
+    if eps > np.finfo(np.float32).eps:  # float16 outputs, or float16 layers inside
+        scale = max(1.0, float(np.max(np.abs(w64))) if w64.size else 1.0)
+        tol = max(tol, FP16_ULPS * eps * scale)
+    diff = float(np.max(np.abs(g64 - w64), initial=0.0)) if same_rest else np.nan
+    return diff, tol
