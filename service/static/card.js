@@ -183,7 +183,15 @@ function int8Section(m, eq) {
 
 function trainingSection(m) {
   const t = m.training ?? {};
-  const fmt = (v) => (typeof v === "number" && !Number.isInteger(v) ? v.toFixed(4) : String(v));
+  const fmt = (v) => {
+    if (typeof v === "number" && !Number.isInteger(v)) return v.toFixed(4);
+    if (v !== null && typeof v === "object") {
+      // The training configuration: key=value pairs, nested values as JSON.
+      const part = ([k, x]) => `${k}=${x !== null && typeof x === "object" ? JSON.stringify(x) : x}`;
+      return Object.entries(v).map(part).join(", ");
+    }
+    return String(v);
+  };
   const pairs = Object.entries(t).map(([k, v]) => [k.replaceAll("_", " "), fmt(v)]);
   if (pairs.length === 0) return null;
   return h("section", { class: "card-part" }, h("h3", {}, "Training run"), definitions(pairs));

@@ -256,6 +256,9 @@ def test_model_card_shows_the_manifest(tab: Tab, api: httpx.Client) -> None:
 
     assert page.locator("#model").input_value() == "digits"
     assert page.locator("#model option").all_inner_texts() == ["digits", "digits-refusal"]
+    card = page.locator("#card-body").inner_text()
+    assert "[object Object]" not in card and "undefined" not in card  # every value rendered
+    assert "lr=0.01" in card  # the training configuration, as key=value pairs
     assert page.locator(".chips li").all_inner_texts() == detail["classes"]
     assert text(tab, "[data-role=providers]") == ", ".join(detail["providers"])
     for variant, f in detail["files"].items():
