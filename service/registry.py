@@ -23,7 +23,14 @@ import anyio
 import numpy as np
 import onnxruntime as ort
 
-from bnfold.bundle import NAME_PATTERN, Manifest, discover_bundles, load_bundle, verify_checksums
+from bnfold.bundle import (
+    INT8,
+    NAME_PATTERN,
+    Manifest,
+    discover_bundles,
+    load_bundle,
+    verify_checksums,
+)
 from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
 from bnfold.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
@@ -67,6 +74,11 @@ class LoadedModel:
             raise ServiceUnavailable(
                 f"variant {variant!r} of model {self.name!r} is not served: "
                 f"{self.variant_errors[variant]}; use {one_of(self.variants)}"
+            )
+        if variant == INT8 and INT8 not in self.sessions:
+            raise BadInput(
+                f"model {self.name!r} has no int8 variant (export it with --quantize int8); "
+                f"use {one_of(self.variants)}"
             )
         if not isinstance(variant, str) or variant not in self.sessions:
             raise BadInput(f"unknown variant {shown(variant)}; use {one_of(self.variants)}")

@@ -128,7 +128,11 @@ def test_a_bundle_without_int8_serves_as_before(serve, int8_models, tmp_path, di
     files = [("files", ("d.png", digits[0].png, "image/png"))]
     r = client.post("/v1/models/digits/predict?variant=int8", files=files)
     assert r.status_code == 400
-    assert r.json() == {"error": "unknown variant 'int8'; use 'folded' or 'unfolded'"}
+    assert r.json() == {"error": "model 'digits' has no int8 variant (export it with --quantize "
+                        "int8); use 'folded' or 'unfolded'"}  # fmt: skip
+    zero = {"name": "input", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+    r = client.post(V2_INFER, json={"inputs": [zero], "parameters": {"variant": "int8"}})
+    assert r.status_code == 400 and r.json()["error"].startswith("model 'digits' has no int8 ")
     body = client.post("/v1/models/digits/compare", files=files).json()
     assert body["int8"] is None
     assert body["int8_note"] == "the bundle has no int8 variant (export with --quantize int8)"
