@@ -48,6 +48,7 @@ from bnfold.verify import count_bn_nodes, measure_equivalence, within_budget
 N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
 MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)
 MAX_SIDE = 4096  # PreprocessSpec's bound on height and width
+MAX_SAMPLE_BYTES = 64 * 2**20  # one sample image file at most
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -209,6 +210,11 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
     files = files[:limit]
     rows = []
     for p in files:
+        if p.stat().st_size > MAX_SAMPLE_BYTES:  # read whole: a stray video or disk image
+            raise ModelImportError(
+                f"--samples: {p}: {p.stat().st_size / 2**20:.0f} MiB, over the "
+                f"{MAX_SAMPLE_BYTES // 2**20} MiB an image file may have here"
+            )
         try:
             rows.append(preprocess_bytes(p.read_bytes(), spec))
         except BnfoldError as exc:

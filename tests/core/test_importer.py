@@ -450,6 +450,9 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
     flat = next(n for n in fails.graph.node if n.op_type == "Flatten")
     flat.CopyFrom(onnx.helper.make_node("Reshape", [flat.input[0], "bad_shape"], ["f"]))
     save(fails, tmp / "fails.onnx")
+    (tmp / "big_samples").mkdir()
+    with open(tmp / "big_samples" / "disk.img", "wb") as f:
+        f.truncate(65 * 2**20)  # sparse: no real disk use
     (tmp / "two_classes.txt").write_text("cat\ndog\n")
     (tmp / "escape_classes.txt").write_text("cat\ndog\x1b[31m\nbird\n")
     (tmp / "latin1_classes.txt").write_bytes("caf\xe9\ndog\nbird\n".encode("latin-1"))
@@ -486,6 +489,7 @@ def _bad_files(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "class_latin1": (["good.onnx", "--classes", "latin1_classes.txt"], "cannot read it"),
         "fails_on_one": (["fails.onnx"], "fails to run on one all-zero image [1, 3, 8, 8]"),
         "external_outside": (["sub/outside.onnx"], "outside the model's folder"),
+        "sample_too_big": (["good.onnx", "--samples", "big_samples"], "65 MiB, over the 64"),
         "mean_nan": (["good.onnx", "--mean", "nan"], "values must be finite numbers"),
         "std_inf": (["good.onnx", "--std", "inf"], "values must be finite numbers"),
         "scale_overflow": (["good.onnx", "--scale", "1e300"], "outside float32's range"),
@@ -509,7 +513,7 @@ CASES = [
     "class_count", "num_classes", "size_differs", "channels_mode", "mean_count", "no_name",
     "mean_nan", "std_inf", "scale_overflow", "std_negative", "num_classes_negative", "size_zero",
     "huge_input", "nan_logits", "class_escape", "class_latin1", "fails_on_one",
-    "external_outside",
+    "external_outside", "sample_too_big",
 ]  # fmt: skip
 
 
