@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from bnfold.bundle import DiffStats, LayerDiff, LayerProbe
+from bnfold.bundle import DiffStats, EquivalenceReport, LayerDiff, LayerProbe
 
 
 def diff_stats(a: np.ndarray, reference: np.ndarray, classify: bool = True) -> DiffStats:
@@ -52,6 +52,32 @@ def is_equivalent(stats: DiffStats, tolerance_abs: float) -> bool:
     within the bundle's tolerance and the same top-1 class for every input."""
     agreement = 1.0 if stats.top1_agreement is None else stats.top1_agreement
     return stats.max_abs_diff <= tolerance_abs and agreement == 1.0
+
+
+def equivalence_report(
+    folded: np.ndarray,
+    unfolded: np.ndarray,
+    ref64: np.ndarray,
+    *,
+    split: str,
+    per_layer: list[LayerDiff],
+    inputs: str | None = None,
+) -> EquivalenceReport:
+    """The report export and import store: folded vs unfolded logits judged by the one rule,
+    and each against the float64 reference of the original model."""
+    fvu = diff_stats(folded, unfolded)
+    tol = tolerance_for(unfolded)
+    return EquivalenceReport(
+        split=split,
+        n_images=len(folded),
+        tolerance_abs=tol,
+        folded_vs_unfolded=fvu,
+        folded_vs_float64=diff_stats(folded, ref64),
+        unfolded_vs_float64=diff_stats(unfolded, ref64),
+        per_layer=per_layer,
+        passed=is_equivalent(fvu, tol),
+        inputs=inputs,
+    )
 
 
 def layer_diffs(

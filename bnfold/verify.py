@@ -28,7 +28,13 @@ from bnfold.bundle import (
     Manifest,
     load_bundle,
 )
-from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs, tolerance_for
+from bnfold.equivalence import (
+    diff_stats,
+    equivalence_report,
+    is_equivalent,
+    layer_diffs,
+    tolerance_for,
+)
 from bnfold.errors import BnfoldError
 from bnfold.int8 import check_int8
 from bnfold.preprocess import generated_batch
@@ -96,20 +102,11 @@ def measure_equivalence(
     d = Path(bundle_dir)
     folded = run_logits(make_session(d / "folded.onnx", "folded"), input_name, output, x)
     unfolded = run_logits(make_session(d / "unfolded.onnx", "unfolded"), input_name, output, x)
-    fvu = diff_stats(folded, unfolded)
-    tol = tolerance_for(unfolded)
-    return EquivalenceReport(
-        split=split,
-        n_images=len(x),
-        tolerance_abs=tol,
-        folded_vs_unfolded=fvu,
-        folded_vs_float64=diff_stats(folded, ref64),
-        unfolded_vs_float64=diff_stats(unfolded, ref64),
-        per_layer=per_layer_diffs(
-            d, input_name, probes, x[: within_budget(x[0].size, 256, RUN_BUDGET)]
-        ),
-        passed=is_equivalent(fvu, tol),
-        inputs=inputs,
+    per_layer = per_layer_diffs(
+        d, input_name, probes, x[: within_budget(x[0].size, 256, RUN_BUDGET)]
+    )
+    return equivalence_report(
+        folded, unfolded, ref64, split=split, per_layer=per_layer, inputs=inputs
     )
 
 

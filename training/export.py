@@ -34,7 +34,7 @@ from bnfold.bundle import (
     sha256_file,
     write_bundle_atomically,
 )
-from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs, tolerance_for
+from bnfold.equivalence import equivalence_report, layer_diffs
 from bnfold.int8 import Int8Request, add_int8_variant
 from bnfold.preprocess import PreprocessSpec
 from bnfold.sessions import make_probe_session, make_session, run_session
@@ -147,18 +147,8 @@ def measure_equivalence(
     unfolded = run_session(make_session(unfolded_path, "unfolded"), x)
     with torch.no_grad():
         ref64 = copy.deepcopy(model).double().eval()(torch.from_numpy(x).double()).numpy()
-    fvu = diff_stats(folded, unfolded)
-    tol = tolerance_for(unfolded)
-    return EquivalenceReport(
-        split=split,
-        n_images=len(x),
-        tolerance_abs=tol,
-        folded_vs_unfolded=fvu,
-        folded_vs_float64=diff_stats(folded, ref64),
-        unfolded_vs_float64=diff_stats(unfolded, ref64),
-        per_layer=per_layer_diffs(folded_path, unfolded_path, probes, x[:256]),
-        passed=is_equivalent(fvu, tol),
-    )
+    per_layer = per_layer_diffs(folded_path, unfolded_path, probes, x[:256])
+    return equivalence_report(folded, unfolded, ref64, split=split, per_layer=per_layer)
 
 
 def export_bundle(
