@@ -393,6 +393,17 @@ def test_output_flag_picks_the_logits_when_features_come_first(tmp_path, models)
     assert m.equivalence.unfolded_vs_float64.max_abs_diff <= m.equivalence.tolerance_abs
 
 
+def test_verify_reports_an_unreadable_model_whose_checksum_was_forged(tmp_path, models):
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    import_model(src, ImportOptions(name="net", models_dir=models))
+    (models / "net" / "folded.onnx").write_bytes(b"\x08\x07garbage")
+    manifest = json.loads((models / "net" / "bundle.json").read_text())
+    manifest["files"]["folded"]["sha256"] = sha256_file(models / "net" / "folded.onnx")
+    (models / "net" / "bundle.json").write_text(json.dumps(manifest))
+    res = verify_bundle(models / "net")
+    assert not res.ok and "FAIL folded.onnx: not a readable ONNX model" in res.lines
+
+
 def test_layout_default_is_nchw_and_nhwc_is_its_transpose():
     png = io.BytesIO()
     Image.fromarray(np.random.default_rng(5).integers(0, 256, (9, 7, 3), np.uint8)).save(png, "PNG")
