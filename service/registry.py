@@ -34,7 +34,7 @@ from bnfold.bundle import (
 from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
 from bnfold.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
-from service.errors import shown
+from service.errors import shown, shown_list
 
 log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
@@ -95,6 +95,26 @@ class LoadedModel:
         assert self.manifest is not None
         names = probe_names(self.manifest, variant)
         return self.probe_sessions[variant].run(names, {self.manifest.input.name: x})
+
+
+def check_repository(name: str) -> None:
+    """The model repository extension names repositories; this server has one, unnamed."""
+    if name:
+        raise BadInput(
+            f"unknown repository {shown(name)}: this server has one (its models folder); leave "
+            "repository_name empty"
+        )
+
+
+def check_load_parameters(names: list[str]) -> None:
+    """Triton's load may override a model's config or files ('config', 'file:...'); a bundle
+    loads only as it is on disk, so such parameters are refused, not ignored."""
+    if names:
+        raise BadInput(
+            f"load parameters {shown_list(sorted(names))} are not supported: a bundle loads as "
+            "it is on disk; write its files there (bnfold-train, bnfold import), then load it "
+            "without parameters"
+        )
 
 
 def one_of(names: list[str]) -> str:

@@ -9,11 +9,15 @@ tritonclient.http's get_model_repository_index, load_model and unload_model work
 
 from __future__ import annotations
 
+import json
+
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from bnfold.errors import BadInput
 from service.api.openapi import errors
 from service.api.state import ModelName, get_core
+from service.registry import check_load_parameters, check_repository
 from service.schemas import ErrorResponse
 
 router = APIRouter(prefix="/v2/repository", tags=["Model repository"])
@@ -27,8 +31,9 @@ ADMIN_ERRORS = {
 
 
 class IndexRequest(BaseModel):
-    model_config = ConfigDict(extra="allow")  # Triton clients may send repository_name
+    model_config = ConfigDict(extra="allow")
     ready: bool = Field(False, description="Only the models that are ready.")
+    repository_name: str = Field("", description="Empty: this server has one repository.")
 
 
 class IndexRow(BaseModel):
@@ -51,6 +56,7 @@ def check_admin(request: Request) -> None:
 @router.post("/index", response_model=list[IndexRow])
 async def index(request: Request, body: IndexRequest | None = None) -> list[IndexRow]:
     """Every bundle in the models folder with its state; `{"ready": true}`: ready ones only."""
+    check_repository(body.repository_name if body else "")
     rows = get_core(request).registry.index(ready_only=bool(body and body.ready))
     return [IndexRow(**vars(r)) for r in rows]
 
@@ -64,6 +70,7 @@ async def load(model: ModelName, request: Request) -> RepositoryChange:
     """Verify the bundle on disk, then serve it in place of the loaded one (if any); a bundle
     that fails verification is not served (400, the old version stays)."""
     check_admin(request)
+    check_load_parameters(await _load_parameters(request))
     loaded = await get_core(request).registry.load(model)
     return RepositoryChange(name=model, state="READY", version=loaded.version)
 
@@ -78,3 +85,19 @@ async def unload(model: ModelName, request: Request) -> RepositoryChange:
     check_admin(request)
     get_core(request).registry.unload(model)
     return RepositoryChange(name=model, state="UNLOADED")
+
+
+async def _load_parameters(request: Request) -> list[str]:
+    """The names in the body's `parameters` ({} or none: no body). Read whatever the
+    Content-Type: tritonclient.http sends its JSON without one."""
+    raw = await request.body()
+    if not raw.strip():
+        return []
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    parameters = body.get("parameters") if isinstance(body, dict) else None
+    if not isinstance(body, dict) or not isinstance(parameters or {}, dict):
+        raise BadInput('the load request body must be JSON: {} or {"parameters": {...}}')
+    return list(parameters or {})

@@ -31,7 +31,7 @@ from service.grpc import inference_pb2 as pb
 from service.grpc import inference_pb2_grpc as pb_grpc
 from service.logs import request_id, request_id_for
 from service.metadata import PLATFORM, SERVER_NAME, server_version
-from service.registry import LoadedModel
+from service.registry import LoadedModel, check_load_parameters, check_repository
 from service.workers import run_cpu
 
 SERVICE = "inference.GRPCInferenceService"
@@ -139,14 +139,6 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
-def _one_repository(name: str) -> None:
-    if name:
-        raise BadInput(
-            f"unknown repository {name!r}: this server has one (its models folder); leave "
-            "repository_name empty"
-        )
-
-
 def _model_of(request: Any) -> str:
     return getattr(request, "model_name", None) or getattr(request, "name", "") or ""
 
@@ -218,7 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- model repository extension: index open, load and unload need the admin token
     @rpc
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:
-        _one_repository(request.repository_name)
+        check_repository(request.repository_name)
         response = pb.RepositoryIndexResponse()
         for row in self.core.registry.index(ready_only=request.ready):
             response.models.add(name=row.name, version=row.version, state=row.state,
@@ -228,14 +220,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     @rpc
     async def RepositoryModelLoad(self, request, context) -> pb.RepositoryModelLoadResponse:
         self._check_admin(context)
-        _one_repository(request.repository_name)
+        check_repository(request.repository_name)
+        check_load_parameters(list(request.parameters))
         await self.core.registry.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @rpc
     async def RepositoryModelUnload(self, request, context) -> pb.RepositoryModelUnloadResponse:
         self._check_admin(context)
-        _one_repository(request.repository_name)
+        check_repository(request.repository_name)
         self.core.registry.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 

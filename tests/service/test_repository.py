@@ -158,3 +158,31 @@ def test_an_unloaded_model_is_named_as_unloaded_with_how_to_serve_it_again(serve
     assert client.get("/v2/health/ready").status_code == 200
     r = client.post("/v1/models/nope/predict", content=b"x", headers=PNG)
     assert r.json() == {"error": "unknown model 'nope'; models served here: digits"}
+
+
+def test_load_parameters_and_other_repositories_are_refused_not_ignored(serve, copy_bundle):
+    """tritonclient's load_model(config=...) sends parameters.config; it was ignored (200, the
+    bundle loaded as on disk). repository_name was ignored by the REST index (gRPC refused)."""
+    bundle = copy_bundle("digits")
+    client = serve(bundle.parent, admin_token=TOKEN)
+    load = "/v2/repository/models/digits/load"
+    for parameters, shown in (({"config": "{}"}, "['config']"),
+                              ({"file:1/model.onnx": "AAAA", "config": "{}"},
+                               "['config', 'file:1/model.onnx']")):  # fmt: skip
+        r = client.post(load, headers=ADMIN, json={"parameters": parameters})
+        assert r.status_code == 400
+        assert r.json() == {"error": f"load parameters {shown} are not supported: a bundle loads "
+                            "as it is on disk; write its files there (bnfold-train, bnfold "
+                            "import), then load it without parameters"}  # fmt: skip
+    assert client.post(load, headers=ADMIN, json={"parameters": {}}).status_code == 200
+    assert client.post(load, headers=ADMIN).status_code == 200
+    r = client.post("/v2/repository/index", json={"repository_name": "other"})
+    assert r.status_code == 400
+    assert r.json() == {"error": "unknown repository 'other': this server has one (its models "
+                        "folder); leave repository_name empty"}  # fmt: skip
+    assert client.post("/v2/repository/index", json={"repository_name": ""}).status_code == 200
+    r = client.post(load, headers=ADMIN, content=b"[1]")
+    assert r.status_code == 400
+    assert r.json() == {"error": 'the load request body must be JSON: {} or {"parameters": {...}}'}
+    r = client.post(load, headers=ADMIN, content=b'{"parameters": {"config": "{}"}}')
+    assert r.status_code == 400  # no Content-Type (tritonclient.http sends none)
