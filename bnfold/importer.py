@@ -166,7 +166,10 @@ def prepare_for_serving(loaded: LoadedOnnx, image: ImageInput) -> tuple[onnx.Mod
         )
     inits = {t.name for t in model.graph.initializer}
     overridable = [i for i in model.graph.input if i.name in inits]
-    if overridable and model.ir_version >= 4:  # IR 3 requires initializers among the inputs
+    if overridable:
+        if model.ir_version < 4:  # IR 3 requires initializers among the inputs; 4 does not
+            changes.append(f"IR version {model.ir_version} -> 4, so that weights can be constants")
+            model.ir_version = 4
         kept = [i for i in model.graph.input if i.name not in inits]
         del model.graph.input[:]
         model.graph.input.extend(kept)

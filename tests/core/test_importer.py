@@ -116,16 +116,20 @@ def test_keras_style_nhwc_mul_add_folds_and_serves_nhwc(tmp_path, models):
     assert verify_bundle(models / "keras").ok
 
 
-def test_initializers_listed_as_inputs_become_constants_and_fold(tmp_path, models):
+@pytest.mark.parametrize("opset, ir", [(17, 8), (7, 3)])
+def test_initializers_listed_as_inputs_become_constants_and_fold(tmp_path, models, opset, ir):
     """Older exporters list every weight among the graph inputs (overridable, so not constant);
-    the server never feeds them, so the import makes them plain initializers and says so."""
-    original = classifier("NCHW", "bn", batch="N")
+    the server never feeds them, so the import makes them plain initializers and says so. IR
+    version 3 (opset 7 era) requires that listing, so it becomes IR 4, recorded too."""
+    original = classifier("NCHW", "bn", batch="N", opset=opset)
+    original.ir_version = ir
     for t in original.graph.initializer:
         original.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, t.dims))
     src = save(original, tmp_path / "old.onnx")
     m = import_model(src, ImportOptions(name="old", models_dir=models))
     assert [r.folded for r in m.fold_report] == [True]
     assert any("8 initializers no longer listed as graph inputs" in c for c in m.imported.changes)
+    assert any("IR version 3 -> 4" in c for c in m.imported.changes) == (ir == 3)
     unfolded = onnx.load(str(models / "old" / "unfolded.onnx"))
     assert [i.name for i in unfolded.graph.input] == ["x"]
     x = generated_batch(m.input.preprocess, 8)
