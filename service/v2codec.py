@@ -57,7 +57,27 @@ def _validate_header(raw: bytes) -> InferenceRequest:
         errors = exc.errors()
         if errors and errors[0]["type"] == "json_invalid":
             raise BadInput(f"malformed JSON in the inference request: {errors[0]['msg']}") from None
-        raise BadInput(f"invalid inference request: {validation_message(errors)}") from None
+        raise BadInput(
+            f"invalid inference request: {validation_message(_parameter_errors(errors))}"
+        ) from None
+
+
+PARAMETER_TYPES = ("bool", "int", "float", "str")  # the members of schemas.ParameterValue
+
+
+def _parameter_errors(errors: list) -> list:
+    """A parameter value that is no string, number or boolean fails each member of the union
+    (four lines: '.bool: Input should be a valid boolean; .int: ...'): one line says it."""
+    answer, seen = [], set()
+    for err in errors:
+        loc = tuple(err.get("loc", ()))
+        if len(loc) < 3 or loc[-1] not in PARAMETER_TYPES or "parameters" not in loc:
+            answer.append(err)
+        elif loc[:-1] not in seen:
+            seen.add(loc[:-1])
+            message = "must be a string, a number or a boolean (a parameter value)"
+            answer.append({**err, "loc": loc[:-1], "msg": message})
+    return answer
 
 
 def _split_binary(request: InferenceRequest, tail: bytes) -> dict[int, bytes]:

@@ -113,3 +113,20 @@ def test_shared_memory_tensors_are_refused_not_ignored(client, direct):
     r = client.post(INFER, json={"inputs": [shm_input]})
     assert r.status_code == 400 and r.json() == {"error": SHM_IN}
     assert_still_serving(client, direct)
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"parameters": {"headers": {"a": 1}}, "inputs": [ZERO]}, "parameters.headers"),
+        ({"inputs": [{**ZERO, "parameters": {"x": None}}]}, "inputs.0.parameters.x"),
+        ({"inputs": [ZERO], "outputs": [{"name": "logits", "parameters": {"b": [1]}}]},
+         "outputs.0.parameters.b"),
+    ],
+)  # fmt: skip
+def test_a_parameter_value_of_another_type_is_one_line_saying_which_types(client, body, where):
+    """It was four: '.bool: Input should be a valid boolean; .int: ... (and 1 more)'."""
+    r = client.post(INFER, json=body)
+    assert r.status_code == 400
+    assert r.json() == {"error": f"invalid inference request: {where}: must be a string, a "
+                        "number or a boolean (a parameter value)"}  # fmt: skip
