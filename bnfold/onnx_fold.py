@@ -7,8 +7,10 @@ normalizes with `(x - mean) / std`) folds:
 - backward into the Conv / ConvTranspose / Gemm / MatMul (+ bias Add) that produces its input,
   through shape-only nodes (Reshape, Unsqueeze, Squeeze, Flatten, Transpose, Identity) that
   keep the channel axis, when every tensor on the way is read by nothing else;
-- else forward into the Conv / Gemm / MatMul it alone feeds (a BN after the activation); into a
-  Conv only when the shift is zero or the Conv reads no zero padding.
+- else forward into the Conv / Gemm / MatMul it alone feeds (a BN after the activation), also
+  through pools it commutes with (max and global pools for a non-negative scale, average pools
+  without zero padding); into a Conv only when the shift is zero or the Conv reads no zero
+  padding.
 
 Everything else stays, with the reason in the report. Arithmetic is `bnfold.foldmath` (float64,
 rounded once to the weight dtype; float16 weights too). The folded graph keeps the BN's output
@@ -255,7 +257,9 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     """The layer after the map and (s, t) per input channel, or Refused."""
     path, cur = [], affine.y
     # Shape/Size readers (Keras computes its Flatten's target shape) see no value change
-    while (c := graph.sole_value_reader(cur)) is not None and c.op_type in SHAPE_OPS:
+    while (c := graph.sole_value_reader(cur)) is not None and (
+        c.op_type in SHAPE_OPS or _commuting_pool(graph, c)
+    ):
         if c.input[0] != cur:
             break
         path.append(c)
@@ -277,6 +281,9 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
         raise Refused(
             f"not folded: its channels are not the input channels of {describe(layer.node)}"
         )
+    maxpool = next((p for p in path if p.op_type in ("MaxPool", "GlobalMaxPool")), None)
+    if maxpool is not None and np.any(affine.s < 0):
+        raise Refused(f"not folded: a negative scale does not commute with {describe(maxpool)}")
     n = foldmath.in_channels(layer.w.shape, layer.layout(), layer.groups)
     s, t = affine.expand(n, repeat, tile)
     if layer.kind == "Conv" and np.any(t != 0) and _reads_zero_padding(layer):
@@ -284,9 +291,37 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     return _Plan(layer, s, t)
 
 
+def _commuting_pool(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A pool that a per-channel map moves through unchanged: max(s x + t) = s max(x) + t for
+    s >= 0 (checked by the caller; MaxPool pads with -inf), mean(s x + t) = s mean(x) + t when
+    no zero padding enters the mean. Pools run on (N, C, ...): the channel is axis 1."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in POOL_OPS:
+        return False
+    if node.op_type == "MaxPool":  # its Indices output must be unused
+        return all(not graph.consumers.get(o) and o not in graph.graph_outputs
+                   for o in node.output[1:] if o)  # fmt: skip
+    if node.op_type == "AveragePool" and not attr(node, "count_include_pad", 0):
+        return True
+    if node.op_type == "AveragePool":  # counted zeros: pads, or ceil_mode's partial windows
+        if attr(node, "ceil_mode", 0):
+            return False
+        auto_pad = attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        return auto_pad in ("NOTSET", "VALID") and not any(attr(node, "pads") or [])
+    return True  # GlobalAveragePool, GlobalMaxPool
+
+
+POOL_OPS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool")
+
+
 def _through(graph: Graph, path: list, at: Channel, layer: Layer) -> Channel:
-    """Follow the channel (axis, repeat, tile) through shape-only nodes, or Refused."""
+    """Follow the channel (axis, repeat, tile) through shape-only nodes and pools, or Refused."""
     for node in path:
+        if node.op_type in POOL_OPS:
+            if at != (1, 1, 1):
+                raise Refused(f"not folded: it scales axis {at[0]}, not the channels of "
+                              f"{describe(node)}")  # fmt: skip
+            continue
         moved = map_axis(node, at, graph.dims.get(node.input[0]), graph.dims.get(node.output[0]))
         if moved is None:
             raise Refused(

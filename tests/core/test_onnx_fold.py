@@ -427,6 +427,54 @@ def test_bn_after_relu_folds_forward_through_a_keras_nhwc_flatten():
     assert foldable_mul_add(folded) == 0
 
 
+def _affine_pool_gemm(scale: np.ndarray, pool: str, **attrs):
+    """x -> Relu -> Mul(scale) -> Add -> pool -> Flatten -> Gemm: a BN after the activation
+    with a pool between it and the dense layer (Keras: ReLU, BN, MaxPooling2D, Flatten)."""
+    b = Builder(34)
+    mul = b.node("Mul", [b.node("Relu", ["x"]), b.const(scale.reshape(1, 4, 1, 1))], name="s")
+    add = b.node("Add", [mul, b.const(b.randn(1, 4, 1, 1))], name="t")
+    pooled = b.node(pool, [add], **attrs)
+    flat = b.node("Flatten", [pooled])
+    n_in = 4 * (1 if pool.startswith("Global") else 9)
+    out = b.node("Gemm", [flat, b.const(b.randn(3, n_in)), b.const(b.randn(3))], name="dense",
+                 transB=1)  # fmt: skip
+    return b.model(["N", 4, 6, 6], out), b.randn(2, 4, 6, 6).astype(np.float32)
+
+
+@pytest.mark.parametrize(
+    "pool, attrs",
+    [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}),
+        ("MaxPool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1]}),
+        ("GlobalAveragePool", {}),
+        ("GlobalMaxPool", {}),
+    ],
+)
+def test_bn_after_relu_folds_forward_through_a_pool(pool, attrs):
+    """max(s x + t) = s max(x) + t for s >= 0 (MaxPool pads with -inf); mean(s x + t) =
+    s mean(x) + t when no zero padding is counted (count_include_pad=0, the default)."""
+    model, x = _affine_pool_gemm(np.array([0.5, 2.0, 1.5, 0.0]), pool, **attrs)
+    folded, report = fold_and_check(model, x, 1)
+    assert (only_row(report).direction, only_row(report).into) == ("forward", "dense")
+
+
+@pytest.mark.parametrize(
+    "pool, attrs, reason",
+    [
+        ("MaxPool", {"kernel_shape": [2, 2], "strides": [2, 2]}, "negative scale"),
+        ("GlobalMaxPool", {}, "negative scale"),
+        ("AveragePool", {"kernel_shape": [3, 3], "strides": [2, 2], "pads": [1, 1, 1, 1],
+                         "count_include_pad": 1}, "feeds AveragePool"),
+        ("AveragePool", {"kernel_shape": [2, 2], "strides": [2, 2], "ceil_mode": 1,
+                         "count_include_pad": 1}, "feeds AveragePool"),
+    ],
+)  # fmt: skip
+def test_pools_that_do_not_commute_are_refused(pool, attrs, reason):
+    model, x = _affine_pool_gemm(np.array([0.5, -2.0, 1.5, 1.0]), pool, **attrs)
+    assert reason in refused(model, x)
+
+
 def test_a_split_channel_axis_is_refused_not_folded():
     """Reshape (N, 36) -> (N, 6, 6) after an NHWC flatten splits the channel period: no fold."""
     b = Builder(32)
