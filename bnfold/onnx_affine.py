@@ -18,6 +18,7 @@ from bnfold.onnx_graph import FLOAT_DTYPES, Graph, attr, describe, node_name
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 STEP_OPS = ("Mul", "Add", "Sub", "Div")  # with a constant operand: per-channel affine steps
+POOL_OPS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool")
 FLOAT_NAMES = "float32, float64 or float16"
 
 
@@ -251,3 +252,36 @@ def _check_dtype(graph: Graph, name: str) -> None:
     np_type = onnx.helper.tensor_dtype_to_np_dtype(elem)
     if np_type.type not in FLOAT_DTYPES:
         raise Refused(f"not folded: input '{name}' has dtype {np_type}; only {FLOAT_NAMES} fold")
+
+
+def reads_zero_padding(layer: Layer) -> bool:
+    """Whether a Conv's output depends on zero padding (a shift before it would not fold)."""
+    auto_pad = attr(layer.node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if auto_pad == "VALID":
+        return False
+    if auto_pad.startswith("SAME"):  # pads only when a kernel tap reaches past the border
+        kernel = layer.w.shape[2:]
+        dilations = attr(layer.node, "dilations") or [1] * len(kernel)
+        return any((k - 1) * d > 0 for k, d in zip(kernel, dilations, strict=True))
+    return any(p != 0 for p in (attr(layer.node, "pads") or []))
+
+
+def commuting_pool(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A pool that a per-channel map moves through unchanged: max(s x + t) = s max(x) + t for
+    s >= 0 (checked by the caller; MaxPool pads with -inf), mean(s x + t) = s mean(x) + t when
+    no zero padding enters the mean. Pools run on (N, C, ...): the channel is axis 1."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in POOL_OPS:
+        return False
+    if node.op_type == "MaxPool":  # its Indices output must be unused
+        return all(not graph.consumers.get(o) and o not in graph.graph_outputs
+                   for o in node.output[1:] if o)  # fmt: skip
+    if node.op_type == "AveragePool" and not attr(node, "count_include_pad", 0):
+        return True
+    if node.op_type == "AveragePool":  # counted zeros: pads, or ceil_mode's partial windows
+        if attr(node, "ceil_mode", 0):
+            return False
+        auto_pad = attr(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        return auto_pad in ("NOTSET", "VALID") and not any(attr(node, "pads") or [])
+    return True  # GlobalAveragePool, GlobalMaxPool

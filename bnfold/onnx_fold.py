@@ -32,16 +32,19 @@ from bnfold import foldmath
 from bnfold.bundle import FoldRow
 from bnfold.foldreport import FoldReport
 from bnfold.onnx_affine import (
+    POOL_OPS,
     Affine,
     Layer,
     Refused,
     batchnorm_affine,
     bias_name,
     check_layer,
+    commuting_pool,
     is_matmul_bias,
     layer_at,
     mul_add_chain,
     mul_add_step,
+    reads_zero_padding,
 )
 from bnfold.onnx_graph import (
     SHAPE_OPS,
@@ -258,7 +261,7 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     path, cur = [], affine.y
     # Shape/Size readers (Keras computes its Flatten's target shape) see no value change
     while (c := graph.sole_value_reader(cur)) is not None and (
-        c.op_type in SHAPE_OPS or _commuting_pool(graph, c)
+        c.op_type in SHAPE_OPS or commuting_pool(graph, c)
     ):
         if c.input[0] != cur:
             break
@@ -286,32 +289,9 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
         raise Refused(f"not folded: a negative scale does not commute with {describe(maxpool)}")
     n = foldmath.in_channels(layer.w.shape, layer.layout(), layer.groups)
     s, t = affine.expand(n, repeat, tile)
-    if layer.kind == "Conv" and np.any(t != 0) and _reads_zero_padding(layer):
+    if layer.kind == "Conv" and np.any(t != 0) and reads_zero_padding(layer):
         raise Refused(PADDED_REASON)
     return _Plan(layer, s, t)
-
-
-def _commuting_pool(graph: Graph, node: onnx.NodeProto) -> bool:
-    """A pool that a per-channel map moves through unchanged: max(s x + t) = s max(x) + t for
-    s >= 0 (checked by the caller; MaxPool pads with -inf), mean(s x + t) = s mean(x) + t when
-    no zero padding enters the mean. Pools run on (N, C, ...): the channel is axis 1."""
-    if node.domain not in ("", "ai.onnx") or node.op_type not in POOL_OPS:
-        return False
-    if node.op_type == "MaxPool":  # its Indices output must be unused
-        return all(not graph.consumers.get(o) and o not in graph.graph_outputs
-                   for o in node.output[1:] if o)  # fmt: skip
-    if node.op_type == "AveragePool" and not attr(node, "count_include_pad", 0):
-        return True
-    if node.op_type == "AveragePool":  # counted zeros: pads, or ceil_mode's partial windows
-        if attr(node, "ceil_mode", 0):
-            return False
-        auto_pad = attr(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-        return auto_pad in ("NOTSET", "VALID") and not any(attr(node, "pads") or [])
-    return True  # GlobalAveragePool, GlobalMaxPool
-
-
-POOL_OPS = ("MaxPool", "GlobalMaxPool", "AveragePool", "GlobalAveragePool")
 
 
 def _through(graph: Graph, path: list, at: Channel, layer: Layer) -> Channel:
@@ -351,18 +331,6 @@ def _attach_matmul_bias(graph: Graph, layer: Layer) -> None:
     step = mul_add_step(graph, nxt) if nxt is not None else None
     if step is not None and is_matmul_bias(graph, step):
         layer.bias_add = nxt
-
-
-def _reads_zero_padding(layer: Layer) -> bool:
-    auto_pad = attr(layer.node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
-    if auto_pad == "VALID":
-        return False
-    if auto_pad.startswith("SAME"):  # pads only when a kernel tap reaches past the border
-        kernel = layer.w.shape[2:]
-        dilations = attr(layer.node, "dilations") or [1] * len(kernel)
-        return any((k - 1) * d > 0 for k, d in zip(kernel, dilations, strict=True))
-    return any(p != 0 for p in (attr(layer.node, "pads") or []))
 
 
 # ---------------------------------------------------------------- applying
