@@ -46,6 +46,15 @@ class TensorSpec(_Strict):
     shape: list[int] = Field(description="-1 marks the variable batch dimension.")
 
 
+class OutputSpec(TensorSpec):
+    """The served output: logits, or scores the graph already made (it ends in Softmax or
+    Sigmoid), which the server reports as they are instead of taking their softmax again."""
+
+    probabilities: bool = Field(
+        False, description="The output already holds probabilities (a final Softmax/Sigmoid)."
+    )
+
+
 class InputSpec(TensorSpec):
     preprocess: PreprocessSpec
 
@@ -198,7 +207,7 @@ class Manifest(_Strict):
     created: str
     classes: list[str] = Field(min_length=2)
     input: InputSpec
-    output: TensorSpec
+    output: OutputSpec
     files: dict[FileVariant, OnnxFile]
     fold_report: list[FoldRow]
     layer_probes: list[LayerProbe] = Field(default_factory=list)

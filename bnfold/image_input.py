@@ -182,6 +182,16 @@ def logits_output(
 
 
 PROBABILITY_OPS = ("Softmax", "LogSoftmax", "Sigmoid")
+SCORE_OPS = ("Softmax", "Sigmoid")  # their output is the score itself; softmax(LogSoftmax) = it
+
+
+def final_op(model: onnx.ModelProto, served: str) -> str | None:
+    """The op that makes the served output, looking through Identity nodes."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    node = producers.get(served)
+    while node is not None and node.op_type == "Identity":
+        node = producers.get(node.input[0])
+    return None if node is None else node.op_type
 
 
 def output_notes(model: onnx.ModelProto, served: str) -> list[str]:
@@ -194,17 +204,17 @@ def output_notes(model: onnx.ModelProto, served: str) -> list[str]:
             f"the model has {len(others) + 1} outputs; the bundle serves {served!r} only "
             f"(not {', '.join(repr(o) for o in others)})"
         )
-    producers = {o: n for n in model.graph.node for o in n.output}
-    node, name = producers.get(served), served
-    while node is not None and node.op_type == "Identity":
-        name = node.input[0]
-        node = producers.get(name)
-    if node is not None and node.op_type in PROBABILITY_OPS:
+    op = final_op(model, served)
+    if op in SCORE_OPS:
         notes.append(
-            f"output {served!r} comes out of {node.op_type}: it holds probabilities, not "
-            "logits; V2 infer returns it as it is, but probabilities computed from it (softmax "
-            "of the output) are flattened; export the model without its final "
-            f"{node.op_type} to serve logits"
+            f"output {served!r} comes out of {op}: it holds probabilities, not logits; /v1 "
+            "reports them as they are (bundle.json output.probabilities) and V2 infer returns "
+            f"them; export the model without its final {op} to serve logits"
+        )
+    elif op in PROBABILITY_OPS:
+        notes.append(
+            f"output {served!r} comes out of {op}: log-probabilities; /v1 turns them into "
+            "probabilities with a softmax, which is exact for them"
         )
     return notes
 

@@ -31,12 +31,19 @@ from bnfold.bundle import (
     LayerProbe,
     Manifest,
     OnnxFile,
-    TensorSpec,
+    OutputSpec,
     sha256_file,
     write_bundle_atomically,
 )
 from bnfold.errors import BnfoldError, validation_message
-from bnfold.image_input import ImageInput, check_classes, logits_output, resolve_image_input
+from bnfold.image_input import (
+    SCORE_OPS,
+    ImageInput,
+    check_classes,
+    final_op,
+    logits_output,
+    resolve_image_input,
+)
 from bnfold.int8 import Int8Options, Int8Request, add_int8_variant
 from bnfold.onnx_fold import FoldError, fold_onnx
 from bnfold.onnx_load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
@@ -305,7 +312,11 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
             classes=classes,
             input=InputSpec(name=image.name, shape=image.served_shape, preprocess=spec),
-            output=TensorSpec(name=output, shape=[-1, n_out]),
+            output=OutputSpec(
+                name=output,
+                shape=[-1, n_out],
+                probabilities=final_op(unfolded, output) in SCORE_OPS,
+            ),
             files=files,
             fold_report=report.rows,
             layer_probes=probes,

@@ -115,11 +115,12 @@ class DataPlane:
         decoded, x = await preprocess_uploads(uploads, spec, self.settings.max_pixels)
         logits = await self.infer(model, variant, x)
         names = [u.filename for u in decoded]
+        probs = model.manifest.output.probabilities
         return PredictResponse(
             model_name=model.name,
             model_version=model.version,
             variant=variant,
-            predictions=predictions(logits, model.manifest.classes, top_k, names),
+            predictions=predictions(logits, model.manifest.classes, top_k, names, probs),
         )
 
     async def compare_images(
@@ -140,6 +141,7 @@ class DataPlane:
         """Run folded and unfolded now on x; diff their logits and each folded layer's output;
         int8 beside them when the bundle serves it (judged by agreement with folded)."""
         manifest = model.manifest
+        probs = manifest.output.probabilities
         assert manifest is not None
         logits = {v: await self.infer(model, v, x) for v in PROBED}
         stats = diff_stats(logits["folded"], logits["unfolded"])
@@ -155,8 +157,8 @@ class DataPlane:
             model_name=model.name,
             model_version=manifest.version,
             n_images=len(x),
-            folded=predictions(logits["folded"], manifest.classes, top_k, filenames),
-            unfolded=predictions(logits["unfolded"], manifest.classes, top_k, filenames),
+            folded=predictions(logits["folded"], manifest.classes, top_k, filenames, probs),
+            unfolded=predictions(logits["unfolded"], manifest.classes, top_k, filenames, probs),
             max_abs_diff=stats.max_abs_diff,
             mean_abs_diff=stats.mean_abs_diff,
             max_rel_diff=stats.max_rel_diff,
@@ -179,6 +181,7 @@ class DataPlane:
     ) -> tuple[Int8Comparison | None, str | None]:
         """int8 next to folded when the bundle serves it, else why not (one line)."""
         manifest = model.manifest
+        probs = manifest.output.probabilities
         assert manifest is not None
         report = manifest.equivalence.int8
         if INT8 not in model.sessions:
@@ -187,7 +190,7 @@ class DataPlane:
         logits = await self.infer(model, INT8, x)
         stats = diff_stats(logits, folded)
         return Int8Comparison(
-            predictions=predictions(logits, manifest.classes, top_k, filenames),
+            predictions=predictions(logits, manifest.classes, top_k, filenames, probs),
             max_abs_diff=stats.max_abs_diff,
             mean_abs_diff=stats.mean_abs_diff,
             top1_agreement=stats.top1_agreement if stats.top1_agreement is not None else 1.0,

@@ -88,10 +88,15 @@ def _uploads_to_batch(
 
 
 def predictions(
-    logits: np.ndarray, classes: list[str], top_k: int, filenames: list[str | None] | None = None
+    logits: np.ndarray,
+    classes: list[str],
+    top_k: int,
+    filenames: list[str | None] | None = None,
+    probabilities: bool = False,
 ) -> list[Prediction]:
-    """One Prediction per row of (N, classes) logits, in row order; top_k clamped to classes."""
-    probs = softmax(logits)  # (N, classes) float64
+    """One Prediction per row of (N, classes) logits, in row order; top_k clamped to classes.
+    `probabilities`: the model's output already is the score (a final Softmax), used as it is."""
+    probs = np.asarray(logits, np.float64) if probabilities else softmax(logits)  # (N, classes)
     k = min(top_k, len(classes))
     names = filenames or [None] * len(probs)
     out = []

@@ -17,7 +17,7 @@ import pytest
 from onnx import numpy_helper
 from PIL import Image
 
-from bnfold.bundle import load_bundle, sha256_file
+from bnfold.bundle import load_bundle, read_manifest, sha256_file
 from bnfold.errors import BnfoldError
 from bnfold.image_input import read_class_file
 from bnfold.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
@@ -350,7 +350,7 @@ def test_large_inputs_are_measured_on_fewer_images_within_the_memory_budget(tmp_
 
 def test_softmax_head_and_extra_outputs_are_imported_with_a_warning(tmp_path):
     """A Softmax at the end and a second output: imported, and the summary says that the
-    output is probabilities (the served softmax of it is flattened) and what is not served."""
+    output is probabilities (reported as they are) and what is not served."""
     model = classifier("NCHW", "bn", batch="N")
     model.graph.node[-1].output[0] = "z"
     model.graph.node.append(onnx.helper.make_node("Softmax", ["z"], ["logits"], axis=1))
@@ -370,6 +370,23 @@ def test_softmax_head_and_extra_outputs_are_imported_with_a_warning(tmp_path):
     x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype(np.float32)
     served = ort_run(str(tmp_path / "m" / "s" / "unfolded.onnx"), x)
     np.testing.assert_array_equal(served, ort_run(model, x))  # the original's first output
+    # The output is the score: /v1 reports it as it is, not a softmax of it (which flattens).
+    manifest = read_manifest(tmp_path / "m" / "s")
+    assert manifest.output.probabilities is True
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    settings = Settings(models_dir=tmp_path / "m", provider="cpu", grpc_port=0)
+    tensor = {"name": manifest.input.name, "shape": list(x.shape), "datatype": "FP32",
+              "data": x.ravel().tolist()}  # fmt: skip
+    with TestClient(create_app(settings)) as client:
+        r = client.post("/v1/models/s/compare?top_k=4", json={"inputs": [tensor]})
+    assert r.status_code == 200, r.text
+    for row, want in zip(r.json()["unfolded"], served, strict=True):
+        got = {c["index"]: c["probability"] for c in row["top_k"]}
+        np.testing.assert_allclose([got[i] for i in range(len(want))], want, rtol=0, atol=1e-7)
 
 
 def test_output_flag_picks_the_logits_when_features_come_first(tmp_path, models):
