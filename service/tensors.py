@@ -41,6 +41,18 @@ def refuse_shared_memory(kind: str, name: str) -> None:
                    f"shared memory extension: {where}")  # fmt: skip
 
 
+def check_outputs_once(names: Sequence[str]) -> None:
+    """Each output named at most once: a REST answer carries one copy per name, so 300,000
+    copies of 'logits' in a 6 MB request grew the server past 11 GB and froze its event loop."""
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            raise BadInput(
+                f"output {shown(name)} is requested more than once: name each output once"
+            )
+        seen.add(name)
+
+
 def dims(shape: Sequence[int]) -> str:
     """A client's shape for an error message: '[1, 1, 8, 8]', a long one cut."""
     return shown_list(shape, str)

@@ -21,6 +21,7 @@ from service.schemas import InferenceRequest, Parameters, RequestInput
 from service.tensors import (
     SHARED_MEMORY,
     check_header,
+    check_outputs_once,
     from_raw,
     from_values,
     refuse_shared_memory,
@@ -149,6 +150,7 @@ def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple
     default_binary = _flag(request.parameters, "binary_data_output", "request")
     if not request.outputs:
         return [(spec.name, default_binary)]
+    check_outputs_once([out.name for out in request.outputs])
     answer = []
     for out in request.outputs:
         if SHARED_MEMORY in (out.parameters or {}):

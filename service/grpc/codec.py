@@ -18,6 +18,7 @@ from service.grpc import inference_pb2 as pb
 from service.tensors import (
     SHARED_MEMORY,
     check_header,
+    check_outputs_once,
     from_raw,
     from_values,
     refuse_shared_memory,
@@ -86,6 +87,7 @@ def input_array(request: pb.ModelInferRequest, spec: TensorSpec) -> np.ndarray:
 
 def requested_outputs(request: pb.ModelInferRequest, spec: TensorSpec) -> None:
     """Every output asked for must be the model's one output (all outputs when none are)."""
+    check_outputs_once([out.name for out in request.outputs])
     for out in request.outputs:
         if SHARED_MEMORY in out.parameters:
             refuse_shared_memory("output", out.name)

@@ -187,6 +187,9 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
     long = "m" * 10000
     shm_in = raw_request(raw_input_contents=[])
     shm_in.inputs[0].parameters["shared_memory_region"].string_param = "in0"
+    twice = raw_request()
+    twice.outputs.add(name="logits")
+    twice.outputs.add(name="logits")
     shm_out = raw_request()
     shm_out.outputs.add(name="logits").parameters["shared_memory_region"].string_param = "out0"
     invalid, busy = "INVALID_ARGUMENT", "RESOURCE_EXHAUSTED"
@@ -201,6 +204,8 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
         "10 kB datatype": (raw_request(tensor={"datatype": long}), invalid,
                            f"input 'input' has datatype '{long[:79]}... (10000 characters); "
                            "this model takes FP32"),
+        "output twice": (twice, invalid, "output 'logits' is requested more than once: name "
+                         "each output once"),
         # Shared memory is not served: an output region was ignored (answered in the body).
         "shared memory input": (shm_in, invalid, "input 'input' names a shared memory region; "
                                 "this server has no shared memory extension: send it as data"),

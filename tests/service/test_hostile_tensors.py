@@ -130,3 +130,17 @@ def test_a_parameter_value_of_another_type_is_one_line_saying_which_types(client
     assert r.status_code == 400
     assert r.json() == {"error": f"invalid inference request: {where}: must be a string, a "
                         "number or a boolean (a parameter value)"}  # fmt: skip
+
+
+def test_an_output_requested_twice_is_400_before_anything_runs(client, direct):
+    """The answer carried one copy of the logits per name: 300,000 names in a 6 MB request
+    grew the real server past 11 GB and froze its event loop (liveness timed out)."""
+    x = {**ZERO, "shape": [32, 1, 8, 8], "data": [0.0] * 64 * 32}
+    r = client.post(INFER, json={"inputs": [x], "outputs": [{"name": "logits"}] * 1000})
+    assert r.status_code == 400
+    assert r.json() == {
+        "error": "output 'logits' is requested more than once: name each output once"
+    }
+    r = client.post(INFER, json={"inputs": [ZERO], "outputs": [{"name": "logits"}]})
+    assert r.status_code == 200 and len(r.json()["outputs"]) == 1
+    assert_still_serving(client, direct)
