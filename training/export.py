@@ -30,7 +30,7 @@ from bnfold.bundle import (
     LayerProbe,
     Manifest,
     OnnxFile,
-    TensorSpec,
+    OutputSpec,
     sha256_file,
     write_bundle_atomically,
 )
@@ -207,7 +207,7 @@ def export_bundle(
             input=InputSpec(
                 name=INPUT_NAME, shape=[-1, spec.channels, spec.height, spec.width], preprocess=spec
             ),
-            output=TensorSpec(name=OUTPUT_NAME, shape=[-1, n_classes]),
+            output=OutputSpec(name=OUTPUT_NAME, shape=[-1, n_classes]),
             files=files,
             fold_report=report.rows,
             layer_probes=probes,
