@@ -97,6 +97,16 @@ class Settings(BaseSettings):
         "open is served, with Connection: close. They get this long in all, then the server "
         "exits (0 when none was cut off, else 1). Keep it above request_timeout_s.",
     )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a client has, from opening a connection (or from the first byte of "
+        "a request on a kept-alive one), to send the request's complete headers; past it the "
+        "connection is closed. Stops clients that hold connections open by sending nothing or a "
+        "header a byte at a time (slowloris). The body's pace is bounded by the request "
+        "timeout.",
+    )
     keep_alive_timeout_s: int = Field(
         5,
         ge=1,

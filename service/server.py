@@ -125,6 +125,7 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(settings: Settings, core: Core | None = None) -> uvicorn.Config:
+    DrainingHttpProtocol.header_timeout_s = settings.header_timeout_s  # one per process
     return uvicorn.Config(
         create_app(settings, core=core),
         host=settings.host,

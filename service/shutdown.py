@@ -29,20 +29,51 @@ log = logging.getLogger(__name__)
 
 
 class DrainingHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol, with `shutdown()` that finishes what the client sent."""
+    """uvicorn's httptools protocol, with `shutdown()` that finishes what the client sent, and a
+    header timeout: a connection that sends no request, or whose headers do not complete within
+    `header_timeout_s`, is closed (uvicorn has no such timer, so a slowloris client kept its
+    connection forever)."""
 
     draining = False
+    header_timeout_s: float = 10.0  # set from BNFOLD_HEADER_TIMEOUT_S by service.server
     _partial = False  # a request has begun (bytes parsed) but its headers are not complete
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_header_timer()  # the first request's headers are due within the timeout
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._partial = True
+        self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
         self._partial = False
+        self._disarm_header_timer()
         if self.draining and self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        """Nothing sent since the connection opened, or headers still incomplete: close it."""
+        self._header_timer = None
+        waiting = self.cycle is None or self._partial
+        if waiting and not self.transport.is_closing():
+            self.transport.close()
 
     def idle(self) -> bool:
         """No request in progress: nothing parsed since the last response completed."""
