@@ -13,10 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from bnfold.bundle import (
     FoldRow,
+    ImportRecord,
     InputSpec,
     LayerDiff,
+    OutputSpec,
     Quantization,
-    TensorSpec,
 )
 
 ParameterValue = bool | int | float | str
@@ -233,7 +234,7 @@ class ModelDetail(ModelSummary):
 
     created: str | None = None
     input: InputSpec | None = None
-    output: TensorSpec | None = None
+    output: OutputSpec | None = None
     providers: list[str] = Field(
         default_factory=list, description="Active onnxruntime execution providers, in order."
     )
@@ -244,6 +245,9 @@ class ModelDetail(ModelSummary):
     per_layer_note: str | None = None
     versions: dict[str, str] = Field(default_factory=dict)
     training: dict = Field(default_factory=dict)
+    imported: ImportRecord | None = Field(
+        None, description="For a model brought in by `bnfold import`: its source and changes."
+    )
 
 
 class Int8Comparison(BaseModel):

@@ -78,6 +78,7 @@ async def model_detail(model: ModelName, request: Request) -> ModelDetail:
         per_layer_note=loaded.probe_error,
         versions=m.versions,
         training=m.training,
+        imported=m.imported,
     )  # fmt: skip
 
 

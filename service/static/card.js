@@ -44,12 +44,14 @@ function inputSection(m) {
     h("h3", {}, "Input and output"),
     definitions([
       ["Input tensor", `${m.input.name}: ${m.input.datatype} [${m.input.shape.join(", ")}]`],
+      ["Layout", p.layout ?? "NCHW"],
       ["Color mode", p.color_mode === "L" ? "L (grayscale, 1 channel)" : "RGB (3 channels)"],
       ["Size", `${p.width}×${p.height} (${p.resample} resampling)`],
       ["Scale", String(p.scale)],
       ["Mean", `[${p.mean.join(", ")}]`],
       ["Std", `[${p.std.join(", ")}]`],
       ["Output tensor", `${m.output.name}: ${m.output.datatype} [${m.output.shape.join(", ")}]`],
+      ["Output holds", m.output.probabilities ? "probabilities (shown as they are)" : "logits"],
     ]),
     h("h3", {}, `Classes (${m.classes.length})`),
     h("ul", { class: "chips", "aria-label": "Classes" }, m.classes.map((c, i) => h("li", { title: `index ${i}` }, c))),
@@ -181,6 +183,25 @@ function int8Section(m, eq) {
   );
 }
 
+function importSection(m) {
+  const r = m.imported;
+  if (!r) return null;
+  return h(
+    "section",
+    { class: "card-part" },
+    h("h3", {}, "Imported model"),
+    definitions([
+      ["Source", r.source],
+      ["Producer", r.producer],
+      ["IR version", String(r.ir_version)],
+      ["sha256", r.sha256],
+      ...(r.external_data.length ? [["Weight files", r.external_data.join(", ")]] : []),
+    ]),
+    h("p", { class: "note" }, r.changes.length ? "Changed for serving:" : "Unchanged for serving."),
+    r.changes.length ? h("ul", { "data-role": "import-changes" }, r.changes.map((c) => h("li", {}, c))) : null,
+  );
+}
+
 function trainingSection(m) {
   const t = m.training ?? {};
   const fmt = (v) => {
@@ -216,6 +237,7 @@ export function renderModelCard(container, m, eq) {
   const equivalence = eq ? equivalenceSection(eq) : null;
   const parts = [
     inputSection(m),
+    importSection(m),
     trainingSection(m),
     runtimeSection(m),
     foldSection(m),

@@ -60,6 +60,14 @@ TOP_K = 3
 
 
 REFUSAL = "followed by a non-affine layer: nothing to fold it into"
+IMPORTED = {
+    "source": "colleague.onnx",
+    "sha256": "0" * 64,
+    "external_data": ["colleague.onnx.data"],
+    "producer": "pytorch 2.13.0",
+    "ir_version": 8,
+    "changes": ["weights inlined from colleague.onnx.data", "batch axis made variable"],
+}
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +82,7 @@ def page_models(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     manifest["name"] = "digits-refusal"
     refused = manifest["fold_report"][-1]
     refused.update(folded=False, into=None, direction=None, reason=REFUSAL)
+    manifest["imported"] = IMPORTED  # shown as a model `bnfold import` brought in
     manifest_path.write_text(json.dumps(manifest, indent=2))
     return root
 
@@ -258,6 +267,7 @@ def test_model_card_shows_the_manifest(tab: Tab, api: httpx.Client) -> None:
     assert page.locator("#model option").all_inner_texts() == ["digits", "digits-refusal"]
     card = page.locator("#card-body").inner_text()
     assert "[object Object]" not in card and "undefined" not in card  # every value rendered
+    assert "Imported model" not in card and "NCHW" in card  # trained here; its layout
     assert "lr=0.01" in card  # the training configuration, as key=value pairs
     assert page.locator(".chips li").all_inner_texts() == detail["classes"]
     assert text(tab, "[data-role=providers]") == ", ".join(detail["providers"])
@@ -290,6 +300,11 @@ def test_model_card_shows_the_manifest(tab: Tab, api: httpx.Client) -> None:
     assert REFUSAL in refused.inner_text()
     folded = sum(row["folded"] for row in layers[:-1])
     assert f"{folded} folded, 1 refused" in text(tab, "#card-body")
+    # Where an imported model came from, and what serving changed in it.
+    card = text(tab, "#card-body")
+    assert "Imported model" in card and "colleague.onnx" in card and "pytorch 2.13.0" in card
+    changes = page.locator("[data-role=import-changes] li").all_inner_texts()
+    assert changes == IMPORTED["changes"]
 
     # Every form control has a label; results are announced.
     unlabeled = page.evaluate(
