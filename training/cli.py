@@ -220,21 +220,14 @@ def export_checkpoint(
 def checkpoint_metrics(ckpt: dict, model, splits: Splits) -> dict:
     """What the bundle says about training, taken from the checkpoint it holds and measured on
     its weights now, never from a summary file that another run may have left behind."""
-    from training.train import evaluate
+    from training.train import evaluate, run_summary
 
     test = evaluate(model, splits.test.x, splits.test.y)
-    history = ckpt.get("history") or []
-    metrics = {
-        "epochs": ckpt["epoch"],
-        "test_acc": test["acc"],
-        "test_loss": test["loss"],
-        "val_acc": history[-1]["val_acc"] if history else None,
-        "n_train": len(splits.train.y),
-        "n_val": len(splits.val.y),
-        "n_test": len(splits.test.y),
-        "seed": ckpt["train_config"]["seed"],
-        "data": ckpt["train_config"].get("extra", {}).get("data", "digits"),
-        "config": ckpt["train_config"],  # the TrainConfig that made these weights
+    config = ckpt["train_config"]
+    # The checkpoint's history has one row per epoch it trained, resumed runs included.
+    metrics = run_summary(test, ckpt.get("history") or [], splits, config["seed"]) | {
+        "data": config.get("extra", {}).get("data", "digits"),
+        "config": config,  # the TrainConfig that made these weights
     }
     if ckpt.get("distributed"):
         metrics |= ckpt["distributed"]

@@ -259,7 +259,18 @@ def finish(
     test = evaluate(
         model, splits.test.x, splits.test.y, device=None if dist is None else dist.device
     )
-    summary = {
+    summary = run_summary(test, history, splits, train_cfg.seed)
+    if dist is not None:
+        summary |= distributed_info(dist, train_cfg)
+    plot_curves(history, run_dir / "curves.png")
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def run_summary(test: dict, history: list[dict], splits: Splits, seed: int) -> dict:
+    """What a run measured: epochs trained, test metrics, the last validation accuracy and the
+    split sizes (summary.json, and the bundle's training metadata)."""
+    return {
         "epochs": len(history),
         "test_acc": test["acc"],
         "test_loss": test["loss"],
@@ -267,13 +278,8 @@ def finish(
         "n_train": len(splits.train.y),
         "n_val": len(splits.val.y),
         "n_test": len(splits.test.y),
-        "seed": train_cfg.seed,
+        "seed": seed,
     }
-    if dist is not None:
-        summary |= distributed_info(dist, train_cfg)
-    plot_curves(history, run_dir / "curves.png")
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
 
 
 def distributed_info(dist: DistContext | None, train_cfg: TrainConfig) -> dict | None:
