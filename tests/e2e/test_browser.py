@@ -17,8 +17,6 @@ import io
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import Digit, png_bytes
-from tests.servers import free_port, stop, wait_ready
+from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -89,26 +87,10 @@ def page_models(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 @pytest.fixture(scope="module")
 def server(page_models: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """`python -m service` on a free loopback port; yields its base URL."""
-    port = free_port()
+    """`bnfold-serve` on free loopback ports; yields its base URL."""
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {
-        **os.environ,
-        "BNFOLD_MODELS_DIR": str(page_models),
-        "BNFOLD_HOST": "127.0.0.1",
-        "BNFOLD_PORT": str(port),
-        "BNFOLD_LOG_LEVEL": "warning",
-    }
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "service"], cwd=REPO, env=env, stdout=out, stderr=out
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(base, proc, log)
-        yield base
-    finally:
-        stop(proc, timeout=15)
+    with serving(page_models, log) as served:
+        yield served.url
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,7 @@ from PIL import Image
 
 from bnfold.bundle import Manifest, read_manifest
 from bnfold.preprocess import preprocess_bytes
-from tests.e2e.conftest import serve_command
-from tests.servers import free_port, stop, wait_ready
+from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.e2e
 
@@ -102,17 +101,9 @@ def byom(tmp_path_factory) -> dict[str, Imported]:
 @pytest.fixture(scope="module")
 def server(byom, tmp_path_factory) -> Iterator[str]:
     models = next(iter(byom.values())).source.parents[1] / "models"
-    port = free_port()
     log = tmp_path_factory.mktemp("byom-server") / "server.log"
-    env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning"}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(port, models), env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, proc, log)
-        yield url
-    finally:
-        stop(proc, timeout=10)
+    with serving(models, log) as served:
+        yield served.url
     assert "Traceback" not in log.read_text()
 
 

@@ -10,8 +10,6 @@ same mistake), and that the server goes on serving.
 
 from __future__ import annotations
 
-import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,9 +27,8 @@ from tritonclient.grpc import service_pb2_grpc as pb_grpc
 from tritonclient.utils import InferenceServerException
 
 from tests.conftest import SERVED_VARIANTS, DirectOnnx
-from tests.e2e.conftest import MAX_BODY_BYTES, serve_command
+from tests.e2e.conftest import MAX_BODY_BYTES, serving
 from tests.pinned import THREADS, pinned_direct
-from tests.servers import free_port, stop, wait_ready
 
 pytestmark = pytest.mark.e2e
 INFER = "/v2/models/digits/infer"
@@ -45,18 +42,11 @@ class Server:
 @pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """REST and gRPC of one process; stopped with SIGTERM after the module, exiting 0."""
-    port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("grpc") / "server.log"
-    env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
-           "BNFOLD_MAX_BODY_BYTES": str(MAX_BODY_BYTES), "BNFOLD_GRPC_PORT": str(grpc_port),
-           "BNFOLD_WORKERS": "1", "BNFOLD_THREADS": str(THREADS)}  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(port, models_dir), env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, log)
-        yield Server(f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}")
-    finally:
-        stop(proc, timeout=10)
+    settings = {"max_body_bytes": MAX_BODY_BYTES, "workers": 1, "threads": THREADS}
+    with serving(models_dir, log, **settings) as served:
+        yield Server(served.url, served.grpc)
+    proc = served.proc
     assert proc.returncode == 0, f"exit {proc.returncode}:\n{log.read_text()}"
     assert "Traceback" not in log.read_text()
 

@@ -7,9 +7,7 @@ with one bit of quantized.onnx flipped. References: the int8 file run by onnxrun
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +19,7 @@ import tritonclient.grpc as triton
 from tritonclient.utils import InferenceServerException
 
 from bnfold.bundle import INT8_FILE
-from tests.e2e.conftest import serve_command
-from tests.servers import free_port, stop, wait_ready
+from tests.e2e.conftest import serving
 from tests.service.test_int8 import add_int8, without_int8
 
 pytestmark = pytest.mark.e2e
@@ -46,18 +43,10 @@ def int8_dir(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
 
 @pytest.fixture(scope="module")
 def urls(int8_dir: Path, tmp_path_factory) -> Iterator[tuple[str, str]]:
-    port, grpc_port = free_port(), free_port()
     log = tmp_path_factory.mktemp("int8-server") / "server.log"
-    env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "warning",
-           "BNFOLD_GRPC_PORT": str(grpc_port)}  # fmt: skip
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(port, int8_dir), env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, log)
-        yield f"http://127.0.0.1:{port}", f"127.0.0.1:{grpc_port}"
-    finally:
-        stop(proc, timeout=10)
-    assert proc.returncode == 0, log.read_text()
+    with serving(int8_dir, log) as served:
+        yield served.url, served.grpc
+    assert served.proc.returncode == 0, log.read_text()
 
 
 def infer(grpc_url: str, model: str, x: np.ndarray, variant: str) -> np.ndarray:

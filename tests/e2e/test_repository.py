@@ -5,9 +5,7 @@ real process, with the admin token (Bearer header over HTTP, `authorization` met
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +15,7 @@ import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from tritonclient.utils import InferenceServerException
 
-from tests.e2e.conftest import serve_command
-from tests.servers import free_port, stop, wait_ready
+from tests.e2e.conftest import serving
 
 pytestmark = pytest.mark.e2e
 TOKEN = "e2e-repository-token-0123456789abcdef"
@@ -31,19 +28,11 @@ def urls(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     root = tmp_path_factory.mktemp("repo")
     models = root / "models"
     shutil.copytree(bundle_src, models / "digits")
-    port, grpc_port = free_port(), free_port()
     # One worker: an unload is seen by the next request (workers follow it within a poll).
-    env = {**os.environ, "BNFOLD_PROVIDER": "cpu", "BNFOLD_LOG_LEVEL": "info",
-           "BNFOLD_GRPC_PORT": str(grpc_port), "BNFOLD_ADMIN_TOKEN": TOKEN,
-           "BNFOLD_WORKERS": "1"}  # fmt: skip
     log = root / "server.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(serve_command(port, models), env=env, stdout=out, stderr=out)
-    try:
-        wait_ready(f"http://127.0.0.1:{port}", proc, log)
-        yield f"127.0.0.1:{port}", f"127.0.0.1:{grpc_port}", models
-    finally:
-        stop(proc, timeout=10)
+    with serving(models, log, log_level="info", admin_token=TOKEN, workers=1) as served:
+        yield served.url.removeprefix("http://"), served.grpc, models
+    proc = served.proc
     text = log.read_text()
     assert proc.returncode == 0 and "Traceback" not in text, text
     assert TOKEN not in text  # never logged
