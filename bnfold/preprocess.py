@@ -70,8 +70,19 @@ class PreprocessSpec(BaseModel):
         return self
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Decode bytes into a fully loaded Pillow image, refusing bombs, junk and odd formats."""
+class OverBudget(Exception):
+    """The image has more pixels than the caller's `budget`: not an error in the image, a sign
+    for the caller to decode it elsewhere (the server decodes small images on its event loop)."""
+
+
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, budget: int | None = None
+) -> Image.Image:
+    """Decode bytes into a fully loaded Pillow image, refusing bombs, junk and odd formats.
+
+    With a `budget` of pixels, an image over it raises OverBudget after reading its header
+    only, before any pixel is decoded.
+    """
     if not data:
         raise BadInput("empty image: the file or body has no bytes")
     try:
@@ -89,8 +100,10 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
                 raise PayloadTooLarge(
                     f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} pixels"
                 )
+            if budget is not None and w * h > budget:
+                raise OverBudget(w * h)
             img.load()
-    except (UnsupportedMediaType, PayloadTooLarge):
+    except (UnsupportedMediaType, PayloadTooLarge, OverBudget):
         raise
     except UnidentifiedImageError:
         raise BadInput(

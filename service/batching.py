@@ -7,6 +7,9 @@ behind it.
 
 The policy, per lane:
 - a request that finds the lane idle runs at once, alone: a lone request is never delayed;
+  when the lane's runs are cheap (under `inline_run_s` for its rows, by the lane's own
+  measured time per row) it runs right there on the event loop, since a trip to the lane's
+  thread and back would cost more than the run;
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
@@ -35,6 +38,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SMOOTHING = 0.2  # weight of the newest run in the lane's running mean of seconds per row
+
 
 @dataclass(eq=False)
 class _Request:
@@ -53,21 +58,42 @@ class _Lane:
     waiting: deque[_Request] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
+    running: bool = False  # a batch is in the lane's thread now
+    row_seconds: float | None = None  # running mean of a run's seconds per row
 
     def rows_waiting(self) -> int:
         return sum(len(r.x) for r in self.waiting)
+
+    def runs_inline(self, rows: int, limit_s: float) -> bool:
+        """Idle, and a run of `rows` is expected to take less than `limit_s`."""
+        return (
+            not self.running
+            and not self.waiting
+            and self.row_seconds is not None
+            and self.row_seconds * rows < limit_s
+        )
+
+    def measured(self, rows: int, seconds: float) -> None:
+        per_row = seconds / rows
+        old = self.row_seconds
+        self.row_seconds = per_row if old is None else old + SMOOTHING * (per_row - old)
 
 
 class BatchingRunner:
     """A `Runner` that merges concurrent requests per (model, variant) into one run."""
 
     def __init__(
-        self, max_batch_size: int = 32, max_delay_s: float = 0.002, metrics: Metrics | None = None
+        self,
+        max_batch_size: int = 32,
+        max_delay_s: float = 0.002,
+        metrics: Metrics | None = None,
+        inline_run_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
+        self.inline_run_s = inline_run_s  # cheaper runs are done on the event loop
         self.metrics = metrics or Metrics()
         self.lanes: dict[tuple[str, str], _Lane] = {}
         self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
@@ -78,6 +104,11 @@ class BatchingRunner:
         if self.closed:
             raise ServiceUnavailable("the server is shutting down")
         lane = self._lane(model.name, variant)
+        if lane.runs_inline(len(x), self.inline_run_s):
+            logits, seconds = _timed_run(model, variant, x)
+            self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant).observe(0.0)
+            self._record(lane, 1, len(x), seconds)
+            return logits
         request = _Request(model, x, lane.loop.create_future())
         lane.waiting.append(request)
         lane.wakeup.set()
@@ -184,14 +215,28 @@ class BatchingRunner:
             queue_wait.observe(wait)
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
-        logits = await lane.loop.run_in_executor(lane.executor, model.run, lane.variant, x)
-        self._record(lane, len(batch), len(x), time.monotonic() - started)
+        lane.running = True
+        try:
+            logits, seconds = await lane.loop.run_in_executor(
+                lane.executor, _timed_run, model, lane.variant, x
+            )
+        finally:
+            lane.running = False
+        self._record(lane, len(batch), len(x), seconds)
         return logits  # (B, classes)
 
     def _record(self, lane: _Lane, requests: int, rows: int, seconds: float) -> None:
+        lane.measured(rows, seconds)
         self.batch_rows[rows] += 1
         m, labels = self.metrics, (lane.name, lane.variant)
         m.child(m.batch_size, *labels).observe(rows)
         m.child(m.inference_seconds, *labels).observe(seconds)
         m.child(m.images, *labels).inc(rows)
         m.child(m.inferences, *labels).inc(requests)
+
+
+def _timed_run(model: LoadedModel, variant: str, x: np.ndarray) -> tuple[np.ndarray, float]:
+    """model.run(variant, x) and the seconds it took, measured where it ran."""
+    started = time.perf_counter()
+    logits = model.run(variant, x)
+    return logits, time.perf_counter() - started

@@ -129,6 +129,15 @@ class Settings(BaseSettings):
         description="How long a request that queued behind a running batch may wait for more "
         "requests to fill its batch. A request that finds the model idle runs at once.",
     )
+    inline_run_us: float = Field(
+        100.0,
+        ge=0,
+        le=1_000_000,
+        description="A run that the model's measured time per row says takes less than this "
+        "(microseconds) is done on the event loop, unbatched, when the model is idle: the trip "
+        "to the inference thread and back costs about 50 us of CPU, more than such a run, and "
+        "batching cannot save it. 0: every run goes to the inference thread.",
+    )
     max_queue_size: int = Field(
         128,
         ge=1,

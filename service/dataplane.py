@@ -12,7 +12,6 @@ its own rows back; `ThreadRunner` runs each request alone in a worker thread.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -23,7 +22,7 @@ from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BadInput, PayloadTooLarge
 from service.batching import BatchingRunner
 from service.config import Settings
-from service.inference import Upload, predictions, preprocess_uploads
+from service.inference import Images, predictions, preprocess_uploads
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
 from service.schemas import CompareResponse, Int8Comparison, PredictResponse
@@ -85,7 +84,10 @@ class DataPlane:
     def __init__(self, settings: Settings, metrics: Metrics, runner: Runner | None = None) -> None:
         self.settings = settings
         self.runner: Runner = runner or BatchingRunner(
-            settings.max_batch_size, settings.max_delay_ms / 1000, metrics
+            settings.max_batch_size,
+            settings.max_delay_ms / 1000,
+            metrics,
+            settings.inline_run_us / 1e6,
         )
 
     async def aclose(self) -> None:
@@ -105,14 +107,14 @@ class DataPlane:
         self,
         model: LoadedModel,
         variant: str,
-        uploads: list[Upload] | Callable[[], list[Upload]],
+        images: Images,
         top_k: int,
     ) -> PredictResponse:
         """Decode and classify images; `predictions` in upload order."""
         assert model.manifest is not None
         variant = model.check_variant(variant)  # before any decoding work
         spec = model.manifest.input.preprocess
-        decoded, x = await preprocess_uploads(uploads, spec, self.settings.max_pixels)
+        decoded, x = await preprocess_uploads(images, spec, self.settings.max_pixels)
         logits = await self.infer(model, variant, x)
         names = [u.filename for u in decoded]
         probs = model.manifest.output.probabilities
@@ -124,11 +126,11 @@ class DataPlane:
         )
 
     async def compare_images(
-        self, model: LoadedModel, uploads: Callable[[], list[Upload]], top_k: int
+        self, model: LoadedModel, images: Images, top_k: int
     ) -> CompareResponse:
         assert model.manifest is not None
         spec = model.manifest.input.preprocess
-        decoded, x = await preprocess_uploads(uploads, spec, self.settings.max_pixels)
+        decoded, x = await preprocess_uploads(images, spec, self.settings.max_pixels)
         return await self.compare(model, x, top_k, [u.filename for u in decoded])
 
     async def compare(

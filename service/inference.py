@@ -5,16 +5,16 @@ around inference for image requests. Protocol-free.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
 from bnfold.equivalence import softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
-from bnfold.preprocess import PreprocessSpec, preprocess_bytes
+from bnfold.preprocess import OverBudget, PreprocessSpec, decode_image, image_to_tensor
 from service.schemas import ClassProbability, Prediction
-from service.workers import run_cpu
+from service.workers import INLINE_BYTES, run_cpu
 
 
 @dataclass
@@ -40,21 +40,45 @@ class Abandoned(Exception):
     """The request stopped waiting (its timeout): the decoding thread stops too."""
 
 
+# Images this small are decoded on the event loop itself (service.workers: the hand-off to a
+# thread costs about as much). With INLINE_BYTES, this keeps the loop's own stall for one request
+# well under a millisecond; larger work goes to a CPU thread, where Pillow's decoders release the
+# GIL. Each image counts its own pixels or the model's input size, whichever is more.
+INLINE_PIXELS = 16_384  # 128 x 128
+
+
+class Images(Protocol):
+    """A request's images, not yet parsed: their size in bytes and how to get them."""
+
+    nbytes: int
+
+    def uploads(self) -> list[Upload]: ...
+
+
 def images_to_batch(
     uploads: list[Upload],
     spec: PreprocessSpec,
     max_pixels: int,
     abandoned: threading.Event | None = None,
+    budget: int | None = None,
 ) -> np.ndarray:
     """Decode and preprocess every upload -> (N, C, H, W) float32; errors name the image.
     Stops before the next image once `abandoned` is set: 64 large images take many seconds,
-    and a thread that went on after its request's 504 would hold up the requests behind it."""
+    and a thread that went on after its request's 504 would hold up the requests behind it.
+    With a `budget` of pixels (each image counts its own pixels or the model's input size,
+    whichever is more), OverBudget is raised as soon as the images would exceed it."""
+    out_pixels = spec.height * spec.width
+    if budget is not None and len(uploads) * out_pixels > budget:
+        raise OverBudget(len(uploads) * out_pixels)
     rows = []
     for i, upload in enumerate(uploads):
         if abandoned is not None and abandoned.is_set():
             raise Abandoned
         try:
-            rows.append(preprocess_bytes(upload.data, spec, max_pixels))
+            img = decode_image(upload.data, max_pixels, budget)
+            if budget is not None:
+                budget -= max(img.width * img.height, out_pixels)
+            rows.append(image_to_tensor(img, spec))
         except BnfoldError as exc:
             prefix = upload.describe(i) if len(uploads) > 1 or upload.filename else "image"
             raise type(exc)(f"{prefix}: {exc.message}", exc.status_code) from None
@@ -62,28 +86,36 @@ def images_to_batch(
 
 
 async def preprocess_uploads(
-    uploads: list[Upload] | Callable[[], list[Upload]], spec: PreprocessSpec, max_pixels: int
+    images: Images, spec: PreprocessSpec, max_pixels: int
 ) -> tuple[list[Upload], np.ndarray]:
-    """images_to_batch in a CPU worker thread: decoding is work the event loop must not do.
+    """The request's images parsed, decoded and preprocessed: (uploads, (N, C, H, W) batch).
 
-    `uploads` may be a blocking function that yields them (a multipart body to parse): it runs
-    in the same worker call, so the request takes one trip to a thread, not two.
+    Small requests (INLINE_BYTES, INLINE_PIXELS) are done here on the event loop; the rest, or
+    a request found over the pixel budget part way, in one trip to a CPU worker thread, which
+    parses the body too: the request takes one trip to a thread, not two.
     """
+    uploads = None
+    if images.nbytes <= INLINE_BYTES:
+        uploads = images.uploads()
+        try:
+            return uploads, images_to_batch(uploads, spec, max_pixels, budget=INLINE_PIXELS)
+        except OverBudget:
+            pass
     abandoned = threading.Event()
     try:
-        return await run_cpu(_uploads_to_batch, uploads, spec, max_pixels, abandoned)
+        return await run_cpu(_uploads_to_batch, uploads or images, spec, max_pixels, abandoned)
     finally:
         abandoned.set()  # answered, or cancelled by its timeout: no image is decoded after
 
 
 def _uploads_to_batch(
-    uploads: list[Upload] | Callable[[], list[Upload]],
+    uploads: list[Upload] | Images,
     spec: PreprocessSpec,
     max_pixels: int,
     abandoned: threading.Event,
 ) -> tuple[list[Upload], np.ndarray]:
-    if callable(uploads):
-        uploads = uploads()
+    if not isinstance(uploads, list):
+        uploads = uploads.uploads()
     return uploads, images_to_batch(uploads, spec, max_pixels, abandoned)
 
 
@@ -95,14 +127,28 @@ def predictions(
     probabilities: bool = False,
 ) -> list[Prediction]:
     """One Prediction per row of (N, classes) logits, in row order; top_k clamped to classes.
-    `probabilities`: the model's output already is the score (a final Softmax), used as it is."""
+    `probabilities`: the model's output already is the score (a final Softmax), used as it is.
+    Ties rank the lower class index first."""
     probs = np.asarray(logits, np.float64) if probabilities else softmax(logits)  # (N, classes)
     k = min(top_k, len(classes))
+    order = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k), every row in one call
+    top = np.take_along_axis(probs, order, axis=1)  # (N, k)
     names = filenames or [None] * len(probs)
     out = []
-    for row, filename in zip(probs, names, strict=True):
-        order = np.argsort(-row, kind="stable")[:k]
-        ranked = [ClassProbability(label=classes[i], index=int(i), probability=float(row[i]))
-                  for i in order]  # fmt: skip
-        out.append(Prediction(**ranked[0].model_dump(), filename=filename, top_k=ranked))
+    # model_construct: these values are built here from the model's output, nothing to validate
+    for indices, scores, filename in zip(order.tolist(), top.tolist(), names, strict=True):
+        ranked = [
+            ClassProbability.model_construct(label=classes[i], index=i, probability=p)
+            for i, p in zip(indices, scores, strict=True)
+        ]
+        best = ranked[0]
+        out.append(
+            Prediction.model_construct(
+                label=best.label,
+                index=best.index,
+                probability=best.probability,
+                filename=filename,
+                top_k=ranked,
+            )
+        )
     return out

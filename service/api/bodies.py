@@ -40,8 +40,8 @@ def refuse_content_encoding(request: Request) -> None:
 async def read_images(request: Request, max_images: int, also: str = "") -> ImageBody:
     """The request's image body, read once, unparsed: multipart or one raw image.
 
-    Parsing the multipart body (`ImageBody.uploads`) is CPU work like decoding: it belongs in
-    the worker thread that decodes the images, not on the event loop.
+    Parsing the multipart body (`ImageBody.uploads`) is CPU work like decoding: it is done
+    where the images are decoded (service.inference.preprocess_uploads).
     """
     refuse_content_encoding(request)
     ctype = media_type(request)
@@ -61,6 +61,10 @@ class ImageBody:
     data: bytes
     multipart: str | None = None  # the full Content-Type header (with its boundary)
     max_images: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
 
     def uploads(self) -> list[Upload]:
         """Blocking: every image, in order (the raw body is one image)."""

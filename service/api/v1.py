@@ -106,7 +106,7 @@ async def predict(
     async with core.admission.admit(model) as loaded:
         loaded.check_variant(variant)  # before reading the body
         body = await read_images(request, core.settings.max_images_per_request)
-        answer = await core.plane.predict(loaded, variant, body.uploads, top_k)
+        answer = await core.plane.predict(loaded, variant, body, top_k)
     # Serialized here: FastAPI would validate the model it was just built from once more.
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -127,11 +127,12 @@ async def compare(model: ModelName, request: Request, top_k: int = TopK) -> Comp
         assert loaded.manifest is not None
         if media_type(request) == JSON_TYPE:
             body = await read_json_or_binary(request)
-            _, x = await run_cpu(parse_tensor_request, body, loaded.manifest.input)
+            spec = loaded.manifest.input
+            _, x = await run_cpu(parse_tensor_request, body, spec, nbytes=len(body))
             return await core.plane.compare(loaded, x, top_k)
         also = "; or a V2 JSON tensor with Content-Type application/json"
         images = await read_images(request, core.settings.max_images_per_request, also)
-        return await core.plane.compare_images(loaded, images.uploads, top_k)
+        return await core.plane.compare_images(loaded, images, top_k)
 
 
 @router.post(

@@ -151,7 +151,9 @@ async def _infer(request: Request, name: str, version: str | None, header_length
         assert model.manifest is not None
         body = await read_json_or_binary(request)
         spec = model.manifest.input
-        decoded, x = await run_cpu(parse_tensor_request, body, spec, header_length)  # (N, C, H, W)
+        decoded, x = await run_cpu(
+            parse_tensor_request, body, spec, header_length, nbytes=len(body)
+        )  # (N, C, H, W)
         variant = variant_of(decoded.request.parameters)
         outputs = requested_outputs(decoded.request, model.manifest.output)
         logits = await core.plane.infer(model, variant, x)

@@ -243,7 +243,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         codec.requested_outputs(request, manifest.output)
         if request.raw_input_contents:  # bytes -> array without a copy: no thread needed
             return codec.input_array(request, manifest.input)
-        return await run_cpu(codec.input_array, request, manifest.input)  # typed: CPU work
+        # typed contents: CPU work, done here when small
+        return await run_cpu(codec.input_array, request, manifest.input, nbytes=request.ByteSize())
 
     def _record(self, method: str, model: str, code: str, seconds: float, context) -> None:
         if model and model not in self.core.registry.models:

@@ -33,7 +33,10 @@ def slices(sizes: list[int]) -> list[slice]:
 
 
 async def started(models_dir, **overrides) -> Core:
-    core = Core.build(Settings(models_dir=models_dir, provider="cpu", **overrides))
+    """A started core; its runs always go to the lane's thread (inline_run_us=0) unless told,
+    since the digits model is cheap enough to run on the event loop otherwise."""
+    settings = {"models_dir": models_dir, "provider": "cpu", "inline_run_us": 0, **overrides}
+    core = Core.build(Settings(**settings))
     await core.start()
     return core
 
@@ -50,6 +53,7 @@ class Gate:
     def __init__(self, model: LoadedModel, open_: bool = False) -> None:
         self.inner = model.run
         self.rows: list[int] = []
+        self.threads: list[threading.Thread] = []
         self.opened = threading.Event()
         self.fail_next = False
         if open_:
@@ -58,6 +62,7 @@ class Gate:
 
     def __call__(self, variant, x):
         self.rows.append(len(x))
+        self.threads.append(threading.current_thread())
         assert self.opened.wait(10), "gate never opened"
         if self.fail_next:
             self.fail_next = False
@@ -210,3 +215,66 @@ def test_requests_for_different_sessions_of_a_model_never_share_a_run(models_dir
         return runner.batch_rows
 
     assert asyncio.run(main()) == {1: 3}
+
+
+def test_a_cheap_run_on_an_idle_lane_is_done_on_the_event_loop_with_the_same_logits(
+    models_dir, digit_batch
+):
+    """Runs measured under inline_run_us are done right there on the event loop: the same
+    session, the same rows, so the same logits bit for bit as through the lane's thread."""
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000)  # every run is "cheap"
+        gate = Gate(core.registry.models["digits"], open_=True)
+        x = digit_batch[:3]
+        first = await infer(core, "folded", x)  # nothing measured yet: the lane's thread
+        again = [await infer(core, "folded", x) for _ in range(3)]
+        await core.aclose()
+        return gate.threads, first, again
+
+    threads, first, again = asyncio.run(main())
+    assert threads[0] is not threading.main_thread()
+    assert threads[1:] == [threading.main_thread()] * 3
+    for logits in again:
+        np.testing.assert_array_equal(logits, first)
+
+
+def test_a_run_over_the_inline_limit_goes_to_the_lanes_thread(models_dir, digit_batch):
+    async def main():
+        core = await started(models_dir, inline_run_us=0.001)  # no real run is that fast
+        gate = Gate(core.registry.models["digits"], open_=True)
+        for _ in range(3):
+            await infer(core, "folded", digit_batch[:1])
+        await core.aclose()
+        return gate.threads
+
+    assert threading.main_thread() not in asyncio.run(main())
+
+
+def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
+    models_dir, digit_batch
+):
+    """Inline runs only on an idle lane: while a batch is in the lane's thread, requests queue
+    and go together into the next run, as for any model."""
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000, max_batch_size=32)
+        await infer(core, "folded", digit_batch[:1])  # measured: cheap from now on
+        gate = Gate(core.registry.models["digits"])
+        lane = core.plane.runner.lanes[("digits", "folded")]
+        lane.row_seconds = None  # unmeasured again: this one goes to the thread and holds it
+        running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
+        while not gate.rows:
+            await asyncio.sleep(0.005)
+        lane.row_seconds = 1e-9  # cheap, but the lane is busy
+        queued = [asyncio.create_task(infer(core, "folded", digit_batch[i : i + 1]))
+                  for i in range(1, 6)]  # fmt: skip
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        await asyncio.gather(running, *queued)
+        await core.aclose()
+        return gate.rows, gate.threads
+
+    rows, threads = asyncio.run(main())
+    assert rows == [1, 5]  # the five queued requests shared one run
+    assert threading.main_thread() not in threads

@@ -8,9 +8,12 @@ part, so the server used to answer that no file had been sent at all.
 
 from __future__ import annotations
 
+import io
 import threading
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from service import inference
 
@@ -46,31 +49,74 @@ def test_an_empty_multipart_body_still_holds_no_files(client):
         assert r.json()["error"].startswith("the multipart body holds no files")
 
 
+def large_png() -> bytes:
+    """A 256x256 grayscale PNG of a few hundred bytes (a gradient compresses well): small
+    enough to be parsed on the event loop, over the pixel budget decoded there, so its request
+    is decoded in a CPU thread, as any large image is."""
+    pixels = np.add.outer(np.arange(256), np.arange(256)).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, "L").save(out, format="PNG")
+    return out.getvalue()
+
+
 def test_decoding_stops_at_the_next_image_once_the_request_timed_out(
-    serve, models_dir, digits, monkeypatch
+    serve, models_dir, monkeypatch
 ):
     """64 large images take seconds each batch; the decoding thread went on after its request's
     504, so a few such requests held up every predict behind them for as long again."""
     client = serve(models_dir, request_timeout_s=0.2)
     decoded, finished, timed_out = [], threading.Event(), threading.Event()
-    real_decode, real_batch = inference.preprocess_bytes, inference.images_to_batch
+    real_decode, real_batch = inference.decode_image, inference.images_to_batch
 
-    def decode(data, spec, max_pixels):
-        decoded.append(len(decoded))
+    def decode(data, max_pixels, budget=None):
+        if budget is not None:  # the try on the event loop: stops at the first header
+            return real_decode(data, max_pixels, budget)
+        decoded.append(threading.current_thread())
         if len(decoded) == 2:  # the second image "takes" until the request has timed out
             assert timed_out.wait(30)
-        return real_decode(data, spec, max_pixels)
+        return real_decode(data, max_pixels, budget)
 
-    def batch(*args):
+    def batch(*args, **kwargs):
         try:
-            return real_batch(*args)
+            return real_batch(*args, **kwargs)
         finally:
             finished.set()
 
-    monkeypatch.setattr(inference, "preprocess_bytes", decode)
+    monkeypatch.setattr(inference, "decode_image", decode)
     monkeypatch.setattr(inference, "images_to_batch", batch)
-    r = client.post(PREDICT, files=[("files", ("d.png", digits[0].png))] * 10)
+    r = client.post(PREDICT, files=[("files", ("d.png", large_png()))] * 10)
     assert r.status_code == 504
     timed_out.set()
     assert finished.wait(30)
-    assert decoded == [0, 1]  # the image in progress finished; the other 8 were never decoded
+    assert len(decoded) == 2  # the image in progress finished; the other 8 were never decoded
+    assert all(in_cpu_thread(t) for t in decoded)
+
+
+def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_a_thread(
+    serve, models_dir, digits, monkeypatch
+):
+    """What INLINE_PIXELS promises: a request of small images costs no trip to a thread; one
+    image over the budget sends the whole request to a CPU thread, with the same answer."""
+    client = serve(models_dir)
+    threads: list[threading.Thread] = []
+    real_batch = inference.images_to_batch
+
+    def batch(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "images_to_batch", batch)
+    small = [("files", (f"{i}.png", digits[i].png)) for i in range(4)]
+    r = client.post(PREDICT, files=small)
+    assert r.status_code == 200
+    assert len(threads) == 1 and not in_cpu_thread(threads[0])
+    loop_thread = threads.pop()
+    r2 = client.post(PREDICT, files=[*small, ("files", ("big.png", large_png()))])
+    assert r2.status_code == 200
+    assert r2.json()["predictions"][:4] == r.json()["predictions"]
+    # the attempt on the loop stopped at the large image's header; a CPU thread did it all
+    assert threads[0] is loop_thread and in_cpu_thread(threads[1]) and len(threads) == 2
+
+
+def in_cpu_thread(thread: threading.Thread) -> bool:
+    return thread.name.startswith("bnfold-cpu")  # service.workers.CpuPool's threads
