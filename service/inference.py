@@ -13,7 +13,7 @@ import numpy as np
 from bnfold.equivalence import softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
 from bnfold.preprocess import OverBudget, PreprocessSpec, decode_image, image_to_tensor
-from service.schemas import ClassProbability, Prediction
+from service.schemas import Prediction
 from service.workers import INLINE_BYTES, run_cpu
 
 
@@ -135,20 +135,8 @@ def predictions(
     top = np.take_along_axis(probs, order, axis=1)  # (N, k)
     names = filenames or [None] * len(probs)
     out = []
-    # model_construct: these values are built here from the model's output, nothing to validate
     for indices, scores, filename in zip(order.tolist(), top.tolist(), names, strict=True):
-        ranked = [
-            ClassProbability.model_construct(label=classes[i], index=i, probability=p)
-            for i, p in zip(indices, scores, strict=True)
-        ]
-        best = ranked[0]
-        out.append(
-            Prediction.model_construct(
-                label=best.label,
-                index=best.index,
-                probability=best.probability,
-                filename=filename,
-                top_k=ranked,
-            )
-        )
+        ranked = [{"label": classes[i], "index": i, "probability": p}
+                  for i, p in zip(indices, scores, strict=True)]  # fmt: skip
+        out.append(Prediction(**ranked[0], filename=filename, top_k=ranked))
     return out

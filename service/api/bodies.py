@@ -7,6 +7,7 @@ to send. Decoding the images themselves is `bnfold.preprocess`'s job, not this m
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -82,11 +83,7 @@ MAX_TEXT_FIELDS = 8
 
 
 def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
-    """The form's fields in order, file contents held in memory (the body already is).
-
-    python-multipart's parser driven directly over the body in hand: no spooled temporary
-    files, no second copy of the body. Limits and messages follow Starlette's `request.form`.
-    """
+    """The form's fields in order, file contents held in memory (the body already is)."""
     assert body.multipart is not None
     _, params = parse_options_header(body.multipart)
     charset = params.get(b"charset", b"utf-8").decode("latin-1")
@@ -97,6 +94,64 @@ def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadInput("malformed multipart body: Missing boundary in multipart.")
+    simple = _simple_files_form(body.data, boundary, charset, body.max_images)
+    if simple is not None:
+        return simple
+    return _full_parse(body, boundary, charset)
+
+
+# RFC 9110 token: the only header names the simple form below accepts.
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _simple_files_form(
+    data: bytes, boundary: bytes, charset: str, max_images: int
+) -> list[tuple[str, Upload | str]] | None:
+    """The fields of a body in the plain form every client sends for file uploads, or None.
+
+    Plain: the first delimiter at the very start, parts separated by CRLF-delimiter-CRLF, one
+    closing delimiter at the end, each part's headers CRLF-terminated `token: value` lines, and
+    every part a file (a name and a filename) within `max_images`. Such a body splits with a
+    few `bytes` searches into exactly the parts python-multipart finds (a property test checks
+    it against that parser), in a twentieth of its time: it walks the headers byte by byte in
+    Python. Anything else, errors included, is left to python-multipart (None).
+    """
+    delimiter = b"--" + boundary
+    closing = b"\r\n" + delimiter + b"--"
+    end = data.find(closing)
+    if not data.startswith(delimiter + b"\r\n") or end < 0:
+        return None
+    if data[end + len(closing) :] not in (b"", b"\r\n"):
+        return None
+    parts = data[len(delimiter) + 2 : end].split(b"\r\n" + delimiter + b"\r\n")
+    if len(parts) > max_images:
+        return None
+    items: list[tuple[str, Upload | str]] = []
+    for part in parts:
+        head, blank, content = part.partition(b"\r\n\r\n")
+        if not blank:
+            return None
+        disposition = None
+        for line in head.split(b"\r\n"):
+            name, colon, value = line.partition(b":")
+            if not colon or b"\r" in value or not _TOKEN.fullmatch(name):
+                return None
+            if name.lower() == b"content-disposition":
+                disposition = value.lstrip(b" ")
+        if disposition is None:
+            return None
+        _, options = parse_options_header(disposition)
+        if b"name" not in options or b"filename" not in options:
+            return None
+        filename = _decode(options[b"filename"], charset)
+        items.append((_decode(options[b"name"], charset), Upload(content, filename or None)))
+    return items
+
+
+def _full_parse(body: ImageBody, boundary: bytes, charset: str) -> list[tuple[str, Upload | str]]:
+    """python-multipart's parser driven directly over the body in hand: no spooled temporary
+    files, no second copy of the body. Limits and messages follow Starlette's `request.form`.
+    """
     items: list[tuple[str, Upload | str]] = []
     files = fields = 0
     part: dict = {}
