@@ -4,6 +4,8 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
@@ -136,3 +138,36 @@ def test_multi_picture_jpeg_is_accepted_as_jpeg():
     img.save(buf, format="MPO", save_all=True, append_images=[img])
     x = preprocess_bytes(buf.getvalue(), GRAY)
     np.testing.assert_allclose(x, (200 / 255 - 0.3) / 0.4, atol=0.02)  # JPEG is lossy
+
+
+def formula(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """The pixel arithmetic written out over the whole image, in float32, as the formula
+    reads: (value * scale - mean) / std per channel, then the layout's axis order."""
+    x = pixels.astype(np.float32)
+    if x.ndim == 2:
+        x = x[:, :, None]
+    mean = np.asarray(spec.mean, dtype=np.float32)
+    std = np.asarray(spec.std, dtype=np.float32)
+    x = (x * np.float32(spec.scale) - mean) / std  # (H, W, C)
+    return x if spec.layout == "NHWC" else np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sampled_from(["L", "RGB"]),
+    st.sampled_from(["NCHW", "NHWC"]),
+    st.floats(1e-4, 10.0),
+    st.lists(st.floats(-1000, 1000), min_size=3, max_size=3),
+    st.lists(st.floats(1e-3, 1000), min_size=3, max_size=3),
+)
+def test_the_value_table_gives_the_formula_bit_for_bit(mode, layout, scale, mean, std):
+    """Every 8-bit value of every channel (an image holding all 256 of them), any scale, mean,
+    std and layout: the table lookup equals the arithmetic, bit for bit."""
+    channels = 1 if mode == "L" else 3
+    spec = PreprocessSpec(color_mode=mode, height=16, width=16, scale=scale, layout=layout,
+                          mean=mean[:channels], std=std[:channels])  # fmt: skip
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    pixels = values if mode == "L" else np.stack([values, values.T, values[::-1]], axis=2)
+    x = preprocess_uint8(pixels, spec)
+    assert x.dtype == np.float32 and x.flags.c_contiguous
+    np.testing.assert_array_equal(x, formula(pixels, spec))
