@@ -1,4 +1,5 @@
-"""Issue 4's goals, checked on the serving figures of this run (pass/fail with the numbers).
+"""Issue 4's and 14's goals, checked on the serving figures of this run (pass/fail with the
+numbers).
 
 Goals are judged on "bnfold multipart", the request whose bytes on the wire equal the minimal
 handler's and LitServe's; the raw-body and V2 figures are checked the same way for information.
@@ -15,6 +16,8 @@ import statistics
 PRIMARY = "bnfold multipart"
 HEAVY_CONNECTIONS = 64
 P99_FACTOR = 1.3
+RAW = "bnfold raw"
+MULTIPART_SHARE = 0.9  # multipart at most 10% behind the raw body
 
 
 def check(rows: list[dict], preprocess_ms: dict[str, float]) -> list[dict]:
@@ -25,6 +28,7 @@ def check(rows: list[dict], preprocess_ms: dict[str, float]) -> list[dict]:
         out += _heavy_limit(rows, target, preprocess_ms)
         out += _digits_throughput(rows, target, preprocess_ms)
         out += _lone_request(rows, target)
+    out += _multipart_vs_raw(rows)
     return out
 
 
@@ -172,4 +176,30 @@ def _lone_request(rows, target) -> list[dict]:
                 "",
             )
         )
+    return out
+
+
+def _multipart_vs_raw(rows) -> list[dict]:
+    """Parsing the multipart form must cost little next to the rest of a predict: multipart
+    requests/s at least 90% of raw-body requests/s, same model and concurrency, same round."""
+    out = []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        for conc in (16, HEAVY_CONNECTIONS):
+            mine = _series(rows, model, PRIMARY, conc)
+            raw = _series(rows, model, RAW, conc)
+            if not mine or not raw:
+                continue
+            ratio = _paired(mine, raw, lambda a, b: a["rps"] / b["rps"])
+            out.append(
+                _row(
+                    f"c{conc} multipart at most 10% behind raw body",
+                    model,
+                    PRIMARY,
+                    f"{ratio:.2f}x raw",
+                    f">= {MULTIPART_SHARE:g}x",
+                    ratio >= MULTIPART_SHARE,
+                    sum(r["errors"] for r in (*mine.values(), *raw.values())),
+                    f"{statistics.median(r['rps'] for r in raw.values()):,.0f} raw req/s",
+                )
+            )
     return out

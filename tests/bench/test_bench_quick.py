@@ -122,6 +122,10 @@ def test_ratios_and_goals_are_numbers(quick):
     lone = [g for g in results["goals"] if g["goal"].startswith("c1 median latency")]
     assert {g["target"] for g in lone} == set(bnfold)
     assert all(isinstance(g["passed"], bool) for g in lone)
+    behind = [g for g in results["goals"] if g["goal"].endswith("behind raw body")]
+    served = {r["model"] for r in results["serving"]["rows"]}
+    assert {(g["model"], g["goal"][:4]) for g in behind} == {(m, "c16 ") for m in served}
+    assert all(g["measured"].endswith("x raw") and isinstance(g["passed"], bool) for g in behind)
 
 
 @pytest.mark.e2e
