@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -26,13 +27,19 @@ from collections.abc import Callable, Iterable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
+MALFORMED = (
+    "malformed HTTP request: the request line or a header could not be parsed; send HTTP/1.1 "
+    "(RFC 9112)"
+)
 
 
 class DrainingHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol, with `shutdown()` that finishes what the client sent, and a
     header timeout: a connection that sends no request, or whose headers do not complete within
     `header_timeout_s`, is closed (uvicorn has no such timer, so a slowloris client kept its
-    connection forever)."""
+    connection forever). Also: bytes that are not HTTP get the API's JSON 400, not uvicorn's
+    plain text; a client that half-closes its side after a whole request (shutdown(SHUT_WR),
+    as `nc -N` does) is answered before the connection closes, where asyncio closed it."""
 
     draining = False
     header_timeout_s: float = 10.0  # set from BNFOLD_HEADER_TIMEOUT_S by service.server
@@ -58,6 +65,30 @@ class DrainingHttpProtocol(HttpToolsProtocol):
         self._disarm_header_timer()
         if self.draining and self.cycle is not None and not self.cycle.response_complete:
             self.cycle.keep_alive = False  # answered with Connection: close, then closed
+
+    def send_400_response(self, msg: str) -> None:
+        """The request line or a header could not be parsed: {"error"} like every other 4xx."""
+        body = json.dumps({"error": MALFORMED}).encode()
+        head = [b"HTTP/1.1 400 Bad Request\r\n"]
+        head += [k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
+
+    def eof_received(self) -> bool | None:
+        """The client closed its sending side. With a whole request received and not yet
+        answered, keep the connection open to write the answer, then close it (True); else
+        close now (None: asyncio's default), which a request still missing its body sees as
+        a disconnect."""
+        received = self.cycle is not None and not self.cycle.more_body
+        if received and not self.cycle.response_complete and not self._partial:
+            self.cycle.keep_alive = False  # closed once the response is written
+            return True
+        return None
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
