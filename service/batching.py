@@ -7,9 +7,9 @@ behind it.
 
 The policy, per lane:
 - a request that finds the lane idle runs at once, alone: a lone request is never delayed;
-  when the lane's runs are cheap (under `inline_run_s` for its rows, by the lane's own
-  measured time per row) it runs right there on the event loop, since a trip to the lane's
-  thread and back would cost more than the run;
+  when runs of its size on these sessions measured under `inline_run_s` and no lane's thread
+  is running, it runs right there on the event loop, since a trip to the lane's thread and
+  back would cost more than the run;
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
@@ -59,24 +59,26 @@ class _Lane:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
     running: bool = False  # a batch is in the lane's thread now
-    row_seconds: float | None = None  # running mean of a run's seconds per row
+    measured_model: LoadedModel | None = None  # the sessions `run_seconds` were measured on
+    # rows -> running mean of the seconds a run of that many rows took: a run's time is not
+    # proportional to its rows (a fixed cost per run dominates small ones, on a GPU above all)
+    run_seconds: dict[int, float] = field(default_factory=dict)
 
     def rows_waiting(self) -> int:
         return sum(len(r.x) for r in self.waiting)
 
-    def runs_inline(self, rows: int, limit_s: float) -> bool:
-        """Idle, and a run of `rows` is expected to take less than `limit_s`."""
-        return (
-            not self.running
-            and not self.waiting
-            and self.row_seconds is not None
-            and self.row_seconds * rows < limit_s
-        )
+    def runs_inline(self, model: LoadedModel, rows: int, limit_s: float) -> bool:
+        """Idle, and runs of `rows` rows on these sessions measured under `limit_s`."""
+        if self.running or self.waiting or model is not self.measured_model:
+            return False  # a reloaded model is measured anew, in the thread
+        seconds = self.run_seconds.get(rows)
+        return seconds is not None and seconds < limit_s
 
-    def measured(self, rows: int, seconds: float) -> None:
-        per_row = seconds / rows
-        old = self.row_seconds
-        self.row_seconds = per_row if old is None else old + SMOOTHING * (per_row - old)
+    def measured(self, model: LoadedModel, rows: int, seconds: float) -> None:
+        if model is not self.measured_model:
+            self.measured_model, self.run_seconds = model, {}
+        old = self.run_seconds.get(rows)
+        self.run_seconds[rows] = seconds if old is None else old + SMOOTHING * (seconds - old)
 
 
 class BatchingRunner:
@@ -97,6 +99,7 @@ class BatchingRunner:
         self.metrics = metrics or Metrics()
         self.lanes: dict[tuple[str, str], _Lane] = {}
         self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
+        self.running_lanes = 0  # lanes with a batch in their thread now
         self.closed = False
 
     async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
@@ -104,10 +107,12 @@ class BatchingRunner:
         if self.closed:
             raise ServiceUnavailable("the server is shutting down")
         lane = self._lane(model.name, variant)
-        if lane.runs_inline(len(x), self.inline_run_s):
+        # Not while any lane's thread runs: that run holds a core, and a run here would hold up
+        # the event loop behind it.
+        if not self.running_lanes and lane.runs_inline(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, variant, x)
             self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant).observe(0.0)
-            self._record(lane, 1, len(x), seconds)
+            self._record(lane, model, 1, len(x), seconds)
             return logits
         request = _Request(model, x, lane.loop.create_future())
         lane.waiting.append(request)
@@ -216,17 +221,21 @@ class BatchingRunner:
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
         lane.running = True
+        self.running_lanes += 1
         try:
             logits, seconds = await lane.loop.run_in_executor(
                 lane.executor, _timed_run, model, lane.variant, x
             )
         finally:
             lane.running = False
-        self._record(lane, len(batch), len(x), seconds)
+            self.running_lanes -= 1
+        self._record(lane, model, len(batch), len(x), seconds)
         return logits  # (B, classes)
 
-    def _record(self, lane: _Lane, requests: int, rows: int, seconds: float) -> None:
-        lane.measured(rows, seconds)
+    def _record(
+        self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float
+    ) -> None:
+        lane.measured(model, rows, seconds)
         self.batch_rows[rows] += 1
         m, labels = self.metrics, (lane.name, lane.variant)
         m.child(m.batch_size, *labels).observe(rows)

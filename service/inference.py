@@ -54,6 +54,35 @@ class Images(Protocol):
 
     def uploads(self) -> list[Upload]: ...
 
+    def plain_uploads(self) -> list[Upload] | None:
+        """uploads() when that is cheap (a few bytes searches), else None."""
+        ...
+
+
+# PNG chunks that cost nothing to read: anything else (compressed text, ICC profiles, ...) may
+# hide megabytes that Pillow inflates while it opens the file, before any size is known.
+PLAIN_PNG_CHUNKS = frozenset(
+    {b"IHDR", b"PLTE", b"tRNS", b"IDAT", b"IEND", b"gAMA", b"sRGB", b"pHYs", b"cHRM", b"bKGD"}
+)
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def plain_png(data: bytes) -> bool:
+    """A PNG made of PLAIN_PNG_CHUNKS only (what encoders write for a plain image): decoding it
+    costs what its pixels cost. Other formats and other PNGs are decoded in a thread."""
+    if not data.startswith(PNG_SIGNATURE):
+        return False
+    at, end = len(PNG_SIGNATURE), len(data)
+    while at + 8 <= end:
+        length = int.from_bytes(data[at : at + 4], "big")
+        kind = data[at + 4 : at + 8]
+        if kind not in PLAIN_PNG_CHUNKS:
+            return False
+        if kind == b"IEND":
+            return True
+        at += 12 + length  # length, type, data, CRC
+    return False  # cut short: Pillow's error for it comes from the thread
+
 
 def images_to_batch(
     uploads: list[Upload],
@@ -90,13 +119,13 @@ async def preprocess_uploads(
 ) -> tuple[list[Upload], np.ndarray]:
     """The request's images parsed, decoded and preprocessed: (uploads, (N, C, H, W) batch).
 
-    Small requests (INLINE_BYTES, INLINE_PIXELS) are done here on the event loop; the rest, or
-    a request found over the pixel budget part way, in one trip to a CPU worker thread, which
-    parses the body too: the request takes one trip to a thread, not two.
+    Small requests of plain PNGs (INLINE_BYTES, INLINE_PIXELS, plain_png, a body that splits
+    without python-multipart) are done here on the event loop; the rest, or a request found
+    over the pixel budget part way, in one trip to a CPU worker thread, which parses the body
+    too: the request takes one trip to a thread, not two.
     """
-    uploads = None
-    if images.nbytes <= INLINE_BYTES:
-        uploads = images.uploads()
+    uploads = images.plain_uploads() if images.nbytes <= INLINE_BYTES else None
+    if uploads is not None and all(plain_png(u.data) for u in uploads):
         try:
             return uploads, images_to_batch(uploads, spec, max_pixels, budget=INLINE_PIXELS)
         except OverBudget:

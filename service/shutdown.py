@@ -83,7 +83,9 @@ class DrainingHttpProtocol(HttpToolsProtocol):
         """The client closed its sending side. With a whole request received and not yet
         answered, keep the connection open to write the answer, then close it (True); else
         close now (None: asyncio's default), which a request still missing its body sees as
-        a disconnect."""
+        a disconnect. A client that closed both ways looks the same from here: its answer is
+        computed as before (no route stops work on a disconnect) and written into a socket
+        the kernel then resets."""
         received = self.cycle is not None and not self.cycle.more_body
         if received and not self.cycle.response_complete and not self._partial:
             self.cycle.keep_alive = False  # closed once the response is written

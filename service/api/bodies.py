@@ -71,7 +71,20 @@ class ImageBody:
         """Blocking: every image, in order (the raw body is one image)."""
         if self.multipart is None:
             return [Upload(self.data)]
-        uploads = [_upload(key, value) for key, value in _parse_multipart(self)]
+        return self._images(_parse_multipart(self))
+
+    def plain_uploads(self) -> list[Upload] | None:
+        """`uploads()` when that takes a few `bytes` searches (a raw body, or a multipart form
+        in the plain form `_simple_files_form` takes); None when it needs python-multipart's
+        parser, whose byte-by-byte walk is a thread's work."""
+        if self.multipart is None:
+            return [Upload(self.data)]
+        boundary, charset = _boundary_and_charset(self.multipart)
+        simple = _simple_files_form(self.data, boundary, charset, self.max_images)
+        return None if simple is None else self._images(simple)
+
+    def _images(self, items: list[tuple[str, Upload | str]]) -> list[Upload]:
+        uploads = [_upload(key, value) for key, value in items]
         if not uploads:
             raise BadInput(f"the multipart body holds no files: {HOW_TO_SEND}")
         check_image_count(len(uploads), self.max_images)
@@ -85,7 +98,15 @@ MAX_TEXT_FIELDS = 8
 def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
     """The form's fields in order, file contents held in memory (the body already is)."""
     assert body.multipart is not None
-    _, params = parse_options_header(body.multipart)
+    boundary, charset = _boundary_and_charset(body.multipart)
+    simple = _simple_files_form(body.data, boundary, charset, body.max_images)
+    if simple is not None:
+        return simple
+    return _full_parse(body, boundary, charset)
+
+
+def _boundary_and_charset(content_type: str) -> tuple[bytes, str]:
+    _, params = parse_options_header(content_type)
     charset = params.get(b"charset", b"utf-8").decode("latin-1")
     try:
         charset = codecs.lookup(charset).name
@@ -94,14 +115,15 @@ def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
     boundary = params.get(b"boundary")
     if not boundary:
         raise BadInput("malformed multipart body: Missing boundary in multipart.")
-    simple = _simple_files_form(body.data, boundary, charset, body.max_images)
-    if simple is not None:
-        return simple
-    return _full_parse(body, boundary, charset)
+    return boundary, charset
 
 
 # RFC 9110 token: the only header names the simple form below accepts.
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+# Well inside python-multipart's own limits (8 headers a part, 4 KiB a header line), so that
+# a part the simple form takes is never one that parser would refuse.
+SIMPLE_MAX_HEADERS = 4
+SIMPLE_MAX_HEADER_BYTES = 1024
 
 
 def _simple_files_form(
@@ -110,31 +132,39 @@ def _simple_files_form(
     """The fields of a body in the plain form every client sends for file uploads, or None.
 
     Plain: the first delimiter at the very start, parts separated by CRLF-delimiter-CRLF, one
-    closing delimiter at the end, each part's headers CRLF-terminated `token: value` lines, and
-    every part a file (a name and a filename) within `max_images`. Such a body splits with a
-    few `bytes` searches into exactly the parts python-multipart finds (a property test checks
-    it against that parser), in a twentieth of its time: it walks the headers byte by byte in
-    Python. Anything else, errors included, is left to python-multipart (None).
+    closing delimiter at the end, no CRLF-delimiter anywhere else (python-multipart also takes
+    one followed by spaces as a boundary), each part's headers a few short CRLF-terminated
+    `token: value` lines, and every part a file (a name and a filename) within `max_images`.
+    Such a body splits with a few `bytes` searches into exactly the parts python-multipart
+    finds (a property test checks it against that parser), in a twentieth of its time: it
+    walks the headers byte by byte in Python. Anything else, errors included, is left to
+    python-multipart (None).
     """
     delimiter = b"--" + boundary
     closing = b"\r\n" + delimiter + b"--"
-    end = data.find(closing)
-    if not data.startswith(delimiter + b"\r\n") or end < 0:
+    if not data.startswith(delimiter + b"\r\n"):
         return None
-    if data[end + len(closing) :] not in (b"", b"\r\n"):
+    tail = data[len(delimiter) + 2 :]
+    end = tail.rfind(closing)
+    if end < 0 or tail[end + len(closing) :] not in (b"", b"\r\n"):
         return None
-    parts = data[len(delimiter) + 2 : end].split(b"\r\n" + delimiter + b"\r\n")
+    parts = tail[:end].split(b"\r\n" + delimiter + b"\r\n")
     if len(parts) > max_images:
         return None
     items: list[tuple[str, Upload | str]] = []
     for part in parts:
+        if b"\r\n" + delimiter in part or part.startswith(delimiter):
+            return None  # a delimiter the split did not take: python-multipart decides
         head, blank, content = part.partition(b"\r\n\r\n")
-        if not blank:
+        lines = head.split(b"\r\n")
+        if not blank or len(lines) > SIMPLE_MAX_HEADERS:
             return None
         disposition = None
-        for line in head.split(b"\r\n"):
+        for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or b"\r" in value or not _TOKEN.fullmatch(name):
+                return None
+            if len(line) > SIMPLE_MAX_HEADER_BYTES:
                 return None
             if name.lower() == b"content-disposition":
                 disposition = value.lstrip(b" ")

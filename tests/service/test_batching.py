@@ -262,11 +262,11 @@ def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
         await infer(core, "folded", digit_batch[:1])  # measured: cheap from now on
         gate = Gate(core.registry.models["digits"])
         lane = core.plane.runner.lanes[("digits", "folded")]
-        lane.row_seconds = None  # unmeasured again: this one goes to the thread and holds it
+        lane.run_seconds.clear()  # unmeasured again: this one goes to the thread and holds it
         running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
         while not gate.rows:
             await asyncio.sleep(0.005)
-        lane.row_seconds = 1e-9  # cheap, but the lane is busy
+        lane.run_seconds[1] = 1e-9  # cheap, but the lane is busy
         queued = [asyncio.create_task(infer(core, "folded", digit_batch[i : i + 1]))
                   for i in range(1, 6)]  # fmt: skip
         await asyncio.sleep(0.05)
@@ -278,3 +278,49 @@ def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
     rows, threads = asyncio.run(main())
     assert rows == [1, 5]  # the five queued requests shared one run
     assert threading.main_thread() not in threads
+
+
+def test_inline_needs_runs_of_that_size_measured_on_these_sessions(models_dir, digit_batch):
+    """A fixed cost per run makes small runs dear per row, so each row count is measured on
+    its own; a reloaded model is measured anew (its first run goes to the thread)."""
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000)
+        await infer(core, "folded", digit_batch[:3])  # 3 rows measured, 1 row not yet
+        gate = Gate(core.registry.models["digits"], open_=True)
+        await infer(core, "folded", digit_batch[:1])
+        await infer(core, "folded", digit_batch[:3])
+        new = await core.registry.reload("digits")
+        new_gate = Gate(new, open_=True)
+        await infer(core, "folded", digit_batch[:3])  # the new sessions: unmeasured
+        await infer(core, "folded", digit_batch[:3])
+        await core.aclose()
+        return gate.threads, new_gate.threads
+
+    old, new = asyncio.run(main())
+    assert old[0] is not threading.main_thread() and old[1] is threading.main_thread()
+    assert new[0] is not threading.main_thread() and new[1] is threading.main_thread()
+
+
+def test_no_inline_run_while_another_lanes_thread_runs(models_dir, digit_batch):
+    """A batch in any lane's thread holds a core: a cheap request then goes to its own lane's
+    thread instead of holding up the event loop behind that batch. (Run on the loop, it would
+    block the loop at the closed gate: the test would fail with 'gate never opened'.)"""
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000)
+        await infer(core, "folded", digit_batch[:1])  # folded measured: cheap from now on
+        gate = Gate(core.registry.models["digits"])
+        slow = asyncio.create_task(infer(core, "unfolded", digit_batch[:1]))  # unmeasured
+        while not gate.rows:  # unfolded holds its lane's thread at the gate
+            await asyncio.sleep(0.005)
+        cheap = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
+        while len(gate.rows) < 2:
+            await asyncio.sleep(0.005)
+        gate.opened.set()
+        await asyncio.gather(slow, cheap)
+        await core.aclose()
+        return gate.threads
+
+    threads = asyncio.run(main())
+    assert len(threads) == 2 and threading.main_thread() not in threads

@@ -120,3 +120,34 @@ def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_a_thread(
 
 def in_cpu_thread(thread: threading.Thread) -> bool:
     return thread.name.startswith("bnfold-cpu")  # service.workers.CpuPool's threads
+
+
+def test_a_small_png_with_compressed_text_is_decoded_in_a_thread(serve, models_dir, monkeypatch):
+    """Pillow inflates zTXt chunks while it opens a file, before any size is known: a 16 KiB
+    PNG can hide megabytes of them. Only PNGs made of plain-image chunks are decoded on the
+    event loop; this one, with the same pixels as a plain one, goes to a CPU thread."""
+    from PIL.PngImagePlugin import PngInfo
+
+    client = serve(models_dir)
+    threads: list[threading.Thread] = []
+    real_batch = inference.images_to_batch
+
+    def batch(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "images_to_batch", batch)
+    pixels = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
+    info = PngInfo()
+    info.add_text("comment", "x" * 10_000, zip=True)
+    texts, plain = io.BytesIO(), io.BytesIO()
+    Image.fromarray(pixels, "L").save(texts, format="PNG", pnginfo=info)
+    Image.fromarray(pixels, "L").save(plain, format="PNG")
+    assert inference.plain_png(plain.getvalue()) and not inference.plain_png(texts.getvalue())
+    answers = []
+    for data in (plain.getvalue(), texts.getvalue()):
+        r = client.post(PREDICT, content=data, headers={"content-type": "image/png"})
+        assert r.status_code == 200
+        answers.append(r.json()["predictions"])
+    assert answers[0] == answers[1]
+    assert [in_cpu_thread(t) for t in threads] == [False, True]

@@ -10,6 +10,7 @@ and LF, odd header names and spacing, preambles, epilogues, missing closings.
 from __future__ import annotations
 
 import httpx
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -37,7 +38,9 @@ def agrees(data: bytes, max_images: int = 64) -> bool:
     return True
 
 
-NASTY = [b"\r", b"\n", b"\r\n", b"-", b"--", b"\r\n--", b"b0undary", b"\r\n--b0undary", b"x", b" "]
+NASTY = [b"\r", b"\n", b"\r\n", b"-", b"--", b"\r\n--", b"b0undary", b"\r\n--b0undary", b"x",
+         b" ", b"\r\n--b0undary ", b"\r\n--b0undary\t", b"\r\n--b0undary--",
+         b"--b0undary\r\n"]  # fmt: skip
 content = st.lists(st.sampled_from(NASTY) | st.binary(max_size=6), max_size=8).map(b"".join)
 disposition = st.sampled_from([
     b'form-data; name="files"; filename="a.png"',
@@ -57,8 +60,8 @@ CLOSINGS = [b"\r\n--b0undary--", b"\r\n--b0undary--\r\n", b"\r\n--b0undary--\r\n
 @st.composite
 def part(draw) -> bytes:
     headers = [(b"Content-Disposition", draw(disposition))]
-    headers += draw(st.lists(st.tuples(header_name, disposition | st.just(b"image/png")),
-                             max_size=2))  # fmt: skip
+    value = disposition | st.just(b"image/png") | st.just(b"x" * 1500)
+    headers += draw(st.lists(st.tuples(header_name, value), max_size=9))
     if draw(st.booleans()):
         headers.reverse()
     lines = b"".join(name + b":" + draw(spacing) + value + b"\r\n" for name, value in headers)
@@ -74,7 +77,7 @@ def body(draw) -> bytes:
     return preamble + b"--b0undary\r\n" + joined + closing
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=800, deadline=None)
 @given(body(), st.integers(1, 5))
 def test_the_simple_split_agrees_with_python_multipart_or_declines(data, max_images):
     agrees(data, max_images)  # a body it accepts that python-multipart refuses raises there
@@ -95,6 +98,24 @@ def test_what_clients_send_takes_the_simple_split():
     curl = (b"--b0undary\r\nContent-Disposition: form-data; name=\"files\"; filename=\"d.png\""
             b"\r\nContent-Type: image/png\r\n\r\nPNGDATA\r\n--b0undary--\r\n")  # fmt: skip
     assert agrees(curl)
+
+
+PART = b'Content-Disposition: form-data; name="files"; filename="a.png"\r\n\r\n'
+EDGES = [
+    # a delimiter padded with whitespace: python-multipart takes it as a boundary (two files)
+    b"--b0undary\r\n" + PART + b"ONE\r\n--b0undary \r\n" + PART + b"TWO\r\n--b0undary--",
+    b"--b0undary\r\n" + PART + b"ONE\r\n--b0undary xyz\r\n--b0undary--",  # refused there
+    # the closing delimiter overlapping the one before it: python-multipart says cut short
+    b"--b0undary\r\n" + PART + b"IMG\r\n--b0undary\r\n--b0undary--",
+    # more headers, or longer ones, than python-multipart takes
+    b"--b0undary\r\n" + b"X-A: 1\r\n" * 9 + PART + b"IMG\r\n--b0undary--",
+    b"--b0undary\r\nX-A: " + b"x" * 5000 + b"\r\n" + PART + b"IMG\r\n--b0undary--",
+]
+
+
+@pytest.mark.parametrize("data", EDGES)
+def test_edges_python_multipart_treats_its_own_way_are_left_to_it(data):
+    assert _simple_files_form(data, BOUNDARY, "utf-8", 64) is None
 
 
 def test_text_fields_extra_images_and_junk_are_left_to_python_multipart():
