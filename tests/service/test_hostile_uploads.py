@@ -98,14 +98,7 @@ def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_a_thread(
     """What INLINE_PIXELS promises: a request of small images costs no trip to a thread; one
     image over the budget sends the whole request to a CPU thread, with the same answer."""
     client = serve(models_dir)
-    threads: list[threading.Thread] = []
-    real_batch = inference.images_to_batch
-
-    def batch(*args, **kwargs):
-        threads.append(threading.current_thread())
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "images_to_batch", batch)
+    threads = batch_threads(monkeypatch)
     small = [("files", (f"{i}.png", digits[i].png)) for i in range(4)]
     r = client.post(PREDICT, files=small)
     assert r.status_code == 200
@@ -116,6 +109,19 @@ def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_a_thread(
     assert r2.json()["predictions"][:4] == r.json()["predictions"]
     # the attempt on the loop stopped at the large image's header; a CPU thread did it all
     assert threads[0] is loop_thread and in_cpu_thread(threads[1]) and len(threads) == 2
+
+
+def batch_threads(monkeypatch) -> list[threading.Thread]:
+    """The thread of each images_to_batch call from now on, in order."""
+    threads: list[threading.Thread] = []
+    real_batch = inference.images_to_batch
+
+    def batch(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real_batch(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "images_to_batch", batch)
+    return threads
 
 
 def in_cpu_thread(thread: threading.Thread) -> bool:
@@ -129,14 +135,7 @@ def test_a_small_png_with_compressed_text_is_decoded_in_a_thread(serve, models_d
     from PIL.PngImagePlugin import PngInfo
 
     client = serve(models_dir)
-    threads: list[threading.Thread] = []
-    real_batch = inference.images_to_batch
-
-    def batch(*args, **kwargs):
-        threads.append(threading.current_thread())
-        return real_batch(*args, **kwargs)
-
-    monkeypatch.setattr(inference, "images_to_batch", batch)
+    threads = batch_threads(monkeypatch)
     pixels = np.add.outer(np.arange(64), np.arange(64)).astype(np.uint8)
     info = PngInfo()
     info.add_text("comment", "x" * 10_000, zip=True)
