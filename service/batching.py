@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-SMOOTHING = 0.2  # weight of the newest run in the lane's running mean of seconds per row
+SMOOTHING = 0.2  # weight of the newest run in a lane's running mean of a run's seconds
 
 
 @dataclass(eq=False)
@@ -68,8 +68,9 @@ class _Lane:
         return sum(len(r.x) for r in self.waiting)
 
     def runs_inline(self, model: LoadedModel, rows: int, limit_s: float) -> bool:
-        """Idle, and runs of `rows` rows on these sessions measured under `limit_s`."""
-        if self.running or self.waiting or model is not self.measured_model:
+        """Nothing queued, and runs of `rows` rows on these sessions measured under `limit_s`
+        (the caller checks that no lane's thread is running, this one's included)."""
+        if self.waiting or model is not self.measured_model:
             return False  # a reloaded model is measured anew, in the thread
         seconds = self.run_seconds.get(rows)
         return seconds is not None and seconds < limit_s
@@ -99,7 +100,6 @@ class BatchingRunner:
         self.metrics = metrics or Metrics()
         self.lanes: dict[tuple[str, str], _Lane] = {}
         self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
-        self.running_lanes = 0  # lanes with a batch in their thread now
         self.closed = False
 
     async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
@@ -109,7 +109,8 @@ class BatchingRunner:
         lane = self._lane(model.name, variant)
         # Not while any lane's thread runs: that run holds a core, and a run here would hold up
         # the event loop behind it.
-        if not self.running_lanes and lane.runs_inline(model, len(x), self.inline_run_s):
+        busy = any(other.running for other in self.lanes.values())
+        if not busy and lane.runs_inline(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, variant, x)
             self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant).observe(0.0)
             self._record(lane, model, 1, len(x), seconds)
@@ -221,14 +222,12 @@ class BatchingRunner:
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
         lane.running = True
-        self.running_lanes += 1
         try:
             logits, seconds = await lane.loop.run_in_executor(
                 lane.executor, _timed_run, model, lane.variant, x
             )
         finally:
             lane.running = False
-            self.running_lanes -= 1
         self._record(lane, model, len(batch), len(x), seconds)
         return logits  # (B, classes)
 

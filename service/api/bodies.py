@@ -69,9 +69,12 @@ class ImageBody:
 
     def uploads(self) -> list[Upload]:
         """Blocking: every image, in order (the raw body is one image)."""
-        if self.multipart is None:
-            return [Upload(self.data)]
-        return self._images(_parse_multipart(self))
+        plain = self.plain_uploads()
+        if plain is not None:
+            return plain
+        assert self.multipart is not None
+        boundary, charset = _boundary_and_charset(self.multipart)
+        return self._images(_full_parse(self, boundary, charset))
 
     def plain_uploads(self) -> list[Upload] | None:
         """`uploads()` when that takes a few `bytes` searches (a raw body, or a multipart form
@@ -93,16 +96,6 @@ class ImageBody:
 
 MAX_TEXT_PART = 1024 * 1024  # text fields are refused anyway; never hold more of one than this
 MAX_TEXT_FIELDS = 8
-
-
-def _parse_multipart(body: ImageBody) -> list[tuple[str, Upload | str]]:
-    """The form's fields in order, file contents held in memory (the body already is)."""
-    assert body.multipart is not None
-    boundary, charset = _boundary_and_charset(body.multipart)
-    simple = _simple_files_form(body.data, boundary, charset, body.max_images)
-    if simple is not None:
-        return simple
-    return _full_parse(body, boundary, charset)
 
 
 def _boundary_and_charset(content_type: str) -> tuple[bytes, str]:
