@@ -3,7 +3,10 @@ and a factory for apps with other settings or damaged bundles."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -17,8 +20,26 @@ with warnings.catch_warnings():  # Starlette's notice that its TestClient will m
 
 from service.app import create_app
 from service.config import Settings
+from service.logs import log_handler
 from tests.conftest import DirectOnnx
 from tests.pinned import THREADS, pinned_direct
+
+
+@contextlib.contextmanager
+def captured_log(fmt: str, name: str = "service") -> Iterator[io.StringIO]:
+    """What the service's own handler (`fmt`: text or json) writes for logger `name` at INFO
+    while inside; the logger's handlers and level are as before afterwards."""
+    stream = io.StringIO()
+    handler = log_handler(fmt, stream)
+    logger = logging.getLogger(name)
+    old_level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield stream
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 @pytest.fixture(scope="session")

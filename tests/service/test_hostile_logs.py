@@ -6,26 +6,14 @@ wrote a second, made-up log line (a fake timestamp and logger included) into the
 
 from __future__ import annotations
 
-import io
-import logging
-
-from service.logs import log_handler
+from tests.service.conftest import captured_log
 
 FORGED = "2026-12-01 09:00:00,000 INFO service.access FAKE admin login ok"
 
 
 def test_control_characters_in_the_path_are_escaped_in_the_text_access_line(client):
-    stream = io.StringIO()
-    handler = log_handler("text", stream)
-    logger = logging.getLogger("service.access")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    try:
+    with captured_log("text", "service.access") as stream:
         r = client.get("/v2/models/a%0a" + FORGED.replace(" ", "%20") + "%1b%5b31m/ready")
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
     assert r.status_code == 404
     lines = stream.getvalue().splitlines()
     assert len(lines) == 1, lines  # one request, one line

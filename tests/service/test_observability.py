@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import json
-import logging
 import re
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.logs import log_handler
+from tests.service.conftest import captured_log
 from tests.service.test_app import FailingOnceRunner
 
 PREDICT = "/v1/models/digits/predict"
@@ -77,15 +75,8 @@ def test_metrics_expose_every_family_with_values_that_add_up(serve, models_dir, 
 @pytest.fixture
 def log_lines(request):
     """JSON log lines written while the test runs, as dicts (the service's own handler)."""
-    stream = io.StringIO()
-    handler = log_handler("json", stream)
-    logger = logging.getLogger("service")
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
-    logger.removeHandler(handler)
-    logger.setLevel(old_level)
+    with captured_log("json") as stream:
+        yield lambda: [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def test_one_json_access_line_per_request_with_the_request_id_of_the_header(
