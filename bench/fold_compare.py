@@ -28,8 +28,8 @@ from onnx import TensorProto
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from bnfold.onnx_fold import fold_onnx
-from bnfold.reference import reference_evaluator
+from bnfold.toolchain.fold import fold_onnx
+from bnfold.toolchain.reference import reference_evaluator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 N_INPUTS = 256

@@ -1,6 +1,6 @@
 """INT8 after folding: why fold first, and what int8 buys in speed (`python -m bench.int8`).
 
-For each benchmark model the same static quantization (bnfold.quantize: QDQ, per-channel int8
+For each benchmark model the same static quantization (bnfold.toolchain.quantize: QDQ, per-channel int8
 weights, uint8 activations, MinMax, the same calibration images) is applied twice: to the folded
 model, and to the unfolded one with its BatchNormalization nodes left in (quant_pre_process's
 optimizer off, or it would fuse Conv+BN itself). Both are measured against the folded float32
@@ -24,8 +24,8 @@ from bench.model_exec import latency_stats, ort_session, time_runs
 from bench.models import BenchModel
 from bench.plan import FULL, QUICK, Plan
 from bnfold.bundle import INT8, read_manifest
-from bnfold.int8 import Int8Options, Int8Request, add_int8_to_bundle
-from bnfold.quantize import calibration_subset, measure_int8, quantize_model
+from bnfold.toolchain.int8 import Int8Options, Int8Request, add_int8_to_bundle
+from bnfold.toolchain.quantize import calibration_subset, measure_int8, quantize_model
 
 CALIBRATION_IMAGES = 256
 INT8_FLAGS = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")

@@ -25,7 +25,7 @@ MANIFEST_NAME = "bundle.json"
 VARIANTS = ("folded", "unfolded")
 Variant = Literal["folded", "unfolded"]
 # Files a bundle may hold: the two float32 variants, and optionally the int8 one (quantized from
-# the folded model; bnfold.quantize).
+# the folded model; bnfold.toolchain.quantize).
 FileVariant = Literal["folded", "unfolded", "int8"]
 INT8 = "int8"
 INT8_FILE = "quantized.onnx"

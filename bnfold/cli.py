@@ -65,9 +65,9 @@ def parse_size(values: list | None) -> tuple[int, int] | None:
 
 
 def cmd_fold(args: argparse.Namespace) -> int:
-    from bnfold.onnx_fold import FoldError, fold_onnx, write_model_atomically
-    from bnfold.onnx_load import ModelImportError, load_onnx, ort_session
-    from bnfold.verify import fold_agreement
+    from bnfold.toolchain.fold import FoldError, fold_onnx, write_model_atomically
+    from bnfold.toolchain.load import ModelImportError, load_onnx, ort_session
+    from bnfold.toolchain.verify import fold_agreement
 
     src, dst = Path(args.src), Path(args.dst)
     loaded = load_onnx(src)  # the same one-line refusals as import: not ONNX, truncated, ...
@@ -99,9 +99,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
 def cmd_import(args: argparse.Namespace) -> int:
     import onnx
 
-    from bnfold.image_input import output_notes, read_class_file
-    from bnfold.importer import ImportOptions, NotEquivalentError, import_model
-    from bnfold.int8 import int8_options
+    from bnfold.toolchain.image_input import output_notes, read_class_file
+    from bnfold.toolchain.importer import ImportOptions, NotEquivalentError, import_model
+    from bnfold.toolchain.int8 import int8_options
 
     opts = ImportOptions(
         name=args.name,
@@ -151,7 +151,7 @@ def print_import_summary(manifest, target: Path) -> None:
     for change in manifest.imported.changes:
         print(f"changed for serving: {change}")
     if eq.int8 is not None:
-        from bnfold.int8 import summary_line
+        from bnfold.toolchain.int8 import summary_line
 
         print(summary_line(eq.int8))
     if manifest.layer_probes_note:
@@ -160,8 +160,8 @@ def print_import_summary(manifest, target: Path) -> None:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from bnfold.bundle import read_manifest
-    from bnfold.importer import ImportOptions, equivalence_inputs
-    from bnfold.verify import verify_bundle
+    from bnfold.toolchain.importer import ImportOptions, equivalence_inputs
+    from bnfold.toolchain.verify import verify_bundle
 
     bundle = Path(args.bundle)
     if not bundle.is_dir():
@@ -177,7 +177,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from bnfold.int8 import add_quantize_arguments
+    from bnfold.toolchain.int8 import add_quantize_arguments
 
     p = OneLineParser(prog=PROG, description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -220,8 +220,12 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `bnfold` command."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.simplefilter("ignore")  # library notices would break the one-line error contract
+    try:
+        import onnx  # noqa: F401  the toolchain's own dependencies, absent from a base install
+        import onnxruntime
+    except ImportError as exc:
+        return _fail(f"{exc.name} is not installed: pip install 'bnfold[toolchain]'", 2)
     args = build_parser().parse_args(argv)
-    import onnxruntime
 
     onnxruntime.set_default_logger_severity(3)  # its C++ warnings go to stderr otherwise
     try:

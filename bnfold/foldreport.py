@@ -1,6 +1,6 @@
 """The fold report: one `FoldRow` per BatchNorm (or per-channel Mul/Add chain), torch-free.
 
-Both folds produce it: `training/fold.py` (torch.fx) and `bnfold/onnx_fold.py` (ONNX graphs).
+Both folds produce it: `training/fold.py` (torch.fx) and `bnfold/toolchain/fold.py` (ONNX graphs).
 The rows are what `bundle.json` stores under `fold_report`.
 """
 

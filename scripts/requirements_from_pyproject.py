@@ -23,10 +23,24 @@ def requirements(pyproject: Path, extras: list[str], gpu: bool = False) -> list[
         raise SystemExit(f"unknown extra(s) {unknown}; pyproject.toml has {sorted(optional)}")
     reqs = list(project["dependencies"])
     for extra in extras:
-        reqs += [r for r in optional[extra] if r not in reqs]
+        reqs += [r for r in _expand(project["name"], optional, extra) if r not in reqs]
     if gpu:
         reqs = [re.sub(r"^onnxruntime(?=[<>=!~ ;\[]|$)", "onnxruntime-gpu", r) for r in reqs]
     return reqs
+
+
+def _expand(name: str, optional: dict, extra: str) -> list[str]:
+    """An extra's requirements, with the project's own extras it names ("bnfold[toolchain]")
+    replaced by their requirements: pip resolves those, a requirements file cannot."""
+    out = []
+    for req in optional[extra]:
+        own = re.fullmatch(rf"{re.escape(name)}\[([\w,-]+)\]", req.strip())
+        if own is None:
+            out.append(req)
+            continue
+        for inner in own.group(1).split(","):
+            out += _expand(name, optional, inner)
+    return out
 
 
 def main() -> None:

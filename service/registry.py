@@ -32,7 +32,7 @@ from bnfold.bundle import (
     verify_checksums,
 )
 from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
-from bnfold.sessions import make_probe_session, make_session, resolve_providers
+from bnfold.toolchain.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
 from service.errors import shown, shown_list
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from bnfold.bundle import NAME_PATTERN
 from bnfold.errors import BnfoldError
-from bnfold.int8 import (
+from bnfold.toolchain.int8 import (
     Int8Options,
     Int8Request,
     add_quantize_arguments,
@@ -244,7 +244,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from bnfold.bundle import read_manifest
-    from bnfold.verify import verify_bundle
+    from bnfold.toolchain.verify import verify_bundle
 
     bundle = Path(args.bundle)
     if not bundle.is_dir():

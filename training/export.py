@@ -35,10 +35,10 @@ from bnfold.bundle import (
     write_bundle_atomically,
 )
 from bnfold.equivalence import equivalence_report, layer_diffs
-from bnfold.int8 import Int8Request, add_int8_variant
+from bnfold.toolchain.int8 import Int8Request, add_int8_variant
 from bnfold.preprocess import PreprocessSpec
-from bnfold.sessions import make_probe_session, make_session, run_session
-from bnfold.verify import count_bn_nodes
+from bnfold.toolchain.sessions import make_probe_session, make_session, run_session
+from bnfold.toolchain.verify import count_bn_nodes
 from training.fold import FoldReport, fold_batchnorm
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Request, Response
 
 from bnfold.bundle import EquivalenceReport
-from bnfold.sessions import GRAPH_OPT
+from bnfold.toolchain.sessions import GRAPH_OPT
 from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
 from service.api.openapi import IMAGE_BODY, errors, request_body
 from service.api.repository import ADMIN_ERRORS, check_admin

@@ -1,7 +1,7 @@
 """The int8 variant over HTTP: metadata, V2 infer, /v1 predict and compare, and the refusals.
 
 The bundle is a copy of the shipped one with an int8 variant made here exactly as export makes it
-(bnfold.int8.add_int8_variant on the digits splits); references are onnxruntime sessions of the
+(bnfold.toolchain.int8.add_int8_variant on the digits splits); references are onnxruntime sessions of the
 test's own on the bundle's files.
 """
 
@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 
 from bnfold.bundle import INT8_FILE, read_manifest
-from bnfold.int8 import Int8Options, Int8Request, add_int8_to_bundle
+from bnfold.toolchain.int8 import Int8Options, Int8Request, add_int8_to_bundle
 from training.data import load_digits_dataset, stratified_split
 
 V2_INFER = "/v2/models/digits/infer"

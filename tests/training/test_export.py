@@ -12,7 +12,7 @@ import torch
 from bnfold.bundle import load_bundle, read_manifest, sha256_file, write_bundle_atomically
 from bnfold.equivalence import REL_TOLERANCE
 from bnfold.errors import BundleError
-from bnfold.verify import count_bn_nodes
+from bnfold.toolchain.verify import count_bn_nodes
 from training.export import (
     export_bundle,
     scope_to_module_path,

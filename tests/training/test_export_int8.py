@@ -11,8 +11,8 @@ import onnxruntime as ort
 import pytest
 
 from bnfold.bundle import INT8_FILE, read_manifest, sha256_file
-from bnfold.int8 import Int8Options, Int8Request
-from bnfold.verify import verify_bundle
+from bnfold.toolchain.int8 import Int8Options, Int8Request
+from bnfold.toolchain.verify import verify_bundle
 from training.export import export_bundle
 
 

@@ -19,12 +19,12 @@ from PIL import Image
 
 from bnfold.bundle import load_bundle, read_manifest, sha256_file
 from bnfold.errors import BnfoldError
-from bnfold.image_input import read_class_file
-from bnfold.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
+from bnfold.toolchain.image_input import read_class_file
+from bnfold.toolchain.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
-from bnfold.reference import evaluate_float64
-from bnfold.verify import INPUT_BUDGET, verify_bundle
-from tests.core.import_graphs import (
+from bnfold.toolchain.reference import evaluate_float64
+from bnfold.toolchain.verify import INPUT_BUDGET, verify_bundle
+from tests.bnfold.toolchain.import_graphs import (
     classifier,
     simple_model,
     with_fixed_batch_reshape,
@@ -181,7 +181,7 @@ def test_refused_bn_stays_in_both_files_and_verify_counts_it(tmp_path, models):
 
 def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
     """A fold that changed the function (a perturbed weight) is caught and nothing written."""
-    import bnfold.importer as importer
+    import bnfold.toolchain.importer as importer
 
     real = importer.fold_onnx
 
@@ -206,7 +206,7 @@ def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
 def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkeypatch, capsys):
     """`bnfold fold` compares the fold with the original in onnxruntime before it writes: a
     wrong fold (a perturbed weight) exits 1 with nothing written; a right one says its diff."""
-    import bnfold.onnx_fold as onnx_fold
+    import bnfold.toolchain.fold as onnx_fold
     from bnfold.cli import main
 
     src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
@@ -242,7 +242,7 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
 
 
 def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
-    import bnfold.importer as importer
+    import bnfold.toolchain.importer as importer
     from bnfold.cli import main
 
     def interrupted(*args, **kwargs):
@@ -287,8 +287,8 @@ def test_float16_layers_inside_a_float32_model(tmp_path, models, capsys):
     within float16's own rounding; the import says why it is not equivalent, instead of an
     internal error from a float32 probe on a float16 tensor; such layers get no probes."""
     from bnfold.cli import main
-    from bnfold.importer import layer_probes
-    from bnfold.onnx_fold import fold_onnx
+    from bnfold.toolchain.importer import layer_probes
+    from bnfold.toolchain.fold import fold_onnx
 
     src = save(_float16_inside(), tmp_path / "half.onnx")
     assert main(["fold", str(src), str(tmp_path / "f.onnx")]) == 0

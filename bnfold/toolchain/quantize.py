@@ -42,7 +42,7 @@ from bnfold.bundle import DiffStats, Int8Report, Quantization, QuantNodeCounts, 
 from bnfold.equivalence import diff_stats
 from bnfold.errors import BnfoldError
 from bnfold.preprocess import PreprocessSpec, preprocess_bytes
-from bnfold.sessions import make_session, run_session
+from bnfold.toolchain.sessions import make_session, run_session
 
 MIN_TOP1_AGREEMENT = 0.99
 MAX_ACCURACY_DROP_POINTS = 1.0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx
 
-from bnfold.onnx_load import (
+from bnfold.toolchain.load import (
     ModelImportError,
     dims,
     elem_type_name,
@@ -155,7 +155,7 @@ def logits_output(
     try:
         result = run_zeros(session, image.name, shape)[index]
     except Exception as exc:  # onnxruntime's own error types
-        from bnfold.onnx_load import ort_message
+        from bnfold.toolchain.load import ort_message
 
         try:  # the batch is to blame only when one image runs
             run_zeros(session, image.name, [1, *shape[1:]])

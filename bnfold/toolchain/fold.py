@@ -31,7 +31,7 @@ import onnx
 from bnfold import foldmath
 from bnfold.bundle import FoldRow
 from bnfold.foldreport import FoldReport
-from bnfold.onnx_affine import (
+from bnfold.toolchain.affine import (
     POOL_OPS,
     Affine,
     Layer,
@@ -46,7 +46,7 @@ from bnfold.onnx_affine import (
     mul_add_step,
     reads_zero_padding,
 )
-from bnfold.onnx_graph import (
+from bnfold.toolchain.graph import (
     SHAPE_OPS,
     Channel,
     Graph,
@@ -136,11 +136,11 @@ def _fold_until_done(graph: Graph, opset: int) -> list[FoldRow]:
 def fold_onnx_file(src: Path, dst: Path) -> FoldReport:
     """Load `src` (external data included), fold it, write `dst` atomically; the report.
 
-    Loading is `bnfold.onnx_load.load_onnx` (not ONNX, truncated, checker, missing or short
+    Loading is `bnfold.toolchain.load.load_onnx` (not ONNX, truncated, checker, missing or short
     external data, over 2 GB: each a one-line FoldError). The folded model is written as one
     file, external data inlined.
     """
-    from bnfold.onnx_load import ModelImportError, load_onnx
+    from bnfold.toolchain.load import ModelImportError, load_onnx
 
     src, dst = Path(src), Path(dst)
     try:

@@ -125,7 +125,7 @@ def ort_session(model: onnx.ModelProto | bytes, path: Path, variant: str = "unfo
     """An onnxruntime session for the model, or the reason onnxruntime cannot run it."""
     import onnxruntime as ort
 
-    from bnfold.sessions import make_session
+    from bnfold.toolchain.sessions import make_session
 
     data = model if isinstance(model, bytes) else model.SerializeToString()
     try:

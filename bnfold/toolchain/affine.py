@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from bnfold import foldmath
-from bnfold.onnx_graph import FLOAT_DTYPES, Graph, attr, describe, node_name
+from bnfold.toolchain.graph import FLOAT_DTYPES, Graph, attr, describe, node_name
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 STEP_OPS = ("Mul", "Add", "Sub", "Div")  # with a constant operand: per-channel affine steps

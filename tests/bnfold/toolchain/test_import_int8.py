@@ -18,7 +18,7 @@ from PIL import Image
 
 from bnfold.bundle import read_manifest
 from bnfold.preprocess import preprocess_bytes
-from tests.core.import_graphs import classifier
+from tests.bnfold.toolchain.import_graphs import classifier
 
 BNFOLD = shutil.which("bnfold", path=str(Path(sys.executable).parent))
 PREFIX = [BNFOLD] if BNFOLD else [sys.executable, "-m", "bnfold.cli"]

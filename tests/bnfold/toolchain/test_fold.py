@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from onnx import helper as h
 from onnx import numpy_helper as nh
 
-from bnfold.onnx_fold import PADDED_REASON, FoldError, fold_onnx, fold_onnx_file
-from tests.core.graphs import (
+from bnfold.toolchain.fold import PADDED_REASON, FoldError, fold_onnx, fold_onnx_file
+from tests.bnfold.toolchain.graphs import (
     Builder,
     assert_folds_equal,
     assert_well_formed,
@@ -689,12 +689,12 @@ def test_fold_onnx_file_refuses_non_onnx(tmp_path):
 
 def test_fold_onnx_file_refuses_models_over_the_protobuf_limit(tmp_path, monkeypatch):
     """The limit is protobuf's 2 GB; lowered here so a small file stands in for a huge one."""
-    import bnfold.onnx_load
+    import bnfold.toolchain.load
 
     model, _ = conv_bn()
     src = tmp_path / "model.onnx"
     onnx.save_model(model, src)
-    monkeypatch.setattr(bnfold.onnx_load, "MAX_PROTO_BYTES", 100)
+    monkeypatch.setattr(bnfold.toolchain.load, "MAX_PROTO_BYTES", 100)
     with pytest.raises(FoldError, match="over protobuf's 2 GiB limit"):
         fold_onnx_file(src, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()

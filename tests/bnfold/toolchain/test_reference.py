@@ -1,4 +1,4 @@
-"""bnfold.reference: a float64 evaluation of ONNX graphs, checked against numpy float64 written
+"""bnfold.toolchain.reference: a float64 evaluation of ONNX graphs, checked against numpy float64 written
 out by hand (the independent reference), and shown to really compute in float64."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from bnfold.reference import Float64Reference, evaluate_float64, float64_model
+from bnfold.toolchain.reference import Float64Reference, evaluate_float64, float64_model
 
 RNG = np.random.default_rng(0)
 

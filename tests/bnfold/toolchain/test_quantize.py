@@ -1,4 +1,4 @@
-"""bnfold.quantize: static QDQ int8 quantization, its node counts, the report and its criterion.
+"""bnfold.toolchain.quantize: static QDQ int8 quantization, its node counts, the report and its criterion.
 
 Small ONNX graphs built with onnx.helper (no torch): conv -> [BN] -> ReLU -> GAP -> Gemm. The
 quantized files are checked against what the arithmetic of symmetric per-channel int8 weights and
@@ -18,7 +18,7 @@ from PIL import Image
 
 from bnfold.bundle import DiffStats, QuantSettings
 from bnfold.preprocess import PreprocessSpec, preprocess_bytes
-from bnfold.quantize import (
+from bnfold.toolchain.quantize import (
     MAX_ACCURACY_DROP_POINTS,
     MIN_TOP1_AGREEMENT,
     QuantizeError,
@@ -83,7 +83,7 @@ def inputs(n: int, seed: int) -> np.ndarray:
 
 
 def run(model: Path | bytes, x: np.ndarray, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
-    """An onnxruntime session of its own, independent of bnfold.sessions."""
+    """An onnxruntime session of its own, independent of bnfold.toolchain.sessions."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = level
     src = str(model) if isinstance(model, Path) else model

@@ -1,6 +1,6 @@
 """The int8 variant of a bundle: made at export or import, re-checked by verify.
 
-`add_int8_variant` quantizes a bundle's folded.onnx (bnfold.quantize), measures it against the
+`add_int8_variant` quantizes a bundle's folded.onnx (bnfold.toolchain.quantize), measures it against the
 folded float32 model on the held-out images and writes `quantized.onnx` only when it passes the
 criterion; the report (in the equivalence report) says why when it does not. `check_int8`
 re-measures a bundle's int8 file for verify.
@@ -26,7 +26,7 @@ from bnfold.bundle import (
     read_manifest,
     sha256_file,
 )
-from bnfold.quantize import (
+from bnfold.toolchain.quantize import (
     ACTIVATION_TYPES,
     DEFAULT_CALIBRATION_IMAGES,
     METHODS,

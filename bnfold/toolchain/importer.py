@@ -1,10 +1,10 @@
 """`bnfold import`: any ONNX image classifier in, a verified bundle `models/<name>/` out.
 
 The bundle is the one training writes: `unfolded.onnx` (the user's model, changed only where
-serving needs it, each change recorded in `bundle.json`), `folded.onnx` (bnfold.onnx_fold), and
+serving needs it, each change recorded in `bundle.json`), `folded.onnx` (bnfold.toolchain.fold), and
 `bundle.json` with checksums, node counts, the fold report, layer probes and the equivalence
 report: folded (full optimization) vs unfolded (BN executed) in onnxruntime, and both vs a
-float64 evaluation of the original graph (bnfold.reference), on sample images through the
+float64 evaluation of the original graph (bnfold.toolchain.reference), on sample images through the
 shared preprocessing or on generated inputs whose distribution the report states.
 Torch-free: onnx, onnxruntime and numpy.
 """
@@ -36,7 +36,7 @@ from bnfold.bundle import (
     write_bundle_atomically,
 )
 from bnfold.errors import BnfoldError, validation_message
-from bnfold.image_input import (
+from bnfold.toolchain.image_input import (
     SCORE_OPS,
     ImageInput,
     check_classes,
@@ -44,13 +44,13 @@ from bnfold.image_input import (
     logits_output,
     resolve_image_input,
 )
-from bnfold.int8 import Int8Options, Int8Request, add_int8_variant
-from bnfold.onnx_fold import FoldError, fold_onnx
-from bnfold.onnx_load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
+from bnfold.toolchain.int8 import Int8Options, Int8Request, add_int8_variant
+from bnfold.toolchain.fold import FoldError, fold_onnx
+from bnfold.toolchain.load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
 from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
-from bnfold.quantize import calibration_images
-from bnfold.reference import evaluate_float64
-from bnfold.verify import count_bn_nodes, measure_equivalence, within_budget
+from bnfold.toolchain.quantize import calibration_images
+from bnfold.toolchain.reference import evaluate_float64
+from bnfold.toolchain.verify import count_bn_nodes, measure_equivalence, within_budget
 
 N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
 MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)

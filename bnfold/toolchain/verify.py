@@ -6,7 +6,7 @@ only the refused ones; Mul/Add rows, how Keras exports BN, have no BN node), the
 counts match, an imported bundle's folded graph has nothing left to fold, and folded vs
 unfolded logits, re-measured with onnxruntime, stay within the bundle's stated tolerance with
 full top-1 agreement. An int8 variant, when the bundle has one, must agree with its report and
-still meet its criterion against the folded model (bnfold.int8.check_int8).
+still meet its criterion against the folded model (bnfold.toolchain.int8.check_int8).
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from bnfold.equivalence import (
     tolerance_for,
 )
 from bnfold.errors import BnfoldError
-from bnfold.int8 import check_int8
+from bnfold.toolchain.int8 import check_int8
 from bnfold.preprocess import generated_batch
-from bnfold.sessions import make_probe_session, make_session
+from bnfold.toolchain.sessions import make_probe_session, make_session
 
 N_VERIFY = 64  # generated inputs when the caller gives none
 # Memory bounds, in float32 input values: the inputs held at once (64 MiB) and those fed to one
@@ -186,7 +186,7 @@ def _check_file(res: VerifyResult, bundle_dir: Path, manifest: Manifest, variant
 
 def _check_nothing_left(res: VerifyResult, folded: onnx.ModelProto) -> None:
     """Folding the folded graph again must fold nothing: no foldable BN or Mul/Add is left."""
-    from bnfold.onnx_fold import fold_onnx
+    from bnfold.toolchain.fold import fold_onnx
 
     _, again = fold_onnx(folded)
     if again.folded:
@@ -227,7 +227,7 @@ def fold_agreement(
     variable dim other than the batch, a non-float input) or the original does not run on them.
     Outputs need not be logits: no top-1 test.
     """
-    from bnfold.onnx_load import ort_message
+    from bnfold.toolchain.load import ort_message
 
     feeds, reason = _random_feeds(original, np.random.default_rng(seed))
     if feeds is None:
@@ -261,7 +261,7 @@ def fold_agreement(
 
 def _random_feeds(model: onnx.ModelProto, rng) -> tuple[dict | None, str]:
     """N(0, 1) values for every input the caller feeds ((batch, ...) as declared), or why not."""
-    from bnfold.onnx_load import dims, real_inputs
+    from bnfold.toolchain.load import dims, real_inputs
 
     feeds = {}
     for vi in real_inputs(model):
