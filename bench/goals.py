@@ -1,4 +1,4 @@
-"""Issue 4's and 14's goals, checked on the serving figures of this run (pass/fail with the
+"""The serving goals, checked on the serving figures of this run (pass/fail with the
 numbers).
 
 Goals are judged on "bnfold multipart", the request whose bytes on the wire equal the minimal

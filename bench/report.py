@@ -163,7 +163,7 @@ def _goals(results: dict) -> str:
         "in-process limit, the most a server that overlaps none of them can do.\n\n"
     )
     header = ["goal", "model", "bnfold target", "measured", "required", "result", "errors", "note"]
-    return "## Goals (issues 4 and 14)\n\n" + note + table(header, rows)
+    return "## Goals\n\n" + note + table(header, rows)
 
 
 def _fmt(x: float | None, spec: str = ".2f") -> str:
