@@ -14,14 +14,18 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_average_pool import AveragePool_19 as _RefAveragePool
 from onnx.reference.ops.op_batch_normalization import (
     _batchnorm_test_mode,
     _batchnorm_training_mode,
 )
+from onnx.reference.ops.op_conv import Conv as _RefConv
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
+from onnx.reference.ops.op_max_pool import MaxPool as _RefMaxPool
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -129,30 +133,321 @@ class InferenceBatchNormalization(OpRun):
 InferenceBatchNormalization.__name__ = "BatchNormalization"  # replaces the built-in kernel
 
 
+# ---------------------------------------------------------------------------------------------
+# Fast float64 kernels. onnx.reference's numpy Conv gathers its im2col with fancy indexing and
+# its pools loop in Python: a 224x224 ResNet-50 took minutes. These compute the same functions
+# with float64 BLAS (Conv) and whole-tensor numpy over the kernel offsets (pools, depthwise).
+
+COLS_BUDGET = 64 * 2**20  # bytes of im2col columns built at once (the batch is cut to fit)
+
+
+def _attr_str(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode()
+    return value or "NOTSET"
+
+
+def _spatial_pads(auto_pad, sizes, kernel, strides, dilations, pads) -> tuple[list[int], list[int]]:
+    """(begin, end) padding per spatial axis, with auto_pad resolved as the spec says."""
+    nd = len(kernel)
+    mode = _attr_str(auto_pad)
+    if mode in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for n, k, s, d in zip(sizes, kernel, strides, dilations, strict=True):
+            out = -(-n // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - n)
+            b = total // 2 if mode == "SAME_UPPER" else total - total // 2
+            begin.append(b)
+            end.append(total - b)
+        return begin, end
+    if mode == "VALID" or not pads:
+        return [0] * nd, [0] * nd
+    if mode != "NOTSET":
+        raise ValueError(f"unknown auto_pad {mode!r}")
+    return [int(p) for p in pads[:nd]], [int(p) for p in pads[nd:]]
+
+
+def _tap(xp: np.ndarray, offsets, strides, dilations, out_sizes) -> np.ndarray:
+    """The view of padded `xp` that kernel tap `offsets` multiplies, one entry per output."""
+    index = [slice(None), slice(None)]
+    for o, s, d, n in zip(offsets, strides, dilations, out_sizes, strict=True):
+        start = o * d
+        index.append(slice(start, start + (n - 1) * s + 1, s))
+    return xp[tuple(index)]
+
+
+def _pad(x: np.ndarray, begin, end, value: float) -> np.ndarray:
+    if not any(begin) and not any(end):
+        return x
+    widths = [(0, 0), (0, 0), *zip(begin, end, strict=True)]
+    return np.pad(x, widths, mode="constant", constant_values=value)
+
+
+def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
+                 kernel_shape=None, pads=None, strides=None) -> np.ndarray:  # fmt: skip
+    """ONNX Conv, any number of spatial axes: im2col + matmul per group (BLAS), a 1x1 kernel
+    as a plain matmul, a depthwise kernel as a sum over its taps."""
+    nd = x.ndim - 2
+    kernel = [int(k) for k in (kernel_shape or w.shape[2:])]
+    strides = [int(s) for s in (strides or [1] * nd)]
+    dilations = [int(d) for d in (dilations or [1] * nd)]
+    groups = int(group or 1)
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    cg, mg = c // groups, m // groups
+    if cg * groups != c or mg * groups != m or w.shape[1] != cg:
+        raise ValueError(f"Conv: input {x.shape}, weight {w.shape} and group={groups} disagree")
+    begin, end = _spatial_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
+    xp = _pad(x, begin, end, 0.0)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    out_sizes = [(p - e) // s + 1 for p, e, s in zip(xp.shape[2:], eff, strides, strict=True)]
+    if min(out_sizes) <= 0:
+        raise ValueError(f"Conv: kernel {kernel} larger than the padded input {xp.shape[2:]}")
+    p = int(np.prod(out_sizes))
+    taps = int(np.prod(kernel))
+    if cg == 1 and groups > 1:  # depthwise (times a channel multiplier)
+        xr = np.repeat(xp, mg, axis=1) if mg > 1 else xp
+        wk = w.reshape(m, taps)
+        y = np.zeros((n, m, *out_sizes), dtype=np.float64)
+        for t, offsets in enumerate(np.ndindex(*kernel)):
+            view = _tap(xr, offsets, strides, dilations, out_sizes)
+            y += view * wk[:, t].reshape((1, m) + (1,) * nd)
+    else:
+        wg = w.reshape(groups, mg, cg * taps)
+        if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
+            cols = _tap(xp, [0] * nd, strides, dilations, out_sizes).reshape(n, groups, cg, p)
+            y = np.matmul(wg, cols).reshape(n, m, *out_sizes)
+        else:
+            per_image = c * taps * p * 8
+            step = max(1, COLS_BUDGET // max(per_image, 1))
+            y = np.empty((n, m, *out_sizes), dtype=np.float64)
+            axes = tuple(range(2, 2 + nd))
+            for i in range(0, n, step):
+                win = sliding_window_view(xp[i : i + step], eff, axis=axes)
+                sl = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
+                      *(slice(None, None, d) for d in dilations))  # fmt: skip
+                win = win[sl]  # (n, c, *out, *kernel)
+                k = len(win)
+                perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+                cols = np.ascontiguousarray(win.transpose(perm))  # (n, c, *kernel, *out)
+                cols = cols.reshape(k, groups, cg * taps, p)
+                y[i : i + k] = np.matmul(wg, cols).reshape(k, m, *out_sizes)
+    if b is not None:
+        y += b.reshape((1, m) + (1,) * nd)
+    return y
+
+
+def pool_float64(x, mode: str, *, kernel_shape, auto_pad=None, ceil_mode=None, dilations=None,
+                 pads=None, strides=None, count_include_pad=None) -> np.ndarray:  # fmt: skip
+    """ONNX MaxPool ("MAX") / AveragePool ("AVG") as onnxruntime and PyTorch size them: with
+    ceil_mode the last window must start inside the input or its left padding; an average
+    divides by the taps inside the input (count_include_pad=0) or inside input and explicit
+    padding (1), never by the taps ceil_mode adds past the padding."""
+    nd = x.ndim - 2
+    kernel = [int(k) for k in kernel_shape]
+    strides = [int(s) for s in (strides or [1] * nd)]
+    dilations = [int(d) for d in (dilations or [1] * nd)]
+    sizes = x.shape[2:]
+    begin, end = _spatial_pads(auto_pad, sizes, kernel, strides, dilations, pads)
+    eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    out_sizes = []
+    for size, b, e, k, s in zip(sizes, begin, end, eff, strides, strict=True):
+        if _attr_str(auto_pad) in ("SAME_UPPER", "SAME_LOWER"):
+            out = -(-size // s)
+        elif ceil_mode:
+            out = -(-(size + b + e - k) // s) + 1
+            if (out - 1) * s >= size + b:  # the last window would start in the right padding
+                out -= 1
+        else:
+            out = (size + b + e - k) // s + 1
+        out_sizes.append(out)
+    if min(out_sizes) <= 0:
+        raise ValueError(f"pool: kernel {kernel} larger than the padded input {sizes}")
+    spans = zip(out_sizes, strides, eff, sizes, begin, end, strict=True)
+    extra = [max(0, (o - 1) * s + k - (n + b + e)) for o, s, k, n, b, e in spans]
+    tail = [e + x_ for e, x_ in zip(end, extra, strict=True)]
+    taps = list(np.ndindex(*kernel))
+    if mode == "MAX":
+        xp = _pad(x, begin, tail, -np.inf)
+        y = _tap(xp, taps[0], strides, dilations, out_sizes).copy()
+        for offsets in taps[1:]:
+            np.maximum(y, _tap(xp, offsets, strides, dilations, out_sizes), out=y)
+        return y
+    xp = _pad(x, begin, tail, 0.0)
+    y = _tap(xp, taps[0], strides, dilations, out_sizes).copy()
+    for offsets in taps[1:]:
+        y += _tap(xp, offsets, strides, dilations, out_sizes)
+    ones = np.ones((1, 1, *sizes))
+    if count_include_pad:  # padded region counts, the ceil_mode tail does not
+        mask = _pad(_pad(ones, begin, end, 1.0), [0] * nd, extra, 0.0)
+    else:
+        mask = _pad(ones, begin, tail, 0.0)
+    count = sum(_tap(mask, o, strides, dilations, out_sizes) for o in taps)
+    return y / count
+
+
+class FastConv(_RefConv):
+    """Conv in float64 BLAS (see conv_float64); other dtypes go to onnx.reference's kernel."""
+
+    op_domain = ""
+
+    def _run(self, X, W, B=None, **attrs):  # noqa: N803 - onnx's argument names
+        if X.dtype != np.float64 or W.dtype != np.float64 or X.ndim < 3:
+            return super()._run(X, W, B, **attrs)
+        return (conv_float64(X, W, B, **attrs),)
+
+
+FastConv.__name__ = "Conv"
+
+
+class FastMaxPool(_RefMaxPool):
+    """MaxPool in float64, sized as onnxruntime and PyTorch do (see pool_float64); the Indices
+    output and other dtypes go to onnx.reference's kernel."""
+
+    op_domain = ""
+
+    def _run(self, x, storage_order=None, **attrs):
+        n_out = sum(1 for o in self.onnx_node.output if o)
+        if n_out > 1 or x.dtype != np.float64:
+            return super()._run(x, storage_order=storage_order, **attrs)
+        return (pool_float64(x, "MAX", **attrs),)
+
+
+FastMaxPool.__name__ = "MaxPool"
+
+
+class FastAveragePool(_RefAveragePool):
+    """AveragePool in float64, every opset (see pool_float64)."""
+
+    op_domain = ""
+
+    def _run(self, x, **attrs):
+        if x.dtype != np.float64:
+            return super()._run(x, **attrs)
+        return (pool_float64(x, "AVG", **attrs),)
+
+
+FastAveragePool.__name__ = "AveragePool"
+
+
+class FastGlobalAveragePool(OpRun):
+    """GlobalAveragePool as one mean over the spatial axes, dims kept."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        return (x.mean(axis=tuple(range(2, x.ndim)), keepdims=True),)
+
+
+FastGlobalAveragePool.__name__ = "GlobalAveragePool"
+
+FAST_OPS = [FastConv, FastMaxPool, FastAveragePool, FastGlobalAveragePool]
+
+
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
     """onnx.reference on the float64 copy of `model`, with the grouped ConvTranspose and
     inference-mode BatchNormalization fixes."""
     return ReferenceEvaluator(
-        float64_model(model), new_ops=[GroupedConvTranspose, InferenceBatchNormalization]
+        float64_model(model), new_ops=[GroupedConvTranspose, InferenceBatchNormalization, *FAST_OPS]
     )
 
 
+class ReferenceUnavailable(Exception):  # noqa: N818 - a state, not a programming error
+    """The float64 reference could not evaluate the model: an op it has no kernel for, or a
+    kernel that raised. Never the user's error: report "float64 reference not measured:
+    {op_type} {reason}" and let the onnxruntime comparison decide."""
+
+    def __init__(self, op_type: str, node_name: str, reason: str) -> None:
+        self.op_type = op_type
+        self.node_name = node_name
+        self.reason = " ".join(reason.split())[:300]
+        where = f" (node {node_name!r})" if node_name else ""
+        super().__init__(f"{op_type}{where}: {self.reason}")
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _subgraph_names(node: onnx.NodeProto) -> set[str]:
+    """Every value name read inside `node`'s subgraphs (an outer value they may capture)."""
+    names: set[str] = set()
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for g in graphs:
+            for inner in g.node:
+                names.update(inner.input)
+                names |= _subgraph_names(inner)
+    return names
+
+
 class Float64Reference:
-    """Evaluates one model in float64; build once, call for each batch."""
+    """Evaluates one model in float64; build once, call for each batch.
+
+    Raises ReferenceUnavailable (building or running) when some node cannot be evaluated.
+    Intermediate values are dropped after their last use, so peak memory is the live
+    activations of one batch, not all of them."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
-        self.evaluator = reference_evaluator(model)
+        try:
+            self.evaluator = reference_evaluator(model)
+        except Exception as exc:
+            node = _unloadable_node(model, exc)
+            raise ReferenceUnavailable(
+                node.op_type if node else "model", node.name if node else "", _reason(exc)
+            ) from exc
+        nodes = self.evaluator.rt_nodes_
+        keep = set(self.evaluator.output_names)
+        for n in nodes:
+            keep |= _subgraph_names(n.onnx_node)
+        last: dict[str, int] = {}
+        for i, n in enumerate(nodes):
+            for name in n.input:
+                last[name] = i
+        self._drop = [[] for _ in nodes]
+        inits = set(self.evaluator.rt_inits_)
+        for name, i in last.items():
+            if name and name not in keep and name not in inits:
+                self._drop[i].append(name)
 
     def run(
         self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> list[np.ndarray]:
         """The named outputs (default: the graph's outputs) as float64 arrays."""
-        feeds64 = {
-            k: v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v
+        names = list(outputs) if outputs else list(self.evaluator.output_names)
+        results: dict[str, object] = {"": None, **self.evaluator.rt_inits_}
+        results.update(
+            (k, v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v)
             for k, v in feeds.items()
-        }
-        results = self.evaluator.run(list(outputs) if outputs else None, feeds64)
-        return [np.asarray(r, dtype=np.float64) for r in results]
+        )
+        for node, drop in zip(self.evaluator.rt_nodes_, self._drop, strict=True):
+            try:
+                inputs = [results[i] for i in node.input]
+                if node.need_context():
+                    values = node.run(*inputs, context=results)
+                else:
+                    values = node.run(*inputs)
+            except Exception as exc:  # MemoryError included: the reference's, not the user's
+                raise ReferenceUnavailable(
+                    node.onnx_node.op_type, node.onnx_node.name, _reason(exc)
+                ) from exc
+            results.update(zip(node.output, values, strict=False))
+            for name in drop:
+                if name not in names:
+                    results.pop(name, None)
+        missing = [n for n in names if n not in results]
+        if missing:
+            raise ReferenceUnavailable("model", "", f"no value computed for {missing}")
+        return [np.asarray(results[n], dtype=np.float64) for n in names]
+
+
+def _unloadable_node(model: onnx.ModelProto, exc: Exception) -> onnx.NodeProto | None:
+    """The node whose op type the evaluator's load error names, if any."""
+    text = str(exc)
+    for node in model.graph.node:
+        if repr(node.op_type) in text or f"'{node.op_type}'" in text:
+            return node
+    return None
 
 
 def evaluate_float64(
