@@ -29,7 +29,7 @@ import uvicorn
 
 from service.app import create_app
 from service.config import Settings
-from service.core import Core
+from service.process import Core
 from service.shutdown import DrainingHttpProtocol, adopt_backlog, serve_adopted
 
 if TYPE_CHECKING:

@@ -27,13 +27,25 @@ What this module adds to uvicorn's supervisor:
   its live gauges dropped) and a new one starts in its place within `TICK_S`; a worker that
   failed at start-up (exit 3: bad port, bad provider) stops the server instead, as in uvicorn.
   Requests the dead worker held, and connections waiting in its own accept queue, are lost
-  (their clients see the connection reset); new connections go to the live workers.
+  (their clients see the connection reset); new connections go to the live workers;
+- health checks never block the supervisor: a ping is sent and its answer collected on a later
+  tick. A worker is *starting* from its spawn until it first answers that its server has
+  started (imports done, bundles loaded, listening): meanwhile only its exit, or
+  `START_TIMEOUT_S` without ever being ready, count against it, so a start-up slowed by a busy
+  host is not killed for a late answer. Once ready, a worker whose answer is `LATE_S` late
+  reads not ready at once (readiness answers 503 for the whole server) and one that has not
+  answered within uvicorn's `timeout_worker_healthcheck` is killed and replaced;
+- a worker exits when the supervisor dies, whatever killed it (`kill -9` included): it asks
+  the kernel for SIGTERM on its parent's death (Linux `PR_SET_PDEATHSIG`), and a watchdog
+  thread checks its parent pid on every platform; either way it drains and exits, freeing the
+  ports, instead of serving on as an orphan.
 
 The parent imports no web framework: it only supervises.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import shutil
@@ -42,6 +54,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import uvicorn
@@ -54,8 +67,12 @@ from service.config import Settings
 
 log = logging.getLogger(__name__)
 TICK_S = 0.1  # signals are handled, and exited workers replaced, this often
-HEALTH_EVERY = 5  # ticks between two health checks (pings: a hung worker is replaced too)
+HEALTH_EVERY = 5  # ticks between two pings of a worker (a hung worker is replaced too)
+LATE_S = 1.0  # a ready worker whose answer is this late reads not ready until it answers
+START_TIMEOUT_S = 300.0  # a worker never ready this long after its spawn is killed
 JOIN_MARGIN_S = 10.0  # past the drain timeout, a worker that still runs is killed
+PARENT_CHECK_S = 0.5  # how often a worker's watchdog looks for its parent
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class WorkerProcess(Process):
@@ -68,6 +85,11 @@ class WorkerProcess(Process):
         self.settings = settings
         self.index = index
         self.cluster = cluster
+        self.parent_pid = os.getpid()  # the child exits once its parent is another process
+        self.spawned_at = time.monotonic()
+        self.ready = False  # has answered, once, that its server started
+        self.ping_sent: float | None = None  # when the unanswered ping was sent
+        self.late = False  # marked not ready for a late answer
         super().__init__(config, sockets)  # pickles self (settings, slot) into the child
 
     @property
@@ -83,13 +105,36 @@ class WorkerProcess(Process):
         self.child_conn.recv()
         self.child_conn.send(self._server is not None and self._server.started)
 
+    def health(self, now: float, timeout: float, send: bool) -> str:
+        """In the supervisor: collect the answer to the last ping without waiting, and (`send`)
+        send the next one. "ok"; "starting" (never ready yet: no ping timeout applies);
+        "late" (ready, answer `LATE_S` late); "hung" (ready, no answer within `timeout`);
+        "start timeout" (not ready `START_TIMEOUT_S` after its spawn)."""
+        conn = self.parent_conn
+        try:
+            if self.ping_sent is not None and conn.poll(0):
+                self.ready = conn.recv() is True or self.ready
+                self.ping_sent = None
+            if send and self.ping_sent is None:
+                conn.send(b"ping")
+                self.ping_sent = now
+        except (OSError, EOFError):
+            pass  # its end closed: the exit is seen on the next tick
+        if not self.ready:
+            return "start timeout" if now - self.spawned_at > START_TIMEOUT_S else "starting"
+        waited = 0.0 if self.ping_sent is None else now - self.ping_sent
+        if waited > timeout:
+            return "hung"
+        return "late" if waited > LATE_S else "ok"
+
     def target(self, sockets: list[socket.socket] | None = None) -> None:  # pragma: no cover
         """The child's main: serve until drained, exit with the server's code."""
+        exit_with_parent(self.parent_pid)
         from service.logs import configure_logging
         from service.worker_server import exit_code
 
-        # Health checks are answered from the start: building the server (imports, sessions
-        # come later in its lifespan) can take seconds on a busy machine.
+        # Health checks are answered from here on; the supervisor waits for the first answer
+        # that the server started (imports, bundles) without a timeout of its own.
         threading.Thread(target=self.always_pong, daemon=True).start()
         configure_logging(self.settings.log_level, self.settings.log_format)
         listener = reuse_port_listener(self.settings.host, self.settings.port)
@@ -120,26 +165,46 @@ class Supervisor(Multiprocess):
         self.processes = [self.new_worker(i) for i in range(self.processes_num)]
 
     def keep_subprocess_alive(self, ping: bool = True) -> None:
-        """Replace every worker that exited, or (`ping`) stopped answering its health check."""
+        """Replace every worker that exited, or (`ping`: send the next health pings) stopped
+        answering them. Never waits for an answer: one sent earlier is collected here."""
+        now = time.monotonic()
         for index, worker in enumerate(self.processes):
             if self.should_exit.is_set():
                 return
-            if not ping and worker.process.is_alive():  # reaped without a round trip
+            if not worker.process.is_alive():
+                self._replace(index, worker, "dead")
                 continue
-            if ping and worker.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue
-            hung = worker.exitcode is None
-            worker.kill()  # a hung worker is killed; a dead one is only reaped
-            worker.join()
-            self._forget(index, worker)
-            if worker.exitcode == STARTUP_FAILURE:
-                log.error("worker %d (pid %s) failed to start: stopping", index + 1, worker.pid)
-                self.failed_start = True
-                self.should_exit.set()
-                return
-            why = "did not answer its health check: killed" if hung else describe(worker.exitcode)
-            log.error("worker %d (pid %s) %s; starting a new one", index + 1, worker.pid, why)
-            self.processes[index] = self.new_worker(index)
+            health = worker.health(now, self.config.timeout_worker_healthcheck, send=ping)
+            if health == "late" and not worker.late:
+                worker.late = True
+                self.cluster.ready[index] = 0  # it republishes its flag once it runs again
+                log.warning(
+                    "worker %d (pid %s) has not answered its health check for %g s: not ready",
+                    index + 1, worker.pid, LATE_S,
+                )  # fmt: skip
+            elif health == "ok" and worker.late:
+                worker.late = False
+                log.warning("worker %d (pid %s) answers again", index + 1, worker.pid)
+            elif health in ("hung", "start timeout"):
+                self._replace(index, worker, health)
+
+    def _replace(self, index: int, worker: WorkerProcess, health: str) -> None:
+        """Kill (if still running) and reap `worker`, then start a new one in its slot (or
+        stop the server when it failed at start-up)."""
+        worker.kill()  # a hung worker is killed; a dead one is only reaped
+        worker.join()
+        self._forget(index, worker)
+        if worker.exitcode == STARTUP_FAILURE:
+            log.error("worker %d (pid %s) failed to start: stopping", index + 1, worker.pid)
+            self.failed_start = True
+            self.should_exit.set()
+            return
+        why = {
+            "hung": "did not answer its health check: killed",
+            "start timeout": f"was not ready {START_TIMEOUT_S:g} s after its start: killed",
+        }.get(health) or describe(worker.exitcode)
+        log.error("worker %d (pid %s) %s; starting a new one", index + 1, worker.pid, why)
+        self.processes[index] = self.new_worker(index)
 
     def _forget(self, index: int, worker: WorkerProcess) -> None:
         self.cluster.worker_gone(index)
@@ -191,6 +256,36 @@ def describe(exitcode: int | None) -> str:
     if exitcode < 0:
         return f"was killed by {signal.Signals(-exitcode).name}"
     return f"exited with code {exitcode}"
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker, first thing: SIGTERM this process (it drains and exits) once `parent`, the
+    supervisor, is gone, whatever killed it. On Linux the kernel sends it
+    (`PR_SET_PDEATHSIG`: at the death of the parent's thread that spawned this process, the
+    supervisor's main thread); a watchdog thread also compares the parent pid, which covers
+    other platforms and a parent that died before the request was made."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+                log.warning("prctl(PR_SET_PDEATHSIG): %s", os.strerror(ctypes.get_errno()))
+        except (OSError, AttributeError) as exc:
+            log.warning("prctl(PR_SET_PDEATHSIG) unavailable: %s", exc)
+    if os.getppid() != parent:
+        os._exit(1)  # orphaned before serving anything: nothing to drain
+    threading.Thread(target=_watch_parent, args=(parent,), daemon=True).start()
+
+
+def _watch_parent(parent: int) -> None:
+    """The watchdog: SIGTERM to this process once its parent changed, then again every 10 s
+    (a drain in progress ignores the repeats; before the server installs its handlers, the
+    first one ends the process)."""
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_S)
+    log.error("the supervisor (pid %d) is gone: draining and exiting", parent)
+    while True:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10.0)
 
 
 def check_port_free(host: str, port: int) -> str | None:

@@ -1,5 +1,6 @@
 """Real `bnfold-serve` processes for the load and fault suite: started on free loopback ports
-with the settings a test needs, optionally slowed (slow_serve.py), always stopped."""
+with the settings a test needs, optionally slowed (slow_serve.py), always stopped (SIGTERM, then
+SIGKILL after 10 s)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.pinned import THREADS, pinned_direct
-from tests.servers import free_port, wait_ready
+from tests.servers import free_port, stop, wait_ready
 from tests.service.conftest import client, copy_bundle, serve, settings  # noqa: F401 (fixtures)
 
 PREDICT = "/v1/models/digits/predict"
@@ -54,7 +55,7 @@ class ServerProcess:
 @pytest.fixture
 def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
     """start_server(slow_run_s=0, **settings) -> a ready server, each setting passed as
-    BNFOLD_<NAME>; killed after the test if it still runs (a test that stops it itself checks
+    BNFOLD_<NAME>; stopped after the test if it still runs (a test that stops it itself checks
     the exit code)."""
     started: list[ServerProcess] = []
 
@@ -78,8 +79,7 @@ def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., Ser
     yield start
     for server in started:
         if server.proc.poll() is None:
-            server.proc.kill()
-            server.proc.wait()
+            stop(server.proc, timeout=10)  # SIGTERM: a supervisor stops its workers too
 
 
 def png_request(digits, indices: list[int]) -> dict:
