@@ -1,7 +1,8 @@
 """The fold report: one `FoldRow` per BatchNorm (or per-channel Mul/Add chain), torch-free.
 
-Both folds produce it: `training/fold.py` (torch.fx) and `bnfold/toolchain/fold.py` (ONNX graphs).
-The rows are what `bundle.json` stores under `fold_report`.
+Both folds produce it: `bnfold/toolchain/fold.py` (ONNX graphs, the one that makes bundles) and
+`training/fold.py` (torch.fx, `fold_batchnorm` for PyTorch users). The rows are what
+`bundle.json` stores under `fold_report`.
 """
 
 from __future__ import annotations
@@ -9,6 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bnfold.bundle import FoldRow
+
+# Refusal reasons both folds give in the same words.
+PADDED_REASON = "not folded: next conv is zero-padded, forward fold inexact"
 
 
 @dataclass

@@ -18,6 +18,7 @@ import numpy as np
 
 from bnfold.bundle import NAME_PATTERN
 from bnfold.errors import BnfoldError
+from bnfold.preprocess import PreprocessSpec
 from bnfold.toolchain.int8 import (
     Int8Options,
     Int8Request,
@@ -25,7 +26,6 @@ from bnfold.toolchain.int8 import (
     int8_options,
     summary_line,
 )
-from bnfold.preprocess import PreprocessSpec
 from training.data import (
     DataError,
     Splits,
@@ -256,11 +256,6 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print("\n".join(res.lines))
     print(f"{bundle}: {'verified' if res.ok else 'VERIFICATION FAILED'}")
     return 0 if res.ok else 1
-
-
-def verification_inputs(bundle: Path, manifest, data: str | None) -> np.ndarray:
-    """The bundle's own held-out split when it can be rebuilt, else seeded inputs in range."""
-    return verification_split(bundle, manifest, data)[0]
 
 
 def verification_split(bundle: Path, manifest, data: str | None):

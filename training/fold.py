@@ -27,7 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from bnfold import foldmath
 from bnfold.bundle import FoldRow
-from bnfold.foldreport import FoldReport
+from bnfold.foldreport import PADDED_REASON, FoldReport
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ NO_STATS_REASON = (
     "no running statistics (track_running_stats=False): uses batch statistics at eval, "
     "cannot be folded"
 )
-PADDED_REASON = "not folded: next conv is zero-padded, forward fold inexact"
 
 # Spatial rank of each layer type; Linear pairs with BatchNorm1d (rank 1).
 _CONV_RANK = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.Linear: 1}

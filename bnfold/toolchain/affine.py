@@ -285,3 +285,28 @@ def commuting_pool(graph: Graph, node: onnx.NodeProto) -> bool:
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
         return auto_pad in ("NOTSET", "VALID") and not any(attr(node, "pads") or [])
     return True  # GlobalAveragePool, GlobalMaxPool
+
+
+COPYING_PAD_MODES = ("reflect", "edge", "wrap")
+
+
+def copying_pad(graph: Graph, node: onnx.NodeProto) -> bool:
+    """A Pad that fills its border with copies of real values (reflect, edge, wrap) on the
+    spatial axes of (N, C, ...) only: s * x + t commutes with it, so a BN before it folds
+    forward into the Conv after it, shift included (no tap reads a zero)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type != "Pad":
+        return False
+    mode = attr(node, "mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    if mode not in COPYING_PAD_MODES:
+        return False
+    if len(node.input) > 3 and node.input[3]:  # an `axes` input: which axes it pads is indirect
+        return False
+    pads = attr(node, "pads") if len(node.input) < 2 or not node.input[1] else None
+    if pads is None:
+        value = graph.constant(node.input[1]) if len(node.input) > 1 else None
+        if value is None:
+            return False
+        pads = [int(v) for v in np.asarray(value).ravel()]
+    rank = len(pads) // 2
+    return rank >= 2 and not any(pads[a] or pads[rank + a] for a in (0, 1))

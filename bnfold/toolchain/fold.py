@@ -9,8 +9,8 @@ normalizes with `(x - mean) / std`) folds:
   keep the channel axis, when every tensor on the way is read by nothing else;
 - else forward into the Conv / Gemm / MatMul it alone feeds (a BN after the activation), also
   through pools it commutes with (max and global pools for a non-negative scale, average pools
-  without zero padding); into a Conv only when the shift is zero or the Conv reads no zero
-  padding.
+  without zero padding) and through Pads that copy real values (reflect, edge, wrap); into a
+  Conv only when the shift is zero or the Conv reads no zero padding.
 
 Everything else stays, with the reason in the report. Arithmetic is `bnfold.foldmath` (float64,
 rounded once to the weight dtype; float16 weights too). The folded graph keeps the BN's output
@@ -30,7 +30,7 @@ import onnx
 
 from bnfold import foldmath
 from bnfold.bundle import FoldRow
-from bnfold.foldreport import FoldReport
+from bnfold.foldreport import PADDED_REASON, FoldReport
 from bnfold.toolchain.affine import (
     POOL_OPS,
     Affine,
@@ -40,6 +40,7 @@ from bnfold.toolchain.affine import (
     bias_name,
     check_layer,
     commuting_pool,
+    copying_pad,
     is_matmul_bias,
     layer_at,
     mul_add_chain,
@@ -58,7 +59,6 @@ from bnfold.toolchain.graph import (
 )
 
 MAX_MODEL_BYTES = 2**31 - 1  # protobuf's limit for one serialized ModelProto
-PADDED_REASON = "not folded: next conv is zero-padded, forward fold inexact"
 
 
 class FoldError(ValueError):
@@ -261,7 +261,7 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
     path, cur = [], affine.y
     # Shape/Size readers (Keras computes its Flatten's target shape) see no value change
     while (c := graph.sole_value_reader(cur)) is not None and (
-        c.op_type in SHAPE_OPS or commuting_pool(graph, c)
+        c.op_type in SHAPE_OPS or commuting_pool(graph, c) or copying_pad(graph, c)
     ):
         if c.input[0] != cur:
             break
@@ -297,7 +297,7 @@ def _plan_forward(graph: Graph, affine: Affine) -> _Plan:
 def _through(graph: Graph, path: list, at: Channel, layer: Layer) -> Channel:
     """Follow the channel (axis, repeat, tile) through shape-only nodes and pools, or Refused."""
     for node in path:
-        if node.op_type in POOL_OPS:
+        if node.op_type in POOL_OPS or node.op_type == "Pad":
             if at != (1, 1, 1):
                 raise Refused(f"not folded: it scales axis {at[0]}, not the channels of "
                               f"{describe(node)}")  # fmt: skip

@@ -1,20 +1,17 @@
 """`bnfold import`: any ONNX image classifier in, a verified bundle `models/<name>/` out.
 
-The bundle is the one training writes: `unfolded.onnx` (the user's model, changed only where
-serving needs it, each change recorded in `bundle.json`), `folded.onnx` (bnfold.toolchain.fold), and
-`bundle.json` with checksums, node counts, the fold report, layer probes and the equivalence
-report: folded (full optimization) vs unfolded (BN executed) in onnxruntime, and both vs a
-float64 evaluation of the original graph (bnfold.toolchain.reference), on sample images through the
-shared preprocessing or on generated inputs whose distribution the report states.
+What import adds to the one bundle path (bnfold.toolchain.build, which training uses too): the
+user's graph checked and prepared for serving (each change recorded in `bundle.json`), its image
+input and logits output found, the preprocessing from the flags, and the equivalence inputs:
+sample images through the shared preprocessing, or generated inputs whose distribution the report
+states, with the original graph's float64 logits on them (bnfold.toolchain.reference).
 Torch-free: onnx, onnxruntime and numpy.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import math
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +19,17 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from bnfold.bundle import (
-    INT8,
-    NAME_PATTERN,
-    EquivalenceReport,
-    ImportRecord,
-    InputSpec,
-    LayerProbe,
-    Manifest,
-    OnnxFile,
-    OutputSpec,
-    sha256_file,
-    write_bundle_atomically,
-)
+from bnfold.bundle import NAME_PATTERN, ImportRecord, InputSpec, Manifest, OutputSpec
 from bnfold.errors import BnfoldError, validation_message
+from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.toolchain.build import (
+    BundleSpec,
+    Measurement,
+    NotEquivalentError,
+    fold_model,
+    toolchain_versions,
+    write_bundle,
+)
 from bnfold.toolchain.image_input import (
     SCORE_OPS,
     ImageInput,
@@ -44,27 +38,19 @@ from bnfold.toolchain.image_input import (
     logits_output,
     resolve_image_input,
 )
-from bnfold.toolchain.int8 import Int8Options, Int8Request, add_int8_variant
-from bnfold.toolchain.fold import FoldError, fold_onnx
-from bnfold.toolchain.load import LoadedOnnx, ModelImportError, default_opset, load_onnx, ort_session
-from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.toolchain.int8 import Int8Options, Int8Request
+from bnfold.toolchain.load import LoadedOnnx, ModelImportError, load_onnx, ort_session
 from bnfold.toolchain.quantize import calibration_images
 from bnfold.toolchain.reference import evaluate_float64
-from bnfold.toolchain.verify import count_bn_nodes, measure_equivalence, within_budget
+from bnfold.toolchain.verify import within_budget
+
+__all__ = ["ImportOptions", "NotEquivalentError", "equivalence_inputs", "import_model"]
 
 N_GENERATED = 64  # generated inputs when no samples are given: enough for max/mean statistics
 MAX_SAMPLES = 512  # sample images used at most (the float64 reference is numpy, and slow)
 MAX_SIDE = 4096  # PreprocessSpec's bound on height and width
 MAX_SAMPLE_BYTES = 64 * 2**20  # one sample image file at most
 FLOAT32_MAX = float(np.finfo(np.float32).max)
-
-
-class NotEquivalentError(BnfoldError):
-    """The folded model is not equivalent within the tolerance: no bundle is written."""
-
-    def __init__(self, message: str, report: EquivalenceReport) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 @dataclass
@@ -236,43 +222,6 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
     return np.stack(rows), "samples", desc
 
 
-def layer_probes(report_rows, unfolded: onnx.ModelProto, folded: onnx.ModelProto):
-    """One probe per folded row whose `probe` tensor is a float32 tensor of both graphs (the
-    probe sessions read float32), and a note if none."""
-    f32 = [_float32_tensors(m) for m in (unfolded, folded)]
-    rows = [r for r in report_rows if r.folded and r.probe]
-    probes = [
-        LayerProbe(bn=r.bn, folded_tensor=r.probe, unfolded_tensor=r.probe)
-        for r in rows
-        if all(r.probe in names for names in f32)
-    ]
-    if probes:
-        return probes, None
-    if not any(r.folded for r in report_rows):
-        return [], "nothing was folded, so there are no per-layer differences to show"
-    if rows and all(r.probe in {o for n in folded.graph.node for o in n.output} for r in rows):
-        return [], "the folded layers' outputs are not float32, so they have no probe points"
-    return [], "the folded graph has no tensor matching a folded layer's output (no probe points)"
-
-
-def _float32_tensors(model: onnx.ModelProto) -> set[str]:
-    """Node outputs that shape inference types as float32."""
-    try:
-        inferred = onnx.shape_inference.infer_shapes(model)
-    except Exception:  # onnx raises several types; no types known, no probes
-        return set()
-    g = inferred.graph
-    typed = {
-        v.name for v in (*g.value_info, *g.output, *g.input)
-        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
-    }  # fmt: skip
-    return typed & {o for n in g.node for o in n.output}
-
-
-def op_counts(model: onnx.ModelProto) -> dict[str, int]:
-    return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
-
-
 def import_model(path: Path, opts: ImportOptions) -> Manifest:
     """Validate, fold, measure, and write `models/<name>/` atomically; the manifest written."""
     target = check_target(opts)
@@ -283,60 +232,32 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     unfolded, changes = prepare_for_serving(loaded, image)
     output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
     classes = check_classes(opts.classes, opts.num_classes, n_out, output)
-    try:
-        folded, report = fold_onnx(unfolded)
-    except FoldError as exc:
-        raise ModelImportError(f"{loaded.path}: cannot fold: {exc}") from None
-    ort_session(folded, loaded.path, "folded")
-    probes, note = layer_probes(report.rows, unfolded, folded)
+    fold = fold_model(unfolded, str(loaded.path))
     x, split, inputs = equivalence_inputs(spec, opts)
     int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
     ref64 = _float64_logits(loaded.model, image, x, output)
     _check_finite_logits(ref64, loaded.path, output)
-    holder: list[Manifest] = []
-
-    def fill(tmp: Path) -> None:
-        files = {v: _save(tmp, v, m) for v, m in (("folded", folded), ("unfolded", unfolded))}
-        eq = measure_equivalence(
-            tmp, image.name, output, probes, x, split, ref64=ref64, inputs=inputs
-        )
-        if not eq.passed:
-            raise NotEquivalentError(_not_equivalent(eq, unfolded), eq)
-        if int8 is not None:  # measured on the same inputs as the fold; no labels here
-            entry, int8_report = add_int8_variant(tmp, int8, x, split)
-            if entry is not None:
-                files[INT8] = entry
-            eq = eq.model_copy(update={"int8": int8_report})
-        manifest = Manifest(
-            name=opts.name,
-            created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            classes=classes,
-            input=InputSpec(name=image.name, shape=image.served_shape, preprocess=spec),
-            output=OutputSpec(
-                name=output,
-                shape=[-1, n_out],
-                probabilities=final_op(unfolded, output) in SCORE_OPS,
-            ),
-            files=files,
-            fold_report=report.rows,
-            layer_probes=probes,
-            layer_probes_note=note,
-            versions=_versions(loaded.model),
-            equivalence=eq,
-            imported=ImportRecord(
+    bundle = BundleSpec(
+        name=opts.name,
+        classes=classes,
+        input=InputSpec(name=image.name, shape=image.served_shape, preprocess=spec),
+        output=OutputSpec(
+            name=output, shape=[-1, n_out], probabilities=final_op(unfolded, output) in SCORE_OPS
+        ),
+        versions=toolchain_versions(loaded.model),
+        extra={
+            "imported": ImportRecord(
                 source=loaded.path.name,
                 sha256=loaded.sha256,
                 external_data=loaded.external_files,
                 producer=f"{loaded.model.producer_name} {loaded.model.producer_version}".strip(),
                 ir_version=loaded.model.ir_version,
                 changes=changes,
-            ),
-        )
-        (tmp / "bundle.json").write_text(manifest.model_dump_json(indent=2) + "\n")
-        holder.append(manifest)
-
-    write_bundle_atomically(target, fill)
-    return holder[0]
+            )
+        },
+    )
+    # measured on the same inputs as the fold, int8 included; an import has no labels
+    return write_bundle(target, fold, bundle, Measurement(x, split, ref64, inputs), int8)
 
 
 def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | None:
@@ -350,18 +271,6 @@ def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | Non
         )
     x = calibration_images(opts.calibration, spec, opts.int8.calibration_images, opts.seed)
     return Int8Request(opts.int8, x, f"images from {opts.calibration}")
-
-
-def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
-    path = folder / f"{variant}.onnx"
-    onnx.save_model(model, str(path))
-    return OnnxFile(
-        path=path.name,
-        sha256=sha256_file(path),
-        batchnorm_nodes=count_bn_nodes(model),
-        opset=default_opset(model),
-        op_counts=op_counts(model),
-    )
 
 
 def _float64_logits(
@@ -387,29 +296,3 @@ def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:
             f"{len(ref64)} inputs (float64 evaluation of the original graph): check its weights "
             "and statistics (e.g. a negative BatchNormalization variance) and --mean/--std"
         )
-
-
-def _not_equivalent(eq: EquivalenceReport, model: onnx.ModelProto) -> str:
-    s = eq.folded_vs_unfolded
-    half = any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
-    hint = (
-        "; the model computes in float16, whose rounding (~1e-3) a fold changes by more than "
-        "the float32 tolerance: fold the float32 model, then convert it"
-        if half
-        else ""
-    )
-    return (
-        f"folded model not equivalent: max |folded - unfolded| {s.max_abs_diff:.3g} "
-        f"(tolerance {eq.tolerance_abs:.3g}), top-1 agreement {s.top1_agreement}{hint}; "
-        "no bundle written"
-    )
-
-
-def _versions(model: onnx.ModelProto) -> dict[str, str]:
-    import onnxruntime
-
-    return {
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "opset": str(default_opset(model)),
-    }

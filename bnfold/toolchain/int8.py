@@ -1,8 +1,8 @@
 """The int8 variant of a bundle: made at export or import, re-checked by verify.
 
-`add_int8_variant` quantizes a bundle's folded.onnx (bnfold.toolchain.quantize), measures it against the
-folded float32 model on the held-out images and writes `quantized.onnx` only when it passes the
-criterion; the report (in the equivalence report) says why when it does not. `check_int8`
+`add_int8_variant` quantizes a bundle's folded.onnx (bnfold.toolchain.quantize), measures it
+against the folded float32 model on the held-out images and writes `quantized.onnx` only when it
+passes the criterion; the report (in the equivalence report) says why when it does not. `check_int8`
 re-measures a bundle's int8 file for verify.
 """
 

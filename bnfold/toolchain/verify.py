@@ -37,8 +37,8 @@ from bnfold.equivalence import (
     tolerance_for,
 )
 from bnfold.errors import BnfoldError
-from bnfold.toolchain.int8 import check_int8
 from bnfold.preprocess import generated_batch
+from bnfold.toolchain.int8 import check_int8
 from bnfold.toolchain.sessions import make_probe_session, make_session
 
 N_VERIFY = 64  # generated inputs when the caller gives none

@@ -19,9 +19,14 @@ from PIL import Image
 
 from bnfold.bundle import load_bundle, read_manifest, sha256_file
 from bnfold.errors import BnfoldError
-from bnfold.toolchain.image_input import read_class_file
-from bnfold.toolchain.importer import ImportOptions, NotEquivalentError, equivalence_inputs, import_model
 from bnfold.preprocess import PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.toolchain.image_input import read_class_file
+from bnfold.toolchain.importer import (
+    ImportOptions,
+    NotEquivalentError,
+    equivalence_inputs,
+    import_model,
+)
 from bnfold.toolchain.reference import evaluate_float64
 from bnfold.toolchain.verify import INPUT_BUDGET, verify_bundle
 from tests.bnfold.toolchain.import_graphs import (
@@ -181,9 +186,9 @@ def test_refused_bn_stays_in_both_files_and_verify_counts_it(tmp_path, models):
 
 def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
     """A fold that changed the function (a perturbed weight) is caught and nothing written."""
-    import bnfold.toolchain.importer as importer
+    import bnfold.toolchain.build as build
 
-    real = importer.fold_onnx
+    real = build.fold_onnx
 
     def broken_fold(model):
         folded, report = real(model)
@@ -191,7 +196,7 @@ def test_not_equivalent_writes_nothing(tmp_path, models, monkeypatch, capsys):
         w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.01, w.name))
         return folded, report
 
-    monkeypatch.setattr(importer, "fold_onnx", broken_fold)
+    monkeypatch.setattr(build, "fold_onnx", broken_fold)
     src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
     with pytest.raises(NotEquivalentError, match="not equivalent"):
         import_model(src, ImportOptions(name="net", models_dir=models))
@@ -242,13 +247,13 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
 
 
 def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
-    import bnfold.toolchain.importer as importer
+    import bnfold.toolchain.build as build
     from bnfold.cli import main
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(importer, "measure_equivalence", interrupted)  # inside the bundle write
+    monkeypatch.setattr(build, "measure_equivalence", interrupted)  # inside the bundle write
     src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
     assert main(["import", str(src), "--name", "net", "--models-dir", str(models)]) == 130
     assert capsys.readouterr().err == "bnfold: interrupted; nothing written\n"
@@ -287,7 +292,7 @@ def test_float16_layers_inside_a_float32_model(tmp_path, models, capsys):
     within float16's own rounding; the import says why it is not equivalent, instead of an
     internal error from a float32 probe on a float16 tensor; such layers get no probes."""
     from bnfold.cli import main
-    from bnfold.toolchain.importer import layer_probes
+    from bnfold.toolchain.build import layer_probes
     from bnfold.toolchain.fold import fold_onnx
 
     src = save(_float16_inside(), tmp_path / "half.onnx")

@@ -1,4 +1,5 @@
-"""bnfold.toolchain.quantize: static QDQ int8 quantization, its node counts, the report and its criterion.
+"""bnfold.toolchain.quantize: static QDQ int8 quantization, its node counts, the report, its
+criterion.
 
 Small ONNX graphs built with onnx.helper (no torch): conv -> [BN] -> ReLU -> GAP -> Gemm. The
 quantized files are checked against what the arithmetic of symmetric per-channel int8 weights and
