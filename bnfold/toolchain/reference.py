@@ -18,6 +18,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx import TensorProto, numpy_helper
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
+from onnx.reference.ops.op_add import Add as _RefAdd
 from onnx.reference.ops.op_average_pool import AveragePool_19 as _RefAveragePool
 from onnx.reference.ops.op_batch_normalization import (
     _batchnorm_test_mode,
@@ -114,13 +115,20 @@ class InferenceBatchNormalization(OpRun):
     """
 
     op_domain = ""
+    scratch = False  # set by Float64Reference.run when x dies here and may be overwritten
 
     def _run(self, x, scale, bias, mean, var, epsilon=None, momentum=None, **attrs):
         n_out = sum(1 for o in self.onnx_node.output if o)
         training = bool(attrs.get("training_mode")) or attrs.get("is_test") == 0 or n_out > 1
         eps = 1e-5 if epsilon is None else epsilon
         if not training:
-            return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=eps),)
+            if x.dtype != np.float64 or x.ndim < 2:
+                return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=eps),)
+            shape = (-1,) + (1,) * (x.ndim - 2)  # (x - mean) * scale / sqrt(var + eps) + bias
+            y = np.subtract(x, mean.reshape(shape), out=x if self.scratch else None)
+            y *= (scale / np.sqrt(var + eps)).reshape(shape)  # three passes over x, not six
+            y += bias.reshape(shape)
+            return (y,)
         m = 0.9 if momentum is None else momentum
         y, saved_mean, saved_var, run_mean, run_var = _batchnorm_training_mode(
             x, scale, bias, mean, var, momentum=m, epsilon=eps
@@ -341,7 +349,38 @@ class FastGlobalAveragePool(OpRun):
 
 FastGlobalAveragePool.__name__ = "GlobalAveragePool"
 
-FAST_OPS = [FastConv, FastMaxPool, FastAveragePool, FastGlobalAveragePool]
+
+class FastRelu(OpRun):
+    """Relu in one pass (onnx.reference's copies its result once more), in place when the
+    input dies here."""
+
+    op_domain = ""
+    scratch = False
+
+    def _run(self, x):
+        return (np.maximum(x, x.dtype.type(0), out=x if self.scratch else None),)
+
+
+FastRelu.__name__ = "Relu"
+
+
+class FastAdd(_RefAdd):
+    """Add, into its first input's memory when that input dies here and has the result's
+    shape and dtype (a residual Add of ResNet)."""
+
+    op_domain = ""
+    scratch = False
+
+    def _run(self, a, b):
+        if self.scratch and a.shape == np.broadcast_shapes(a.shape, b.shape):
+            return (np.add(a, b, out=a),)
+        return super()._run(a, b)
+
+
+FastAdd.__name__ = "Add"
+
+FRESH_PRODUCERS = {"Conv", "BatchNormalization", "Relu", "Add"}  # each returns new memory
+FAST_OPS = [FastConv, FastMaxPool, FastAveragePool, FastGlobalAveragePool, FastRelu, FastAdd]
 
 
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:
@@ -405,6 +444,10 @@ class Float64Reference:
             for name in n.input:
                 last[name] = i
         self._drop = [[] for _ in nodes]
+        # values our own kernels computed into new memory: only these may be written over
+        self._fresh = {
+            o for n in nodes if n.onnx_node.op_type in FRESH_PRODUCERS for o in n.output if o
+        }
         inits = set(self.evaluator.rt_inits_)
         for name, i in last.items():
             if name and name not in keep and name not in inits:
@@ -420,9 +463,15 @@ class Float64Reference:
             (k, v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v)
             for k, v in feeds.items()
         )
+        protected = set(feeds) | set(names)
+        fresh = self._fresh
         for node, drop in zip(self.evaluator.rt_nodes_, self._drop, strict=True):
             try:
                 inputs = [results[i] for i in node.input]
+                if hasattr(node, "scratch"):
+                    node.scratch = node.input[0] in fresh and _may_overwrite(
+                        node.input, drop, results, protected
+                    )
                 if node.need_context():
                     values = node.run(*inputs, context=results)
                 else:
@@ -439,6 +488,26 @@ class Float64Reference:
         if missing:
             raise ReferenceUnavailable("model", "", f"no value computed for {missing}")
         return [np.asarray(results[n], dtype=np.float64) for n in names]
+
+
+def _may_overwrite(inputs, drop, results: dict, protected: set[str]) -> bool:
+    """Whether a kernel may write into its first input (one a FRESH_PRODUCERS kernel made): a
+    float64 array this node is the last to read, not a feed or a requested output, whose
+    memory no other live value shares (Identity or Reshape may have handed it on)."""
+    name = inputs[0] if inputs else ""
+    if not name or name not in drop or name in protected or list(inputs).count(name) > 1:
+        return False
+    a = results[name]
+    if not isinstance(a, np.ndarray) or a.dtype != np.float64 or not a.flags.writeable:
+        return False
+    owner = a if a.base is None else a.base
+    if not isinstance(owner, np.ndarray):
+        return False
+    return not any(
+        v is owner or (isinstance(v, np.ndarray) and v.base is owner)
+        for k, v in results.items()
+        if k != name
+    )
 
 
 def _unloadable_node(model: onnx.ModelProto, exc: Exception) -> onnx.NodeProto | None:
