@@ -37,35 +37,10 @@ class PayloadTooLarge(BnfoldError):
     status_code = 413
 
 
-class NotFound(BnfoldError):
-    """Unknown model or version (404)."""
-
-    status_code = 404
-
-
 class BundleError(BnfoldError):
     """A bundle on disk is missing, malformed, or fails verification."""
 
     status_code = 500
-
-
-class ServiceUnavailable(BnfoldError):
-    """The server or a model cannot answer now: not loaded, failed to load, or busy (503)."""
-
-    status_code = 503
-
-
-class Overloaded(ServiceUnavailable):
-    """Too many requests queued, or the server is draining: retry after a while (503)."""
-
-    def __init__(self, message: str, retry_after_s: int) -> None:
-        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
-
-
-class GatewayTimeout(BnfoldError):
-    """The request outlived the per-request timeout; its queued work was dropped (504)."""
-
-    status_code = 504
 
 
 def validation_message(errors: list[dict], limit: int = 3) -> str:

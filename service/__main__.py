@@ -52,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     from service.logs import configure_logging
 
     if settings.provider == "cuda":  # only a forced CUDA can be missing ('auto' falls back)
-        from bnfold.toolchain.sessions import resolve_providers  # imports onnxruntime: not in a supervisor
+        # imports onnxruntime: not in a supervisor
+        from bnfold.toolchain.sessions import resolve_providers
 
         try:
             resolve_providers(settings.provider)

@@ -23,10 +23,6 @@ class AdminGuard:
         value = token.get_secret_value() if token is not None else ""
         self._token = value.encode() if value else None
 
-    @property
-    def enabled(self) -> bool:
-        return self._token is not None
-
     def check(self, authorization: str | None) -> None:
         if self._token is None:
             raise Forbidden(

@@ -15,8 +15,8 @@ from contextlib import asynccontextmanager
 
 import anyio
 
-from bnfold.errors import GatewayTimeout, Overloaded
 from service.config import Settings
+from service.errors import GatewayTimeout, Overloaded
 from service.metrics import Metrics
 from service.registry import LoadedModel, ModelRegistry
 

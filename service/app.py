@@ -22,9 +22,10 @@ from service.api.access import AccessMiddleware
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
-from service.core import Core
 from service.dataplane import Runner
 from service.errors import wire_error
+from service.metadata import server_version
+from service.process import Core
 
 DESCRIPTION = """
 Serves batch-normalized CNNs whose BatchNorm layers were folded into the weights, next to the
@@ -63,13 +64,12 @@ def create_app(
 
     app = FastAPI(
         title="bnfold",
-        version=v2.server_version(),
+        version=server_version(),
         description=DESCRIPTION,
         lifespan=lifespan,
         docs_url=None,  # install_docs serves /docs from local assets, not a CDN
         redoc_url=None,
     )
-    app.state.settings = settings
     app.state.core = core
     app.include_router(v2.router)
     app.include_router(v1.router)

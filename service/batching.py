@@ -2,8 +2,8 @@
 
 Each (model, variant) has a lane: a FIFO of waiting requests, one worker task, and one thread of
 its own where the lane's runs happen, one at a time. Decoding and preprocessing use the CPU
-worker threads of service.workers, so they go on in parallel with inference instead of queueing
-behind it.
+threads of service.threads, so they go on in parallel with inference instead of queueing behind
+it.
 
 The policy, per lane:
 - a request that finds the lane idle runs at once, alone: a lone request is never delayed;
@@ -23,14 +23,14 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from bnfold.errors import ServiceUnavailable
+from service.errors import ServiceUnavailable
 from service.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -99,10 +99,9 @@ class BatchingRunner:
         self.inline_run_s = inline_run_s  # cheaper runs are done on the event loop
         self.metrics = metrics or Metrics()
         self.lanes: dict[tuple[str, str], _Lane] = {}
-        self.batch_rows: Counter[int] = Counter()  # rows per run -> how many runs had that many
         self.closed = False
 
-    async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
+    async def logits(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
         """Queue x (N, C, H, W) and wait for its logits (N, classes), computed in some batch."""
         if self.closed:
             raise ServiceUnavailable("the server is shutting down")
@@ -165,7 +164,7 @@ class BatchingRunner:
                 batch = self._take(lane)
                 if batch:
                     idle = False
-                    await self._run(lane, batch)
+                    await self._answer(lane, batch)
             except Exception:  # a bug here must not leave every later request hanging
                 log.exception("batcher %s/%s: unexpected error", lane.name, lane.variant)
 
@@ -197,10 +196,10 @@ class BatchingRunner:
             rows += len(head.x)
         return batch
 
-    async def _run(self, lane: _Lane, batch: list[_Request]) -> None:
+    async def _answer(self, lane: _Lane, batch: list[_Request]) -> None:
         """One onnxruntime run for the batch; each caller gets its rows, or the error."""
         try:
-            logits = await self._infer(lane, batch)
+            logits = await self._batch_logits(lane, batch)
         except Exception as exc:  # every caller in this batch gets the error; the lane goes on
             for request in batch:
                 if not request.future.done():
@@ -213,7 +212,7 @@ class BatchingRunner:
                 request.future.set_result(logits[start : start + rows])
             start += rows
 
-    async def _infer(self, lane: _Lane, batch: list[_Request]) -> np.ndarray:
+    async def _batch_logits(self, lane: _Lane, batch: list[_Request]) -> np.ndarray:
         started = time.monotonic()
         queue_wait = self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant)
         for request in batch:
@@ -235,7 +234,6 @@ class BatchingRunner:
         self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float
     ) -> None:
         lane.measured(model, rows, seconds)
-        self.batch_rows[rows] += 1
         m, labels = self.metrics, (lane.name, lane.variant)
         m.child(m.batch_size, *labels).observe(rows)
         m.child(m.inference_seconds, *labels).observe(seconds)

@@ -1,13 +1,14 @@
 """The data plane: inference, predictions and the live comparison on an admitted model.
 
-Knows nothing of HTTP or gRPC: each protocol decodes its wire format into arrays or images,
-calls these coroutines with the `LoadedModel` that admission handed it (never a name to look up
-again: a reload in between must not pair one bundle's manifest with another's sessions), and
-turns the answer or the `BnfoldError` back into its own format (service/errors.py).
+Knows nothing of HTTP or gRPC: each protocol decodes its wire format into one `InferRequest`
+(service/request.py: tensors, or images already parsed from the body), calls these coroutines
+with the `LoadedModel` that admission handed it (never a name to look up again: a reload in
+between must not pair one bundle's manifest with another's sessions), and turns the answer or
+the `BnfoldError` back into its own format (service/errors.py).
 
-How a batch reaches a session is the `Runner`'s business: the default `BatchingRunner`
+How a batch reaches a session is the `Runner`'s business: the `BatchingRunner`
 (service/batching.py) merges concurrent calls into one `LoadedModel.run` and hands each caller
-its own rows back; `ThreadRunner` runs each request alone in a worker thread.
+its own rows back.
 """
 
 from __future__ import annotations
@@ -19,32 +20,24 @@ import numpy as np
 
 from bnfold.bundle import INT8, TensorSpec
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
-from bnfold.errors import BadInput, PayloadTooLarge
+from bnfold.errors import BadInput
 from service.batching import BatchingRunner
 from service.config import Settings
-from service.inference import Images, predictions, preprocess_uploads
+from service.images import predictions, preprocess_uploads, too_many_images
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
+from service.request import InferRequest, InferResponse, answered_outputs
 from service.schemas import CompareResponse, Int8Comparison, PredictResponse
-from service.tensors import shape_error
+from service.tensors import input_array, shape_error
+from service.threads import CpuThreads
 
 
 class Runner(Protocol):
     """How a validated batch reaches a model's session (alone, or merged by a batcher)."""
 
-    async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray: ...
+    async def logits(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray: ...
 
     async def aclose(self) -> None: ...
-
-
-class ThreadRunner:
-    """One onnxruntime run per request, in a worker thread so the event loop stays free."""
-
-    async def run(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
-        return await anyio.to_thread.run_sync(model.run, variant, x)
-
-    async def aclose(self) -> None:
-        return None
 
 
 def check_input(spec: TensorSpec, x: np.ndarray, max_rows: int) -> None:
@@ -55,9 +48,7 @@ def check_input(spec: TensorSpec, x: np.ndarray, max_rows: int) -> None:
     if x.shape[0] < 1:
         raise BadInput(f"input {spec.name!r} has no rows: send at least one image")
     if x.shape[0] > max_rows:
-        raise PayloadTooLarge(
-            f"{x.shape[0]} images in one request, over the limit of {max_rows}: split the batch"
-        )
+        raise too_many_images(max_rows, x.shape[0])
     bad = ~np.isfinite(x)
     if bad.any():
         first = [int(i) for i in np.argwhere(bad)[0]]
@@ -81,8 +72,15 @@ def check_output(logits: np.ndarray) -> None:
 class DataPlane:
     """infer / predict / compare on a model admission returned; the one inference path."""
 
-    def __init__(self, settings: Settings, metrics: Metrics, runner: Runner | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        metrics: Metrics,
+        threads: CpuThreads,
+        runner: Runner | None = None,
+    ) -> None:
         self.settings = settings
+        self.threads = threads
         self.runner: Runner = runner or BatchingRunner(
             settings.max_batch_size,
             settings.max_delay_ms / 1000,
@@ -93,59 +91,66 @@ class DataPlane:
     async def aclose(self) -> None:
         await self.runner.aclose()
 
-    async def infer(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) float32 for a (N, C, H, W) float32 batch."""
-        assert model.manifest is not None
-        variant = model.check_variant(variant)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        check_input(model.manifest.input, x, self.settings.max_images_per_request)
-        logits = await self.runner.run(model, variant, x)
-        check_output(logits)
-        return logits
+    async def infer(self, model: LoadedModel, request: InferRequest) -> InferResponse:
+        """The requested outputs (the logits) for the request's tensors."""
+        variant = model.check_variant(request.variant)  # before any decoding work
+        outputs = answered_outputs(request.outputs, model.manifest.output)
+        x = await self._batch(model, request)
+        logits = await self.logits(model, variant, x)
+        return InferResponse(
+            model.name, model.version, request.id, variant, [(out, logits) for out in outputs]
+        )
 
     async def predict(
-        self,
-        model: LoadedModel,
-        variant: str,
-        images: Images,
-        top_k: int,
+        self, model: LoadedModel, request: InferRequest, top_k: int
     ) -> PredictResponse:
-        """Decode and classify images; `predictions` in upload order."""
-        assert model.manifest is not None
-        variant = model.check_variant(variant)  # before any decoding work
-        spec = model.manifest.input.preprocess
-        decoded, x = await preprocess_uploads(images, spec, self.settings.max_pixels)
-        logits = await self.infer(model, variant, x)
-        names = [u.filename for u in decoded]
-        probs = model.manifest.output.probabilities
+        """Classify the request's images (or tensor rows); `predictions` in request order."""
+        variant = model.check_variant(request.variant)  # before any decoding work
+        x = await self._batch(model, request)
+        logits = await self.logits(model, variant, x)
         return PredictResponse(
             model_name=model.name,
             model_version=model.version,
             variant=variant,
-            predictions=predictions(logits, model.manifest.classes, top_k, names, probs),
+            predictions=predictions(logits, model.manifest.classes, top_k, _filenames(request),
+                                    model.manifest.output.probabilities),
+        )  # fmt: skip
+
+    async def logits(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
+        """Logits (N, classes) float32 for a (N, C, H, W) float32 batch."""
+        variant = model.check_variant(variant)
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        check_input(model.manifest.input, x, self.settings.max_images_per_request)
+        logits = await self.runner.logits(model, variant, x)
+        check_output(logits)
+        return logits
+
+    async def _batch(self, model: LoadedModel, request: InferRequest) -> np.ndarray:
+        """The request's input as the model's (N, C, H, W) float32 batch: its images decoded
+        and preprocessed, or its tensor (the CPU work in a thread unless it is small)."""
+        if request.uploads is not None:
+            spec = model.manifest.input.preprocess
+            return await preprocess_uploads(
+                request.uploads, spec, self.settings.max_pixels, self.threads
+            )
+        first = request.inputs[0] if request.inputs else None
+        nbytes = len(first.raw) if first and first.raw is not None else request.nbytes
+        return await self.threads.offload(
+            input_array, request.inputs, model.manifest.input, nbytes=nbytes
         )
 
-    async def compare_images(
-        self, model: LoadedModel, images: Images, top_k: int
-    ) -> CompareResponse:
-        assert model.manifest is not None
-        spec = model.manifest.input.preprocess
-        decoded, x = await preprocess_uploads(images, spec, self.settings.max_pixels)
-        return await self.compare(model, x, top_k, [u.filename for u in decoded])
-
     async def compare(
-        self,
-        model: LoadedModel,
-        x: np.ndarray,
-        top_k: int,
-        filenames: list[str | None] | None = None,
+        self, model: LoadedModel, request: InferRequest, top_k: int
     ) -> CompareResponse:
-        """Run folded and unfolded now on x; diff their logits and each folded layer's output;
-        int8 beside them when the bundle serves it (judged by agreement with folded)."""
+        """Run folded and unfolded now on the request's input; diff their logits and each
+        folded layer's output; int8 beside them when the bundle serves it (judged by agreement
+        with folded)."""
         manifest = model.manifest
-        probs = manifest.output.probabilities
         assert manifest is not None
-        logits = {v: await self.infer(model, v, x) for v in PROBED}
+        probs = manifest.output.probabilities
+        x = await self._batch(model, request)
+        filenames = _filenames(request)
+        logits = {v: await self.logits(model, v, x) for v in PROBED}
         stats = diff_stats(logits["folded"], logits["unfolded"])
         if model.probe_error:
             per_layer, note = [], model.probe_error
@@ -183,13 +188,13 @@ class DataPlane:
     ) -> tuple[Int8Comparison | None, str | None]:
         """int8 next to folded when the bundle serves it, else why not (one line)."""
         manifest = model.manifest
-        probs = manifest.output.probabilities
         assert manifest is not None
+        probs = manifest.output.probabilities
         report = manifest.equivalence.int8
         if INT8 not in model.sessions:
             why = model.variant_errors.get(INT8) or (report.reason if report else None)
             return None, why or "the bundle has no int8 variant (export with --quantize int8)"
-        logits = await self.infer(model, INT8, x)
+        logits = await self.logits(model, INT8, x)
         stats = diff_stats(logits, folded)
         return Int8Comparison(
             predictions=predictions(logits, manifest.classes, top_k, filenames, probs),
@@ -201,3 +206,8 @@ class DataPlane:
                 report.int8_vs_folded.top1_agreement if report and report.int8_vs_folded else None
             ),
         ), None
+
+
+def _filenames(request: InferRequest) -> list[str | None] | None:
+    """Each image's file name (multipart uploads), to label its prediction; None for tensors."""
+    return [u.filename for u in request.uploads] if request.uploads is not None else None

@@ -1,8 +1,8 @@
 """The one table from data-plane errors to wire status: HTTP status for REST, gRPC status code.
 
 Every `BnfoldError` carries its HTTP status; `wire_error` adds the gRPC code that means the same
-to a gRPC client, so REST (service/app.py) and gRPC (service/grpc/errors.py) translate the same
-error the same way, with the same message. A client's mistake is never UNKNOWN or INTERNAL:
+to a gRPC client, so REST (service/app.py) and gRPC (service/grpc/servicer.py) translate the
+same error the same way, with the same message. A client's mistake is never UNKNOWN or INTERNAL:
 only 500 (the server's own failure) maps to INTERNAL.
 """
 
@@ -27,6 +27,31 @@ GRPC_CODE = {
     503: "UNAVAILABLE",  # not ready, queue full, shutting down
     504: "DEADLINE_EXCEEDED",  # past the request timeout or the client's deadline
 }
+
+
+class NotFound(BnfoldError):
+    """Unknown model or version (404 / NOT_FOUND)."""
+
+    status_code = 404
+
+
+class ServiceUnavailable(BnfoldError):
+    """The server or a model cannot answer now: not loaded, failed to load, or busy (503)."""
+
+    status_code = 503
+
+
+class Overloaded(ServiceUnavailable):
+    """Too many requests queued, or the server is draining: retry after a while (503)."""
+
+    def __init__(self, message: str, retry_after_s: int) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
+
+
+class GatewayTimeout(BnfoldError):
+    """The request outlived the per-request timeout; its queued work was dropped (504)."""
+
+    status_code = 504
 
 
 class Unauthorized(BnfoldError):

@@ -1,12 +1,14 @@
-"""Images -> batch and logits -> predictions: what the data plane (service/dataplane.py) does
-around inference for image requests. Protocol-free.
+"""Image pre- and post-processing: uploads -> (N, C, H, W) batch, logits -> predictions.
+
+What the data plane (service/dataplane.py) does around inference for image requests. The
+uploads come already parsed from the request body (the protocol's job, service/api/bodies.py);
+nothing here knows a protocol.
 """
 
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -14,7 +16,7 @@ from bnfold.equivalence import softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
 from bnfold.preprocess import OverBudget, PreprocessSpec, decode_image, image_to_tensor
 from service.schemas import Prediction
-from service.workers import INLINE_BYTES, run_cpu
+from service.threads import INLINE_BYTES, CpuThreads
 
 
 @dataclass
@@ -29,34 +31,28 @@ class Upload:
         return f"image {index + 1}{name}"
 
 
+def too_many_images(limit: int, count: int | None = None) -> PayloadTooLarge:
+    """The one refusal of a request over BNFOLD_MAX_IMAGES_PER_REQUEST; `count` None when the
+    parser stopped at the first image over the limit."""
+    how_many = f"{count} images" if count is not None else f"more than {limit} images"
+    over = f", over the limit of {limit}" if count is not None else ""
+    return PayloadTooLarge(f"{how_many} in one request{over}: split the batch")
+
+
 def check_image_count(count: int, limit: int) -> None:
     if count > limit:
-        raise PayloadTooLarge(
-            f"{count} images in one request, over the limit of {limit}: split the batch"
-        )
+        raise too_many_images(limit, count)
 
 
 class Abandoned(Exception):
     """The request stopped waiting (its timeout): the decoding thread stops too."""
 
 
-# Images this small are decoded on the event loop itself (service.workers: the hand-off to a
+# Images this small are decoded on the event loop itself (service.threads: the hand-off to a
 # thread costs about as much). With INLINE_BYTES, this keeps the loop's own stall for one request
 # well under a millisecond; larger work goes to a CPU thread, where Pillow's decoders release the
 # GIL. Each image counts its own pixels or the model's input size, whichever is more.
 INLINE_PIXELS = 16_384  # 128 x 128
-
-
-class Images(Protocol):
-    """A request's images, not yet parsed: their size in bytes and how to get them."""
-
-    nbytes: int
-
-    def uploads(self) -> list[Upload]: ...
-
-    def plain_uploads(self) -> list[Upload] | None:
-        """uploads() when that is cheap (a few bytes searches), else None."""
-        ...
 
 
 # PNG chunks that cost nothing to read: anything else (compressed text, ICC profiles, ...) may
@@ -115,37 +111,25 @@ def images_to_batch(
 
 
 async def preprocess_uploads(
-    images: Images, spec: PreprocessSpec, max_pixels: int
-) -> tuple[list[Upload], np.ndarray]:
-    """The request's images parsed, decoded and preprocessed: (uploads, (N, C, H, W) batch).
+    uploads: list[Upload], spec: PreprocessSpec, max_pixels: int, threads: CpuThreads
+) -> np.ndarray:
+    """The images decoded and preprocessed: (N, C, H, W) float32, in upload order.
 
-    Small requests of plain PNGs (INLINE_BYTES, INLINE_PIXELS, plain_png, a body that splits
-    without python-multipart) are done here on the event loop; the rest, or a request found
-    over the pixel budget part way, in one trip to a CPU worker thread, which parses the body
-    too: the request takes one trip to a thread, not two.
+    Small requests of plain PNGs (INLINE_BYTES, INLINE_PIXELS, plain_png) are done here on the
+    event loop; the rest, or a request found over the pixel budget part way, in one trip to a
+    CPU thread.
     """
-    uploads = images.plain_uploads() if images.nbytes <= INLINE_BYTES else None
-    if uploads is not None and all(plain_png(u.data) for u in uploads):
+    nbytes = sum(len(u.data) for u in uploads)
+    if nbytes <= INLINE_BYTES and all(plain_png(u.data) for u in uploads):
         try:
-            return uploads, images_to_batch(uploads, spec, max_pixels, budget=INLINE_PIXELS)
+            return images_to_batch(uploads, spec, max_pixels, budget=INLINE_PIXELS)
         except OverBudget:
             pass
     abandoned = threading.Event()
     try:
-        return await run_cpu(_uploads_to_batch, uploads or images, spec, max_pixels, abandoned)
+        return await threads.offload(images_to_batch, uploads, spec, max_pixels, abandoned)
     finally:
         abandoned.set()  # answered, or cancelled by its timeout: no image is decoded after
-
-
-def _uploads_to_batch(
-    uploads: list[Upload] | Images,
-    spec: PreprocessSpec,
-    max_pixels: int,
-    abandoned: threading.Event,
-) -> tuple[list[Upload], np.ndarray]:
-    if not isinstance(uploads, list):
-        uploads = uploads.uploads()
-    return uploads, images_to_batch(uploads, spec, max_pixels, abandoned)
 
 
 def predictions(

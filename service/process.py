@@ -1,5 +1,5 @@
-"""What one server process holds: settings, metrics, the registry, admission, the data plane and
-the admin guard.
+"""What one server process holds: settings, metrics, the registry, admission, the CPU threads,
+the data plane and the admin guard (its `Core`).
 
 Built once per process (`Core.build`) and shared by every protocol the process speaks: the REST
 app reads it from `app.state.core`, the gRPC servicer is given it. Neither protocol owns it.
@@ -12,10 +12,13 @@ from typing import TYPE_CHECKING
 
 from service.admin import AdminGuard
 from service.admission import Admission
+from service.calls import CallLog
 from service.config import Settings
+from service.cpus import usable_cpus
 from service.dataplane import DataPlane, Runner
 from service.metrics import Metrics
 from service.registry import ModelRegistry
+from service.threads import CpuThreads, thread_count
 
 if TYPE_CHECKING:
     from service.cluster import Member
@@ -27,26 +30,37 @@ class Core:
     metrics: Metrics
     registry: ModelRegistry
     admission: Admission
+    threads: CpuThreads
     plane: DataPlane
     admin: AdminGuard
+    calls: CallLog
     peers: Member | None = None  # the other worker processes (BNFOLD_WORKERS > 1)
 
     @classmethod
     def build(
-        cls, settings: Settings, runner: Runner | None = None, registry: ModelRegistry | None = None
+        cls,
+        settings: Settings,
+        runner: Runner | None = None,
+        registry: ModelRegistry | None = None,
+        cores: int | None = None,
     ) -> Core:
-        """Nothing loaded yet: readiness answers 503 until `start`."""
+        """Nothing loaded yet: readiness answers 503 until `start`. `cores`: the cores this
+        process may use (default all usable ones; a worker process gets its share)."""
         metrics = Metrics()
         registry = registry or ModelRegistry(settings)
         admission = Admission(settings, registry, metrics)
-        plane = DataPlane(settings, metrics, runner)
-        return cls(settings, metrics, registry, admission, plane, AdminGuard(settings.admin_token))
+        threads = CpuThreads(thread_count(usable_cpus() if cores is None else cores))
+        plane = DataPlane(settings, metrics, threads, runner)
+        admin = AdminGuard(settings.admin_token)
+        calls = CallLog(metrics, registry)
+        return cls(settings, metrics, registry, admission, threads, plane, admin, calls)
 
     async def start(self) -> None:
         await self.registry.start()
 
     async def aclose(self) -> None:
         await self.plane.aclose()
+        self.threads.close()
         self.registry.close()
 
     def not_ready_reason(self) -> str | None:

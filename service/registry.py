@@ -31,10 +31,10 @@ from bnfold.bundle import (
     load_bundle,
     verify_checksums,
 )
-from bnfold.errors import BadInput, BnfoldError, BundleError, NotFound, ServiceUnavailable
+from bnfold.errors import BadInput, BnfoldError, BundleError
 from bnfold.toolchain.sessions import make_probe_session, make_session, resolve_providers
 from service.config import Settings
-from service.errors import shown, shown_list
+from service.errors import NotFound, ServiceUnavailable, shown, shown_list
 
 log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read

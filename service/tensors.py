@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,8 +19,6 @@ from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
 from service.errors import shown, shown_list
 
-DATATYPES = ("BOOL", "UINT8", "UINT16", "UINT32", "UINT64", "INT8", "INT16", "INT32", "INT64",
-             "FP16", "FP32", "FP64", "BYTES", "BF16")  # fmt: skip
 NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
 MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
 MAX_RANK = 64  # numpy's most dimensions (np.MAXDIMS)
@@ -27,6 +26,31 @@ MAX_BYTES = 2**63 - 1  # numpy refuses a shape whose non-zero dimensions need mo
 
 
 SHARED_MEMORY = "shared_memory_region"  # the shared memory extensions' tensor parameter
+
+
+@dataclass
+class InputTensor:
+    """One input tensor as a request carried it: name, datatype, shape, and its elements as
+    raw little-endian bytes or as numbers; `where` names the field that held them."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | None = None
+    values: object = None  # nested lists (JSON) or a repeated field (gRPC contents)
+    where: str = "data"
+
+
+def input_array(inputs: Sequence[InputTensor], spec: TensorSpec) -> np.ndarray:
+    """The model's one input as an array of the declared shape (its fixed dimensions are the
+    data plane's to check): names, datatype and element count checked."""
+    tensor = inputs[0] if inputs else None
+    datatype, shape = (tensor.datatype, tensor.shape) if tensor else ("", [])
+    check_header([t.name for t in inputs], datatype, shape, spec)
+    assert tensor is not None
+    if tensor.raw is not None:
+        return from_raw(tensor.name, datatype, shape, tensor.raw, tensor.where)
+    return from_values(tensor.name, datatype, shape, tensor.values, tensor.where)
 
 
 def refuse_shared_memory(kind: str, name: str) -> None:

@@ -1,13 +1,16 @@
-"""CPU work of requests (multipart parsing, image decoding, JSON tensors) off the event loop.
+"""The CPU work of requests (multipart parsing, image decoding, JSON tensors) off the event loop.
 
-A few threads of their own, apart from anyio's pool and from the batching lanes' inference
-threads, so decoding goes on in parallel with inference. Handing work to an idle thread costs
-the event loop a lock release and a GIL hand-off, more than decoding a small image takes; so a
-thread that finishes a job takes the next queued one itself, and under load the event loop
-only appends to a queue. A lone request still starts at once on an idle thread.
+`CpuThreads` is a few threads of their own, apart from anyio's pool and from the batching
+lanes' inference threads, so decoding goes on in parallel with inference. Handing work to an
+idle thread costs the event loop a lock release and a GIL hand-off, more than decoding a small
+image takes; so a thread that finishes a job takes the next queued one itself, and under load
+the event loop only appends to a queue. A lone request still starts at once on an idle thread.
 
-For the same reason small jobs are not handed over at all: `run_cpu(..., nbytes=n)` runs fn on
+For the same reason small jobs are not handed over at all: `offload(..., nbytes=n)` runs fn on
 the event loop itself when the input it works through is at most INLINE_BYTES.
+
+One pool per process, built with the process's other parts (service/process.py) and sized from
+the cores the process may use (service/cpus.py), never from the host's core count.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import os
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -24,35 +26,52 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-THREADS = min(4, os.cpu_count() or 1)
+MAX_THREADS = 4  # decoding threads beyond this gained nothing next to the inference threads
 # Parsing this many bytes (a multipart form, a V2 JSON body) takes the loop about as long as the
 # hand-off to a thread and back (about 50 µs of CPU), well under a millisecond.
 INLINE_BYTES = 16 * 1024
 
 
-class CpuPool:
-    """`await pool.run(fn, *args)`: fn(*args) in one of `threads` worker threads."""
+def thread_count(cores: int) -> int:
+    """Decoding threads for a process that may use `cores` cores: at most MAX_THREADS."""
+    return max(1, min(MAX_THREADS, cores))
 
-    def __init__(self, threads: int = THREADS) -> None:
-        self.threads = threads
-        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="bnfold-cpu")
+
+class CpuThreads:
+    """`await threads.offload(fn, *args)`: fn(*args) in one of `count` threads."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._executor: ThreadPoolExecutor | None = None  # started with the first job
         self._jobs: deque[tuple] = deque()
         self._lock = threading.Lock()
         self._active = 0  # threads draining the queue now
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def offload(self, fn: Callable[..., T], *args: Any, nbytes: int | None = None) -> T:
+        """fn(*args) in a thread; its exceptions propagate. With `nbytes`, the size of the
+        input fn works through, at most INLINE_BYTES: fn runs here, on the event loop."""
+        if nbytes is not None and nbytes <= INLINE_BYTES:
+            return fn(*args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         # The caller's context (the request id for log lines) goes with the job.
         job = (contextvars.copy_context(), fn, args, loop, future)
         with self._lock:
             self._jobs.append(job)
-            start = self._active < self.threads
+            start = self._active < self.count
             if start:
                 self._active += 1
         if start:
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(self.count, thread_name_prefix="bnfold-cpu")
             self._executor.submit(self._drain)
         return await future
+
+    def close(self) -> None:
+        """The threads end once the queued jobs are done (a later job starts new ones)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+            self._executor = None
 
     def _drain(self) -> None:
         while True:
@@ -83,14 +102,3 @@ def _settle(future: asyncio.Future, result, exc) -> None:
         future.set_exception(exc)
     else:
         future.set_result(result)
-
-
-cpu_pool = CpuPool()
-
-
-async def run_cpu(fn: Callable[..., T], *args: Any, nbytes: int | None = None) -> T:
-    """fn(*args) in a CPU worker thread (see the module docstring); its exceptions propagate.
-    With `nbytes`, the size of the input fn works through, at most INLINE_BYTES: fn runs here."""
-    if nbytes is not None and nbytes <= INLINE_BYTES:
-        return fn(*args)
-    return await cpu_pool.run(fn, *args)

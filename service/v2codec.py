@@ -1,9 +1,10 @@
-"""Open Inference Protocol (V2) bodies <-> numpy, with the binary tensor data extension.
+"""Open Inference Protocol (V2) REST bodies <-> `InferRequest` / `InferResponse`, with the
+binary tensor data extension.
 
 HTTP-free: the route hands over the body bytes and the `Inference-Header-Content-Length` header
-value, and gets back tensors or response bytes. A binary body is the JSON header followed by
-each binary input's raw little-endian bytes, in input order, sized by its
-`parameters.binary_data_size`. A binary response mirrors it.
+value, and gets back the request (service/request.py), or response bytes for the data plane's
+answer. A binary body is the JSON header followed by each binary input's raw little-endian
+bytes, in input order, sized by its `parameters.binary_data_size`. A binary response mirrors it.
 """
 
 from __future__ import annotations
@@ -14,20 +15,13 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import ValidationError
 
-from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput, validation_message
-from service.errors import shown
+from service.request import InferRequest, InferResponse, RequestedOutput, variant_of
 from service.schemas import InferenceRequest, Parameters, RequestInput
-from service.tensors import (
-    SHARED_MEMORY,
-    check_header,
-    check_outputs_once,
-    from_raw,
-    from_values,
-    refuse_shared_memory,
-)
+from service.tensors import SHARED_MEMORY, InputTensor, refuse_shared_memory
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY_OUTPUT = "binary_data_output"  # the request's default for outputs it does not name
 
 
 @dataclass
@@ -114,59 +108,46 @@ def _binary_size(tensor: RequestInput) -> int | None:
     return size
 
 
-def parse_tensor_request(
-    body: bytes, spec: TensorSpec, header_length: int | None = None
-) -> tuple[DecodedRequest, np.ndarray]:
-    """parse_request then input_array: CPU work for a worker thread, so a large JSON tensor is
-    turned into an array off the event loop (np.array over nested lists is the slow part)."""
+def decode(
+    body: bytes, header_length: int | None, model: str, version: str | None = None
+) -> InferRequest:
+    """A JSON or binary-extension body as the request for `model` (the URL's); 400 with the
+    reason when it is not a valid one. CPU work: a large body is decoded in a thread."""
     decoded = parse_request(body, header_length)
-    return decoded, input_array(decoded, spec)
+    request = decoded.request
+    inputs = [
+        InputTensor(t.name, t.datatype, t.shape, raw=decoded.binary[i], where="binary_data_size")
+        if i in decoded.binary
+        else InputTensor(t.name, t.datatype, t.shape, values=t.data, where="data")
+        for i, t in enumerate(request.inputs)
+    ]
+    return InferRequest(
+        model=model,
+        version=version,
+        id=request.id,
+        variant=variant_of(request.parameters),
+        parameters={**(request.parameters or {}), BINARY_OUTPUT: _binary_output(request)},
+        outputs=_outputs(request),
+        inputs=inputs,
+        nbytes=len(body),
+    )
 
 
-def input_array(decoded: DecodedRequest, spec: TensorSpec) -> np.ndarray:
-    """The model's one input as an array of the declared shape (model shape checked later)."""
-    inputs = decoded.request.inputs
-    tensor = inputs[0] if inputs else None
-    datatype, shape = (tensor.datatype, tensor.shape) if tensor else ("", [])
-    check_header([t.name for t in inputs], datatype, shape, spec)
-    assert tensor is not None
-    raw = decoded.binary.get(0)
-    if raw is not None:
-        return from_raw(tensor.name, datatype, shape, raw, "binary_data_size")
-    return from_values(tensor.name, datatype, shape, tensor.data, "data")
+def _outputs(request: InferenceRequest) -> list[RequestedOutput]:
+    """The outputs asked for, each with its `binary_data` flag settled (the request's
+    `binary_data_output` when the output names none); the flags are REST's alone."""
+    default = _binary_output(request)
+    outputs = []
+    for out in request.outputs or []:
+        parameters = dict(out.parameters or {})
+        binary = parameters.get("binary_data", default)
+        parameters["binary_data"] = _flag({"binary_data": binary}, "binary_data", out.name)
+        outputs.append(RequestedOutput(out.name, parameters))
+    return outputs
 
 
-def variant_of(parameters: Parameters | None) -> str:
-    """The request's `parameters.variant` (default folded); which variants exist is the
-    model's to say (LoadedModel.check_variant, in the data plane)."""
-    variant = (parameters or {}).get("variant", "folded")
-    if not isinstance(variant, str):
-        raise BadInput(f"parameters.variant must be a string, got {variant!r}")
-    return variant
-
-
-def requested_outputs(request: InferenceRequest, spec: TensorSpec) -> list[tuple[str, bool]]:
-    """(name, as_binary) for each output to answer; all outputs when none are named."""
-    default_binary = _flag(request.parameters, "binary_data_output", "request")
-    if not request.outputs:
-        return [(spec.name, default_binary)]
-    check_outputs_once([out.name for out in request.outputs])
-    answer = []
-    for out in request.outputs:
-        if SHARED_MEMORY in (out.parameters or {}):
-            refuse_shared_memory("output", out.name)
-        if out.name != spec.name:
-            raise BadInput(
-                f"unknown output {shown(out.name)}; this model has outputs [{spec.name!r}]"
-            )
-        if (out.parameters or {}).get("classification"):
-            raise BadInput(
-                "the classification extension is not supported; request the logits "
-                "or use POST /v1/models/{model}/predict"
-            )
-        binary = (out.parameters or {}).get("binary_data", default_binary)
-        answer.append((out.name, _flag({"binary_data": binary}, "binary_data", out.name)))
-    return answer
+def _binary_output(request: InferenceRequest) -> bool:
+    return _flag(request.parameters, BINARY_OUTPUT, "request")
 
 
 def _flag(parameters: Parameters | None, key: str, where: str) -> bool:
@@ -176,21 +157,27 @@ def _flag(parameters: Parameters | None, key: str, where: str) -> bool:
     return value
 
 
-def encode_response(
-    header: dict, outputs: list[tuple[str, bool, np.ndarray]]
-) -> tuple[bytes, int | None]:
-    """Response body and, when any output is binary, the JSON header length to send."""
+def encode(answer: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:
+    """The response body and, when any output is binary, the JSON header length to send."""
+    binary_output = request.parameters.get(BINARY_OUTPUT, False)
+    header: dict = {
+        "model_name": answer.model,
+        "model_version": answer.version,
+        "parameters": {"variant": answer.variant},
+    }
+    if answer.id is not None:
+        header["id"] = answer.id
     described, blobs = [], []
-    for name, binary, array in outputs:
+    for out, array in answer.outputs:
         array = np.ascontiguousarray(array, dtype=np.float32)
-        out = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
-        if binary:
+        tensor = {"name": out.name, "datatype": "FP32", "shape": list(array.shape)}
+        if out.parameters.get("binary_data", binary_output):
             raw = array.astype("<f4").tobytes()
-            out["parameters"] = {"binary_data_size": len(raw)}
+            tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            out["data"] = array.ravel().tolist()  # float32 values are exact as JSON doubles
-        described.append(out)
+            tensor["data"] = array.ravel().tolist()  # float32 values are exact as JSON doubles
+        described.append(tensor)
     head = json.dumps({**header, "outputs": described}).encode()
     if not blobs:
         return head, None

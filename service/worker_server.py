@@ -12,11 +12,10 @@ import socket
 
 import uvicorn
 
-from service import workers as cpu_threads
 from service.cluster import Cluster, Member
 from service.config import Settings
-from service.core import Core
 from service.cpus import threads_per_worker, usable_cpus
+from service.process import Core
 from service.server import DrainingServer, uvicorn_config
 from service.shared_registry import SharedRegistry
 
@@ -35,10 +34,9 @@ class WorkerServer(DrainingServer):
 
 def build_worker_server(settings: Settings, index: int, cluster: Cluster) -> WorkerServer:
     """Worker `index`'s server: its core (registry in the cluster) and uvicorn config."""
-    share = threads_per_worker(0, usable_cpus(), cluster.workers)
-    cpu_threads.cpu_pool = cpu_threads.CpuPool(min(cpu_threads.THREADS, share))
+    share = threads_per_worker(0, usable_cpus(), cluster.workers)  # this worker's cores
     member = Member(cluster, index)
-    core = Core.build(settings, registry=SharedRegistry(settings, member))
+    core = Core.build(settings, registry=SharedRegistry(settings, member), cores=share)
     core.peers = member
     return WorkerServer(uvicorn_config(settings, core), core, member)
 

@@ -1,7 +1,8 @@
 """Request bodies as the routes need them: images from multipart or a raw body, V2 tensors.
 
 Content-Type decides how a body is read; anything else is refused with 415 and a hint of what
-to send. Decoding the images themselves is `bnfold.preprocess`'s job, not this module's.
+to send. The images come out of the body here, at the protocol's edge, as `Upload`s; decoding
+them is the data plane's job (service/images.py), not this module's.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from bnfold.errors import BadInput, PayloadTooLarge, UnsupportedMediaType
-from service.inference import Upload, check_image_count
+from bnfold.errors import BadInput, UnsupportedMediaType
+from service.images import Upload, check_image_count, too_many_images
+from service.threads import INLINE_BYTES, CpuThreads
 
 IMAGE_FIELDS = ("files", "file")
 JSON_TYPE = "application/json"
@@ -38,12 +40,21 @@ def refuse_content_encoding(request: Request) -> None:
         )
 
 
-async def read_images(request: Request, max_images: int, also: str = "") -> ImageBody:
-    """The request's image body, read once, unparsed: multipart or one raw image.
+async def read_uploads(
+    request: Request, max_images: int, threads: CpuThreads, also: str = ""
+) -> list[Upload]:
+    """The request's images, in order: the parts of a multipart form, or the raw body.
 
-    Parsing the multipart body (`ImageBody.uploads`) is CPU work like decoding: it is done
-    where the images are decoded (service.inference.preprocess_uploads).
+    A small body in the plain form every client sends is split here on the event loop (a few
+    `bytes` searches); any other is parsed by python-multipart in a CPU thread.
     """
+    body = await read_images(request, max_images, also)
+    plain = body.plain_uploads() if body.nbytes <= INLINE_BYTES else None
+    return plain if plain is not None else await threads.offload(body.uploads)
+
+
+async def read_images(request: Request, max_images: int, also: str = "") -> ImageBody:
+    """The request's image body, read once, unparsed: multipart or one raw image."""
     refuse_content_encoding(request)
     ctype = media_type(request)
     if ctype == "multipart/form-data":
@@ -219,9 +230,7 @@ def _full_parse(body: ImageBody, boundary: bytes, charset: str) -> list[tuple[st
         if b"filename" in options:
             files += 1
             if files > body.max_images:
-                raise PayloadTooLarge(
-                    f"more than {body.max_images} images in one request: split the batch"
-                )
+                raise too_many_images(body.max_images)
             part["filename"] = _decode(options[b"filename"], charset)
         else:
             fields += 1

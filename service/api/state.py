@@ -1,4 +1,4 @@
-"""What routes read from the application: the settings and the core (registry, admission,
+"""What routes read from the application: the core (settings, registry, admission, threads,
 data plane) the process shares between its protocols."""
 
 from __future__ import annotations
@@ -7,16 +7,11 @@ from typing import Annotated
 
 from fastapi import Path, Request
 
-from service.config import Settings
-from service.core import Core
+from service.process import Core
 
 
 def get_core(request: Request) -> Core:
     return request.app.state.core
-
-
-def get_settings(request: Request) -> Settings:
-    return request.app.state.settings
 
 
 ModelName = Annotated[

@@ -6,11 +6,13 @@ from fastapi import APIRouter, Query, Request, Response
 
 from bnfold.bundle import EquivalenceReport
 from bnfold.toolchain.sessions import GRAPH_OPT
-from service.api.bodies import JSON_TYPE, media_type, read_images, read_json_or_binary
+from service import v2codec
+from service.api.bodies import JSON_TYPE, media_type, read_json_or_binary, read_uploads
 from service.api.openapi import IMAGE_BODY, errors, request_body
 from service.api.repository import ADMIN_ERRORS, check_admin
 from service.api.state import ModelName, get_core
 from service.registry import LoadedModel
+from service.request import InferRequest
 from service.schemas import (
     CompareResponse,
     FoldSummary,
@@ -21,8 +23,6 @@ from service.schemas import (
     ModelSummary,
     PredictResponse,
 )
-from service.v2codec import parse_tensor_request
-from service.workers import run_cpu
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
 
@@ -88,7 +88,7 @@ async def model_detail(model: ModelName, request: Request) -> ModelDetail:
 async def equivalence(model: ModelName, request: Request) -> EquivalenceReport:
     """Folded vs unfolded (and each vs float64) as measured at export, from the manifest."""
     manifest = get_core(request).registry.get_ready(model).manifest
-    assert manifest is not None
+    assert manifest is not None  # a ready model has one
     return manifest.equivalence
 
 
@@ -105,8 +105,10 @@ async def predict(
     core = get_core(request)
     async with core.admission.admit(model) as loaded:
         loaded.check_variant(variant)  # before reading the body
-        body = await read_images(request, core.settings.max_images_per_request)
-        answer = await core.plane.predict(loaded, variant, body, top_k)
+        limit = core.settings.max_images_per_request
+        uploads = await read_uploads(request, limit, core.threads)
+        call = InferRequest(model, variant=variant, uploads=uploads)
+        answer = await core.plane.predict(loaded, call, top_k)
     # Serialized here: FastAPI would validate the model it was just built from once more.
     return Response(answer.model_dump_json(), media_type="application/json")
 
@@ -124,15 +126,15 @@ async def compare(model: ModelName, request: Request, top_k: int = TopK) -> Comp
     """Run folded and unfolded now on the same inputs; diff logits and per-layer outputs."""
     core = get_core(request)
     async with core.admission.admit(model) as loaded:
-        assert loaded.manifest is not None
         if media_type(request) == JSON_TYPE:
             body = await read_json_or_binary(request)
-            spec = loaded.manifest.input
-            _, x = await run_cpu(parse_tensor_request, body, spec, nbytes=len(body))
-            return await core.plane.compare(loaded, x, top_k)
-        also = "; or a V2 JSON tensor with Content-Type application/json"
-        images = await read_images(request, core.settings.max_images_per_request, also)
-        return await core.plane.compare_images(loaded, images, top_k)
+            call = await core.threads.offload(v2codec.decode, body, None, model, nbytes=len(body))
+        else:
+            also = "; or a V2 JSON tensor with Content-Type application/json"
+            limit = core.settings.max_images_per_request
+            uploads = await read_uploads(request, limit, core.threads, also)
+            call = InferRequest(model, uploads=uploads)
+        return await core.plane.compare(loaded, call, top_k)
 
 
 @router.post(

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Header, Request, Response
 
-from bnfold.errors import ServiceUnavailable
+from service import metadata, v2codec
 from service.api.bodies import read_json_or_binary
 from service.api.openapi import BINARY, errors, request_body
 from service.api.state import ModelName, ModelVersion, get_core
-from service.metadata import PLATFORM, SERVER_NAME, server_version
-from service.registry import LoadedModel
+from service.errors import ServiceUnavailable
 from service.schemas import (
     InferenceRequest,
     InferenceResponse,
@@ -23,19 +22,10 @@ from service.schemas import (
     ServerLive,
     ServerMetadata,
     ServerReady,
-    TensorMetadata,
 )
-from service.v2codec import (
-    HEADER_LENGTH,
-    encode_response,
-    parse_tensor_request,
-    requested_outputs,
-    variant_of,
-)
-from service.workers import run_cpu
+from service.v2codec import HEADER_LENGTH
 
 router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
-EXTENSIONS = ["binary_tensor_data", "model_repository"]
 
 
 @router.get("/health/live", response_model=ServerLive)
@@ -60,25 +50,12 @@ router.add_api_route("/health/ready", ready, methods=["HEAD"], include_in_schema
 
 @router.get("", response_model=ServerMetadata)
 async def server_metadata() -> ServerMetadata:
-    return ServerMetadata(name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS)
-
-
-def _metadata(model: LoadedModel) -> ModelMetadata:
-    m = model.manifest
-    assert m is not None
-    return ModelMetadata(
-        name=model.name,
-        versions=[m.version],
-        platform=PLATFORM,
-        inputs=[TensorMetadata(name=m.input.name, datatype=m.input.datatype, shape=m.input.shape)],
-        outputs=[TensorMetadata(name=m.output.name, datatype=m.output.datatype,
-                                shape=m.output.shape)],
-    )  # fmt: skip
+    return metadata.server_metadata("rest")
 
 
 @router.get("/models/{model}", response_model=ModelMetadata, responses=errors(404, 503))
 async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
-    return _metadata(get_core(request).registry.get_ready(model))
+    return metadata.model_metadata(get_core(request).registry.get_ready(model))
 
 
 @router.get(
@@ -87,7 +64,7 @@ async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
 async def model_version_metadata(
     model: ModelName, version: ModelVersion, request: Request
 ) -> ModelMetadata:
-    return _metadata(get_core(request).registry.get_ready(model, version))
+    return metadata.model_metadata(get_core(request).registry.get_ready(model, version))
 
 
 @router.get("/models/{model}/ready", response_model=ModelReady, responses=errors(404, 503))
@@ -148,23 +125,12 @@ async def infer_version(
 async def _infer(request: Request, name: str, version: str | None, header_length: int | None):
     core = get_core(request)
     async with core.admission.admit(name, version) as model:
-        assert model.manifest is not None
         body = await read_json_or_binary(request)
-        spec = model.manifest.input
-        decoded, x = await run_cpu(
-            parse_tensor_request, body, spec, header_length, nbytes=len(body)
-        )  # (N, C, H, W)
-        variant = variant_of(decoded.request.parameters)
-        outputs = requested_outputs(decoded.request, model.manifest.output)
-        logits = await core.plane.infer(model, variant, x)
-    header = {
-        "model_name": name,
-        "model_version": model.version,
-        "parameters": {"variant": variant},
-    }
-    if decoded.request.id is not None:
-        header["id"] = decoded.request.id
-    content, json_length = encode_response(header, [(n, b, logits) for n, b in outputs])
+        call = await core.threads.offload(
+            v2codec.decode, body, header_length, name, version, nbytes=len(body)
+        )
+        answer = await core.plane.infer(model, call)
+    content, json_length = v2codec.encode(answer, call)
     if json_length is None:
         return Response(content, media_type="application/json")
     return Response(

@@ -21,8 +21,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import Settings
-from service.core import Core
 from service.grpc.servicer import SERVICE, InferenceServicer, add_to_server
+from service.process import Core
 
 log = logging.getLogger(__name__)
 

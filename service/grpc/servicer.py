@@ -2,12 +2,13 @@
 the model repository (index open; load and unload need the admin token, sent as
 `authorization: Bearer <token>` metadata).
 
-Each RPC translates the protobuf request into registry, admission and data-plane calls, exactly
-as the REST routes do, and every `BnfoldError` into a gRPC status through the one table both
-protocols share (service/errors.py), with the same message. Every call gets a request id
-(`x-request-id` metadata when the client sent a sane one), one access log line, and the request
-metrics with `protocol="grpc"`. Anything unexpected is logged with its traceback and answered
-INTERNAL; a client's mistake never is.
+Each RPC decodes the protobuf request (ModelInfer: into the one request type, service/grpc/
+codec.py), calls the registry, admission and the data plane exactly as the REST routes do, and
+encodes the answer; every `BnfoldError` becomes a gRPC status through the one table both
+protocols share (service/errors.py), with the same message. Every call is recorded as REST's
+are (service/calls.py: a request id, `x-request-id` metadata when the client sent a sane one,
+one access log line, the request metrics with `protocol="grpc"`). Anything unexpected is logged
+with its traceback and answered INTERNAL; a client's mistake never is.
 """
 
 from __future__ import annotations
@@ -20,23 +21,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 
-from bnfold.errors import BadInput, BnfoldError, NotFound, ServiceUnavailable
-from service.core import Core
-from service.errors import wire_error
+from bnfold.errors import BadInput, BnfoldError
+from service import metadata
+from service.errors import NotFound, ServiceUnavailable, wire_error
 from service.grpc import codec
 from service.grpc import inference_pb2 as pb
 from service.grpc import inference_pb2_grpc as pb_grpc
-from service.logs import request_id, request_id_for
-from service.metadata import PLATFORM, SERVER_NAME, server_version
-from service.registry import LoadedModel, check_load_parameters, check_repository
-from service.workers import run_cpu
+from service.process import Core
+from service.registry import check_load_parameters, check_repository
 
 SERVICE = "inference.GRPCInferenceService"
-EXTENSIONS = ["model_repository"]  # binary tensors are REST's extension; gRPC is raw anyway
-access_log = logging.getLogger("service.access")
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +42,11 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
 
     @functools.wraps(handler)
     async def wrapper(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext):
-        metadata = dict(context.invocation_metadata() or ())
-        rid = request_id_for(metadata.get("x-request-id"))
-        token = request_id.set(rid)
-        code, started = "OK", time.perf_counter()
-        self.core.metrics.in_flight.inc()
+        sent = dict(context.invocation_metadata() or ())
+        call = self.core.calls.begin(sent.get("x-request-id"))
+        code = "OK"
         self.active += 1
-        trailing = [("x-request-id", rid)]
+        trailing = [("x-request-id", call.id)]
         try:
             if isinstance(request, Undecodable):
                 raise BadInput(request.message())
@@ -79,9 +73,9 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             if code == "OK":
                 context.set_trailing_metadata(trailing)
             self.active -= 1
-            self.core.metrics.in_flight.dec()
-            self._record(method, _model_of(request), code, time.perf_counter() - started, context)
-            request_id.reset(token)
+            fields = {"method": method, "model": _model_of(request), "client": context.peer()}
+            summary = f"grpc {method}"
+            self.core.calls.end(call, "grpc", method, _model_of(request), code, summary, fields)
 
     return wrapper
 
@@ -172,23 +166,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @rpc
     async def ServerMetadata(self, request, context) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=server_version(), extensions=EXTENSIONS
-        )
+        return pb.ServerMetadataResponse(**metadata.server_metadata("grpc").model_dump())
 
     @rpc
     async def ModelMetadata(self, request, context) -> pb.ModelMetadataResponse:
         model = self.core.registry.get_ready(request.name, request.version or None)
-        m = model.manifest
-        assert m is not None
-        tensor = pb.ModelMetadataResponse.TensorMetadata
-        return pb.ModelMetadataResponse(
-            name=model.name,
-            versions=[m.version],
-            platform=PLATFORM,
-            inputs=[tensor(name=m.input.name, datatype=m.input.datatype, shape=m.input.shape)],
-            outputs=[tensor(name=m.output.name, datatype=m.output.datatype, shape=m.output.shape)],
-        )
+        return pb.ModelMetadataResponse(**metadata.model_metadata(model).model_dump())
 
     # --- inference
     @rpc
@@ -200,12 +183,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         async with core.admission.admit(
             request.model_name, request.model_version or None, deadline
         ) as model:
-            x = await self._input(request, model)  # (N, C, H, W) float32
-            variant = codec.variant_of(request)
-            logits = await core.plane.infer(model, variant, x)
-        m = model.manifest
-        assert m is not None
-        return codec.infer_response(request, model.name, m.version, variant, m.output.name, logits)
+            answer = await core.plane.infer(model, codec.decode(request))
+        return codec.encode(answer)
 
     # --- model repository extension: index open, load and unload need the admin token
     @rpc
@@ -233,28 +212,5 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.RepositoryModelUnloadResponse()
 
     def _check_admin(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = dict(context.invocation_metadata() or ())
-        self.core.admin.check(metadata.get("authorization"))
-
-    async def _input(self, request: pb.ModelInferRequest, model: LoadedModel) -> np.ndarray:
-        """The request's tensor as the model's input (N, C, H, W) float32, outputs checked."""
-        manifest = model.manifest
-        assert manifest is not None
-        codec.requested_outputs(request, manifest.output)
-        if request.raw_input_contents:  # bytes -> array without a copy: no thread needed
-            return codec.input_array(request, manifest.input)
-        # typed contents: CPU work, done here when small
-        return await run_cpu(codec.input_array, request, manifest.input, nbytes=request.ByteSize())
-
-    def _record(self, method: str, model: str, code: str, seconds: float, context) -> None:
-        if model and model not in self.core.registry.models:
-            model = "unknown"  # label values stay bounded whatever names clients send
-        m = self.core.metrics
-        m.child(m.requests, "grpc", method, model, code).inc()
-        m.child(m.request_seconds, "grpc", method).observe(seconds)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        fields = {"protocol": "grpc", "method": method, "model": model, "status": code,
-                  "duration_ms": round(seconds * 1000, 3), "client": context.peer()}  # fmt: skip
-        access_log.info("grpc %s %s %.1f ms", method, code, seconds * 1000,
-                        extra={"fields": fields})  # fmt: skip
+        sent = dict(context.invocation_metadata() or ())
+        self.core.admin.check(sent.get("authorization"))

@@ -7,9 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import anyio
 import pytest
-
-from service.dataplane import ThreadRunner
 
 
 def test_a_failed_bundle_is_not_served_and_the_server_is_not_ready(serve, copy_bundle, digits):
@@ -80,16 +79,19 @@ def test_streamed_body_over_the_limit_is_413(serve, models_dir, path, content_ty
                                  f"{LIMIT} bytes (BNFOLD_MAX_BODY_BYTES)"}  # fmt: skip
 
 
-class FailingOnceRunner(ThreadRunner):
-    """onnxruntime failing mid-request, once."""
+class FailingOnceRunner:
+    """onnxruntime failing mid-request, once; otherwise each request alone in a thread."""
 
     failed = False
 
-    async def run(self, model, variant, x):
+    async def logits(self, model, variant, x):
         if not self.failed:
             self.failed = True
             raise RuntimeError("injected onnxruntime failure")
-        return await super().run(model, variant, x)
+        return await anyio.to_thread.run_sync(model.run, variant, x)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def test_an_unexpected_error_is_logged_and_answered_500_then_serving_goes_on(

@@ -14,7 +14,7 @@ import anyio
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bnfold.errors import GatewayTimeout
+from service.errors import GatewayTimeout
 from tests.service.test_batching import Gate
 
 PREDICT = "/v1/models/digits/predict"

@@ -20,7 +20,7 @@ import pytest
 
 from service.batching import BatchingRunner
 from service.config import Settings
-from service.core import Core
+from service.process import Core
 from service.registry import LoadedModel
 
 TOL = 1e-5
@@ -43,7 +43,23 @@ async def started(models_dir, **overrides) -> Core:
 
 def infer(core: Core, variant: str, x: np.ndarray):
     """The data plane's inference on the digits model as admission would hand it over."""
-    return core.plane.infer(core.registry.get_ready("digits"), variant, x)
+    return core.plane.logits(core.registry.get_ready("digits"), variant, x)
+
+
+class Runs:
+    """The rows of every onnxruntime run of the given models from now on: rows -> runs."""
+
+    def __init__(self, *models: LoadedModel) -> None:
+        self.rows: Counter[int] = Counter()
+        for model in models:
+            model.run = self._recorder(model.run)  # type: ignore[method-assign]
+
+    def _recorder(self, inner):
+        def run(variant, x):
+            self.rows[len(x)] += 1
+            return inner(variant, x)
+
+        return run
 
 
 class Gate:
@@ -79,11 +95,11 @@ def test_concurrent_callers_get_their_own_rows_as_computed_one_by_one(
     async def main():
         core = await started(models_dir, max_batch_size=8)
         alone = [await infer(core, variant, digit_batch[s]) for s in parts]
-        core.plane.runner.batch_rows.clear()
+        runs = Runs(core.registry.models["digits"])
         calls = (infer(core, variant, digit_batch[s]) for s in parts)
         together = await asyncio.gather(*calls)
         await core.aclose()
-        return alone, together, Counter(core.plane.runner.batch_rows)
+        return alone, together, runs.rows
 
     alone, together, runs = asyncio.run(main())
     reference = np.concatenate(alone)  # (30, 10)
@@ -103,14 +119,13 @@ def test_concurrent_callers_get_their_own_rows_as_computed_one_by_one(
 
 def test_batch_sizes_grow_with_concurrency(models_dir, digit_batch):
     async def mean_rows(core: Core, concurrency: int, requests: int = 48) -> float:
-        core.plane.runner.batch_rows.clear()
+        runs = Runs(core.registry.models["digits"]).rows
 
         async def client(i: int) -> None:
             for _ in range(requests // concurrency):
                 await infer(core, "folded", digit_batch[i : i + 1])
 
         await asyncio.gather(*(client(i) for i in range(concurrency)))
-        runs = core.plane.runner.batch_rows
         return sum(rows * n for rows, n in runs.items()) / sum(runs.values())
 
     async def main():
@@ -144,11 +159,12 @@ def test_a_lone_request_is_not_delayed_even_with_a_long_max_delay(models_dir, di
 def test_max_batch_size_caps_batches_and_never_splits_a_request(models_dir, digit_batch):
     async def main():
         core = await started(models_dir, max_batch_size=4)
+        runs = Runs(core.registry.models["digits"])
         calls = [infer(core, "folded", digit_batch[i : i + 1]) for i in range(12)]
         calls.insert(5, infer(core, "folded", digit_batch[:6]))
         results = await asyncio.gather(*calls)
         await core.aclose()
-        return results, core.plane.runner.batch_rows
+        return results, runs.rows
 
     results, runs = asyncio.run(main())
     assert set(runs) <= {1, 2, 3, 4, 6} and runs[6] == 1  # the 6-row request ran alone, whole
@@ -158,10 +174,11 @@ def test_max_batch_size_caps_batches_and_never_splits_a_request(models_dir, digi
 def test_max_batch_size_1_turns_batching_off(models_dir, digit_batch):
     async def main():
         core = await started(models_dir, max_batch_size=1)
+        runs = Runs(core.registry.models["digits"])
         await asyncio.gather(*(infer(core, "folded", digit_batch[i : i + 1])
                                for i in range(10)))  # fmt: skip
         await core.aclose()
-        return core.plane.runner.batch_rows
+        return runs.rows
 
     assert asyncio.run(main()) == {1: 10}
 
@@ -207,12 +224,13 @@ def test_requests_for_different_sessions_of_a_model_never_share_a_run(models_dir
         core = await started(models_dir)
         old = core.registry.models["digits"]
         new = await core.registry.reload("digits")
+        runs = Runs(old, new)
         runner = core.plane.runner
         assert isinstance(runner, BatchingRunner)
         x = digit_batch[:1]
-        await asyncio.gather(*(runner.run(m, "folded", x) for m in (old, new, old)))
+        await asyncio.gather(*(runner.logits(m, "folded", x) for m in (old, new, old)))
         await core.aclose()
-        return runner.batch_rows
+        return runs.rows
 
     assert asyncio.run(main()) == {1: 3}
 

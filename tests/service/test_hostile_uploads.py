@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service import inference
+from service import images
 
 PREDICT = "/v1/models/digits/predict"
 MULTIPART = {"content-type": "multipart/form-data; boundary=xyz"}
@@ -66,7 +66,7 @@ def test_decoding_stops_at_the_next_image_once_the_request_timed_out(
     504, so a few such requests held up every predict behind them for as long again."""
     client = serve(models_dir, request_timeout_s=0.2)
     decoded, finished, timed_out = [], threading.Event(), threading.Event()
-    real_decode, real_batch = inference.decode_image, inference.images_to_batch
+    real_decode, real_batch = images.decode_image, images.images_to_batch
 
     def decode(data, max_pixels, budget=None):
         if budget is not None:  # the try on the event loop: stops at the first header
@@ -82,8 +82,8 @@ def test_decoding_stops_at_the_next_image_once_the_request_timed_out(
         finally:
             finished.set()
 
-    monkeypatch.setattr(inference, "decode_image", decode)
-    monkeypatch.setattr(inference, "images_to_batch", batch)
+    monkeypatch.setattr(images, "decode_image", decode)
+    monkeypatch.setattr(images, "images_to_batch", batch)
     r = client.post(PREDICT, files=[("files", ("d.png", large_png()))] * 10)
     assert r.status_code == 504
     timed_out.set()
@@ -114,18 +114,18 @@ def test_small_images_are_decoded_on_the_event_loop_and_large_ones_in_a_thread(
 def batch_threads(monkeypatch) -> list[threading.Thread]:
     """The thread of each images_to_batch call from now on, in order."""
     threads: list[threading.Thread] = []
-    real_batch = inference.images_to_batch
+    real_batch = images.images_to_batch
 
     def batch(*args, **kwargs):
         threads.append(threading.current_thread())
         return real_batch(*args, **kwargs)
 
-    monkeypatch.setattr(inference, "images_to_batch", batch)
+    monkeypatch.setattr(images, "images_to_batch", batch)
     return threads
 
 
 def in_cpu_thread(thread: threading.Thread) -> bool:
-    return thread.name.startswith("bnfold-cpu")  # service.workers.CpuPool's threads
+    return thread.name.startswith("bnfold-cpu")  # service.threads.CpuThreads
 
 
 def test_a_small_png_with_compressed_text_is_decoded_in_a_thread(serve, models_dir, monkeypatch):
@@ -142,7 +142,7 @@ def test_a_small_png_with_compressed_text_is_decoded_in_a_thread(serve, models_d
     texts, plain = io.BytesIO(), io.BytesIO()
     Image.fromarray(pixels, "L").save(texts, format="PNG", pnginfo=info)
     Image.fromarray(pixels, "L").save(plain, format="PNG")
-    assert inference.plain_png(plain.getvalue()) and not inference.plain_png(texts.getvalue())
+    assert images.plain_png(plain.getvalue()) and not images.plain_png(texts.getvalue())
     answers = []
     for data in (plain.getvalue(), texts.getvalue()):
         r = client.post(PREDICT, content=data, headers={"content-type": "image/png"})

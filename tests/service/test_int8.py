@@ -1,8 +1,8 @@
 """The int8 variant over HTTP: metadata, V2 infer, /v1 predict and compare, and the refusals.
 
 The bundle is a copy of the shipped one with an int8 variant made here exactly as export makes it
-(bnfold.toolchain.int8.add_int8_variant on the digits splits); references are onnxruntime sessions of the
-test's own on the bundle's files.
+(bnfold.toolchain.int8.add_int8_variant on the digits splits); references are onnxruntime
+sessions of the test's own on the bundle's files.
 """
 
 from __future__ import annotations

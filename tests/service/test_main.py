@@ -27,7 +27,7 @@ def test_main_runs_the_draining_server_with_the_settings(monkeypatch, tmp_path):
     assert (config.host, config.port, config.log_level) == ("127.0.0.1", 8123, "warning")
     assert config.timeout_graceful_shutdown == 12.5
     assert config.access_log is False  # the access middleware logs each request once
-    assert config.app.state.settings.models_dir == tmp_path
+    assert config.app.state.core.settings.models_dir == tmp_path
 
 
 def test_a_bad_setting_is_one_line_and_exit_2(monkeypatch, capsys):

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from service.api.bodies import ImageBody, _full_parse, _simple_files_form
-from service.inference import Upload
+from service.images import Upload
 
 BOUNDARY = b"b0undary"
 

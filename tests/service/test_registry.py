@@ -9,15 +9,17 @@ import hashlib
 import json
 from pathlib import Path
 
+import anyio
 import numpy as np
 import onnxruntime as ort
 import pytest
 
 from bnfold.bundle import TensorSpec
-from bnfold.errors import BadInput, NotFound, PayloadTooLarge, ServiceUnavailable
+from bnfold.errors import BadInput, PayloadTooLarge
 from service.config import Settings
-from service.core import Core
-from service.dataplane import ThreadRunner, check_input
+from service.dataplane import check_input
+from service.errors import NotFound, ServiceUnavailable
+from service.process import Core
 from service.registry import load_model, one_of
 from tests.conftest import SERVED_VARIANTS
 
@@ -169,38 +171,42 @@ def test_infer_equals_onnxruntime_run_directly_bit_for_bit(models_dir, direct, d
     core = start_core(models_dir)
     model = core.registry.get_ready("digits")
     for variant in ("folded", "unfolded"):
-        logits = asyncio.run(core.plane.infer(model, variant, digit_batch))
+        logits = asyncio.run(core.plane.logits(model, variant, digit_batch))
         assert logits.dtype == np.float32 and logits.shape == (len(digit_batch), 10)
         assert np.array_equal(logits, direct.logits(digit_batch, variant))
 
 
-class RecordingRunner(ThreadRunner):
-    """Stands where a batcher will: sees every validated batch on its way to a session."""
+class RecordingRunner:
+    """Stands where the batcher does: sees every validated batch on its way to a session, and
+    runs each alone in a thread."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, str, tuple]] = []
         self.seen: list = []  # the LoadedModel objects that reached the runner
 
-    async def run(self, model, variant, x):
+    async def logits(self, model, variant, x):
         self.calls.append((model.name, variant, x.shape))
         self.seen.append(model)
-        return await super().run(model, variant, x)
+        return await anyio.to_thread.run_sync(model.run, variant, x)
+
+    async def aclose(self) -> None:
+        return None
 
 
 def test_every_inference_goes_through_the_runner_after_validation(models_dir, digit_batch):
     runner = RecordingRunner()
     core = start_core(models_dir, runner)
     model = core.registry.get_ready("digits")
-    asyncio.run(core.plane.infer(model, "unfolded", digit_batch[:3]))
+    asyncio.run(core.plane.logits(model, "unfolded", digit_batch[:3]))
     with pytest.raises(BadInput, match=f"^unknown variant 'both'; use {SERVED_VARIANTS}$"):
-        asyncio.run(core.plane.infer(model, "both", digit_batch[:3]))
+        asyncio.run(core.plane.logits(model, "both", digit_batch[:3]))
     with pytest.raises(BadInput):
-        asyncio.run(core.plane.infer(model, "folded", digit_batch[:3, :, :4]))
+        asyncio.run(core.plane.logits(model, "folded", digit_batch[:3, :, :4]))
     assert runner.calls == [("digits", "unfolded", (3, 1, 8, 8))]
 
 
 def test_infer_runs_on_the_admitted_model_even_after_a_reload_replaced_it(models_dir, digit_batch):
-    """Issue 11: the data plane never looks the model up by name again after admission."""
+    """The data plane never looks the model up by name again after admission."""
     runner = RecordingRunner()
     core = start_core(models_dir, runner)
 
@@ -208,7 +214,7 @@ def test_infer_runs_on_the_admitted_model_even_after_a_reload_replaced_it(models
         async with core.admission.admit("digits") as admitted:
             fresh = await core.registry.reload("digits")  # replaced while the request is in
             assert core.registry.models["digits"] is fresh and fresh is not admitted
-            await core.plane.infer(admitted, "folded", digit_batch[:1])
+            await core.plane.logits(admitted, "folded", digit_batch[:1])
             return admitted
 
     admitted = asyncio.run(main())

@@ -1,4 +1,5 @@
-"""service/v2codec.py: V2 bodies <-> arrays, the binary layout checked byte by byte."""
+"""service/v2codec.py: V2 REST bodies <-> the one request type, the binary layout checked byte by
+byte; with the rules every protocol's request follows (service/request.py, service/tensors.py)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,33 @@ import pytest
 
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
-from service.v2codec import encode_response, input_array, parse_request, requested_outputs
+from service.request import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    answered_outputs,
+)
+from service.tensors import input_array
+from service.v2codec import decode, encode, parse_request
 
 INPUT = TensorSpec(name="input", shape=[-1, 1, 8, 8])
 OUTPUT = TensorSpec(name="logits", shape=[-1, 10])
+
+
+def array(body: bytes, length: int | None = None) -> np.ndarray:
+    """The body's input tensor as the data plane turns it into the model's input."""
+    return input_array(decode(body, length, "digits").inputs, INPUT)
+
+
+def binary_outputs(body: bytes) -> list[tuple[str, bool]]:
+    """(name, sent as binary) for each output the answer to this body would carry."""
+    request = decode(body, None, "digits")
+    outputs = answered_outputs(request.outputs, OUTPUT)
+    logits = np.zeros((1, 10), np.float32)
+    answer = InferResponse("digits", "1", None, "folded", [(o, logits) for o in outputs])
+    content, length = encode(answer, request)
+    header = json.loads(content[:length] if length else content)
+    return [(out["name"], "parameters" in out) for out in header["outputs"]]
 
 
 def json_body(data, shape, name="input", datatype="FP32", **extra) -> bytes:
@@ -31,15 +55,15 @@ def binary_body(x: np.ndarray, **extra) -> tuple[bytes, int]:
 
 def test_flat_and_nested_json_data_give_the_same_array():
     x = np.arange(128, dtype=np.float32).reshape(2, 1, 8, 8) / 7
-    flat = input_array(parse_request(json_body(x.ravel().tolist(), [2, 1, 8, 8])), INPUT)
-    nested = input_array(parse_request(json_body(x.tolist(), [2, 1, 8, 8])), INPUT)
+    flat = array(json_body(x.ravel().tolist(), [2, 1, 8, 8]))
+    nested = array(json_body(x.tolist(), [2, 1, 8, 8]))
     assert flat.dtype == np.float32 and np.array_equal(flat, x) and np.array_equal(nested, x)
 
 
 def test_binary_input_is_read_as_little_endian_fp32():
     x = np.random.default_rng(0).standard_normal((3, 1, 8, 8)).astype(np.float32)
     body, length = binary_body(x)
-    assert np.array_equal(input_array(parse_request(body, length), INPUT), x)
+    assert np.array_equal(array(body, length), x)
 
 
 @pytest.mark.parametrize(
@@ -62,7 +86,7 @@ def test_binary_input_is_read_as_little_endian_fp32():
 )  # fmt: skip
 def test_bad_requests_are_refused_with_the_reason(body, length, message):
     with pytest.raises(BadInput) as info:
-        input_array(parse_request(body, length), INPUT)
+        array(body, length)
     assert info.value.message.startswith(message)
 
 
@@ -75,19 +99,16 @@ def test_binary_sizes_must_add_up():
     head["inputs"][0]["shape"] = [2, 1, 8, 8]
     head = json.dumps(head).encode()
     with pytest.raises(BadInput, match=r"\(128 elements, 512 bytes of FP32\) but binary_data_size"):
-        input_array(parse_request(head + body[length:], len(head)), INPUT)
+        array(head + body[length:], len(head))
 
 
 def test_outputs_default_to_json_and_follow_binary_data_flags():
-    request = parse_request(json_body([0.0] * 64, [1, 1, 8, 8])).request
-    assert requested_outputs(request, OUTPUT) == [("logits", False)]
-    request = parse_request(json_body([0.0], [1], parameters={"binary_data_output": True})).request
-    assert requested_outputs(request, OUTPUT) == [("logits", True)]
+    assert binary_outputs(json_body([0.0] * 64, [1, 1, 8, 8])) == [("logits", False)]
+    body = json_body([0.0], [1], parameters={"binary_data_output": True})
+    assert binary_outputs(body) == [("logits", True)]
     outputs = [{"name": "logits", "parameters": {"binary_data": False}}]
-    request = parse_request(
-        json_body([0.0], [1], parameters={"binary_data_output": True}, outputs=outputs)
-    ).request
-    assert requested_outputs(request, OUTPUT) == [("logits", False)]
+    body = json_body([0.0], [1], parameters={"binary_data_output": True}, outputs=outputs)
+    assert binary_outputs(body) == [("logits", False)]
 
 
 @pytest.mark.parametrize(
@@ -100,17 +121,21 @@ def test_outputs_default_to_json_and_follow_binary_data_flags():
     ],
 )  # fmt: skip
 def test_bad_output_requests_are_refused(extra, message):
-    request = parse_request(json_body([0.0], [1], **extra)).request
     with pytest.raises(BadInput, match=message):
-        requested_outputs(request, OUTPUT)
+        binary_outputs(json_body([0.0], [1], **extra))
 
 
 def test_binary_response_layout_is_json_header_then_raw_fp32():
     logits = np.random.default_rng(1).standard_normal((2, 10)).astype(np.float32)
-    body, length = encode_response({"model_name": "digits"}, [("logits", True, logits)])
+    binary = RequestedOutput("logits", {"binary_data": True})
+    answer = InferResponse("digits", "1", "abc", "folded", [(binary, logits)])
+    body, length = encode(answer, InferRequest("digits"))
     header = json.loads(body[:length])
     assert header == {
         "model_name": "digits",
+        "model_version": "1",
+        "parameters": {"variant": "folded"},
+        "id": "abc",
         "outputs": [{"name": "logits", "datatype": "FP32", "shape": [2, 10],
                      "parameters": {"binary_data_size": 80}}],
     }  # fmt: skip
@@ -119,7 +144,8 @@ def test_binary_response_layout_is_json_header_then_raw_fp32():
 
 def test_json_response_round_trips_fp32_exactly():
     logits = np.random.default_rng(2).standard_normal((3, 10)).astype(np.float32)
-    body, length = encode_response({"model_name": "digits"}, [("logits", False, logits)])
+    answer = InferResponse("digits", "1", None, "folded", [(RequestedOutput("logits"), logits)])
+    body, length = encode(answer, InferRequest("digits"))
     assert length is None
     out = json.loads(body)["outputs"][0]
     assert out["shape"] == [3, 10]
