@@ -19,6 +19,7 @@ Plain uvicorn re-raises the signal after its shutdown, so the process would die 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -125,12 +126,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def uvicorn_config(settings: Settings, core: Core | None = None) -> uvicorn.Config:
-    DrainingHttpProtocol.header_timeout_s = settings.header_timeout_s  # one per process
+    protocol = functools.partial(DrainingHttpProtocol, header_timeout_s=settings.header_timeout_s)
     return uvicorn.Config(
         create_app(settings, core=core),
         host=settings.host,
         port=settings.port,
-        http=DrainingHttpProtocol,
+        http=protocol,  # type: ignore[arg-type]  # uvicorn calls it as it would the class
         log_level=settings.log_level,
         log_config=None,  # uvicorn's loggers propagate to ours (service.logs)
         access_log=False,  # the access middleware writes one line per request, with its id

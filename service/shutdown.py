@@ -23,14 +23,38 @@ import logging
 import os
 import socket
 from collections.abc import Callable, Iterable
+from typing import Any
 
+from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 log = logging.getLogger(__name__)
+MAX_PIPELINED = 32  # requests of one connection waiting for their turn, past the running one
+FEED_BYTES = 4096  # received bytes are parsed this many at a time, to stop at MAX_PIPELINED
 MALFORMED = (
     "malformed HTTP request: the request line or a header could not be parsed; send HTTP/1.1 "
     "(RFC 9112)"
 )
+
+
+class PipelineFlowControl(FlowControl):
+    """uvicorn's flow control for one connection, except that reading stays paused while the
+    connection has `MAX_PIPELINED` requests waiting or received bytes not parsed yet.
+
+    uvicorn resumes reading after every response, and parses everything a read brings: a client
+    that pipelines requests without reading the answers had thousands of requests queued on its
+    connection after each response (a worker grew by 760 MiB in 10 s). Here the requests
+    waiting on a connection are bounded, then the kernel's buffers, then the client blocks."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: DrainingHttpProtocol) -> None:
+        super().__init__(transport)
+        self.protocol = protocol
+
+    def resume_reading(self) -> None:
+        if self.protocol.backlogged():
+            self.protocol.feed_later()  # resumes reading once the held bytes are parsed
+        else:
+            super().resume_reading()
 
 
 class DrainingHttpProtocol(HttpToolsProtocol):
@@ -39,20 +63,61 @@ class DrainingHttpProtocol(HttpToolsProtocol):
     `header_timeout_s`, is closed (uvicorn has no such timer, so a slowloris client kept its
     connection forever). Also: bytes that are not HTTP get the API's JSON 400, not uvicorn's
     plain text; a client that half-closes its side after a whole request (shutdown(SHUT_WR),
-    as `nc -N` does) is answered before the connection closes, where asyncio closed it."""
+    as `nc -N` does) is answered before the connection closes, where asyncio closed it; at most
+    `MAX_PIPELINED` pipelined requests wait on one connection (`PipelineFlowControl`).
+
+    uvicorn makes one per connection with its own arguments: `protocol_factory` binds
+    `header_timeout_s` (BNFOLD_HEADER_TIMEOUT_S)."""
 
     draining = False
-    header_timeout_s: float = 10.0  # set from BNFOLD_HEADER_TIMEOUT_S by service.server
     _partial = False  # a request has begun (bytes parsed) but its headers are not complete
     _header_timer: asyncio.TimerHandle | None = None
+    _held = memoryview(b"")  # received, not parsed yet: parsing waits for the pipeline
+    _feed_scheduled = False
+
+    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.flow = PipelineFlowControl(transport, self)
         self._arm_header_timer()  # the first request's headers are due within the timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._held = memoryview(b"")
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        held = self._held
+        self._held = memoryview(bytes(held) + data if held else data)
+        self._feed()
+
+    def backlogged(self) -> bool:
+        """Too many requests waiting, or bytes held back: read nothing more for now."""
+        return bool(self._held) or len(self.pipeline) >= MAX_PIPELINED
+
+    def feed_later(self) -> None:
+        """Parse the held bytes on the loop's next turn (not inside uvicorn's own callback)."""
+        if not self._feed_scheduled:
+            self._feed_scheduled = True
+            self.loop.call_soon(self._feed, True)
+
+    def _feed(self, resume: bool = False) -> None:
+        """Parse the held bytes while fewer than `MAX_PIPELINED` requests wait; then pause
+        reading if some are left, else (`resume`: uvicorn asked for it meanwhile) resume it."""
+        self._feed_scheduled = False
+        while self._held and len(self.pipeline) < MAX_PIPELINED:
+            if self.parser is None or self.transport.is_closing():
+                self._held = memoryview(b"")  # closed (or upgraded): nothing more to parse
+                return
+            piece, self._held = self._held[:FEED_BYTES], self._held[FEED_BYTES:]
+            super().data_received(piece)  # type: ignore[arg-type]
+        if self.backlogged():
+            self.flow.pause_reading()
+        elif resume:
+            FlowControl.resume_reading(self.flow)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -86,6 +151,8 @@ class DrainingHttpProtocol(HttpToolsProtocol):
         a disconnect. A client that closed both ways looks the same from here: its answer is
         computed as before (no route stops work on a disconnect) and written into a socket
         the kernel then resets."""
+        if self._held:
+            return True  # requests still to parse: answered, then closed when idle
         received = self.cycle is not None and not self.cycle.more_body
         if received and not self.cycle.response_complete and not self._partial:
             self.cycle.keep_alive = False  # closed once the response is written
