@@ -198,6 +198,55 @@ class ImportRecord(_Strict):
     )
 
 
+class BnLayerCheck(_Strict):
+    """One BatchNormalization's running statistics against the data it sees, per channel c:
+    mean shift z_c = (data mean - running mean) / sqrt(running var + eps), variance ratio
+    r_c = (data var + eps) / (running var + eps); summarised over the layer's channels."""
+
+    bn: str
+    channels: int
+    mean_shift_rms: float = Field(description="RMS over channels of z_c (in running stds).")
+    mean_shift_max: float = Field(description="max |z_c|.")
+    var_ratio_median: float = Field(description="Median over channels of r_c.")
+    log_var_ratio_rms: float = Field(description="RMS over channels of ln r_c.")
+    initial_statistics: bool = Field(
+        description="Running mean all 0 and running variance all 1: never updated."
+    )
+    flagged: bool
+
+
+class BnStatisticsCheck(_Strict):
+    """Every BatchNormalization's running statistics measured against data, in graph order."""
+
+    checked: bool
+    note: str | None = Field(None, description="Why not checked, or what limits the check.")
+    inputs: str | None = Field(None, description="What the data was.")
+    n_images: int = 0
+    mean_shift_threshold: float | None = Field(
+        None, description="A layer is flagged when the RMS of z_c exceeds this..."
+    )
+    log_var_ratio_threshold: float | None = Field(
+        None, description="... or the RMS of ln r_c exceeds this."
+    )
+    layers: list[BnLayerCheck] = Field(default_factory=list)
+    flagged: list[str] = Field(default_factory=list, description="Flagged layers, graph order.")
+    causes: list[str] = Field(default_factory=list, description="What the numbers point at.")
+
+
+class Recalibration(_Strict):
+    """The running statistics were re-estimated on data before folding (`--recalibrate`)."""
+
+    inputs: str = Field(description="The images the statistics were re-estimated on.")
+    n_images: int
+    layers: int = Field(description="BatchNormalization layers re-estimated.")
+    original_sha256: str = Field(description="sha256 of the model file as given.")
+    top1_agreement: float = Field(
+        description="Top-1 agreement of the recalibrated with the original model on the images."
+    )
+    accuracy_before: float | None = Field(None, description="On labeled images (class folders).")
+    accuracy_after: float | None = None
+
+
 class Manifest(_Strict):
     """bundle.json."""
 
@@ -217,6 +266,12 @@ class Manifest(_Strict):
     equivalence: EquivalenceReport
     imported: ImportRecord | None = Field(None, description="Set by `bnfold import`.")
     layer_probes_note: str | None = Field(None, description="Why layer_probes is empty.")
+    bn_statistics: BnStatisticsCheck | None = Field(
+        None, description="The running statistics checked against data (held-out or samples)."
+    )
+    recalibration: Recalibration | None = Field(
+        None, description="Set when the statistics were re-estimated before folding."
+    )
 
 
 def sha256_file(path: Path) -> str:

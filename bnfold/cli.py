@@ -3,6 +3,7 @@
     bnfold fold IN.onnx OUT.onnx             fold BN and per-channel Mul/Add, print the report
     bnfold import MODEL.onnx --name NAME ... write models/<name>/ (folded, unfolded, bundle.json)
     bnfold verify models/<name>              checksums, node counts, equivalence re-measured
+    bnfold doctor BUNDLE|MODEL --samples DIR BN running statistics against the images
 
 A mistake (a bad file, flag or name) prints one line on stderr and exits 2 without writing
 anything; a folded model that is not equivalent exits 1 and writes nothing.
@@ -120,6 +121,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         force=args.force,
         int8=int8_options(args),
         calibration=Path(args.calibration) if args.calibration else None,
+        recalibrate=args.recalibrate,
     )
     try:
         manifest = import_model(Path(args.model), opts)
@@ -156,6 +158,54 @@ def print_import_summary(manifest, target: Path) -> None:
         print(summary_line(eq.int8))
     if manifest.layer_probes_note:
         print(f"note: {manifest.layer_probes_note}")
+    print_statistics(manifest)
+
+
+def print_statistics(manifest) -> None:
+    """The BN statistics check and, when asked for, what recalibration changed."""
+    from bnfold.toolchain.bnstats import summary_lines
+
+    r = manifest.recalibration
+    if r is not None:
+        acc = ""
+        if r.accuracy_before is not None:
+            acc = f", accuracy {r.accuracy_before:.2%} -> {r.accuracy_after:.2%}"
+        print(
+            f"recalibrated: {r.layers} BatchNormalization layers re-estimated on {r.inputs}; "
+            f"top-1 agreement with the original {r.top1_agreement:.2%}{acc}"
+        )
+    if manifest.bn_statistics is not None:
+        print("\n".join(summary_lines(manifest.bn_statistics)))
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from bnfold.bundle import read_manifest
+    from bnfold.toolchain.bnstats import summary_lines
+    from bnfold.toolchain.importer import ImportOptions, diagnose
+
+    path = Path(args.model)
+    if not path.exists():
+        raise BnfoldError(f"{path} does not exist: give a bundle folder or an ONNX file")
+    if args.samples is None and path.is_dir():  # the check stored at export or import
+        check = read_manifest(path).bn_statistics
+        if check is None:
+            raise BnfoldError(f"{path}: no BN statistics check stored; pass --samples FOLDER")
+        print("\n".join(summary_lines(check)))
+        return 1 if check.flagged else 0
+    opts = ImportOptions(
+        name="-",
+        layout=args.layout,
+        size=parse_size(args.size),
+        color_mode=args.color_mode,
+        scale=args.scale,
+        mean=args.mean,
+        std=args.std,
+        samples=Path(args.samples) if args.samples else None,
+        input_name=args.input,
+    )
+    check = diagnose(path, opts)
+    print("\n".join(summary_lines(check)))
+    return 1 if check.flagged else 0
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
@@ -176,6 +226,19 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 0 if res.ok else 1
 
 
+def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:
+    """How images become the model's input (import, and doctor on an ONNX file)."""
+    p.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from the input shape")
+    p.add_argument(
+        "--size", nargs="+", type=_size, metavar="H W", help="H W or HxW (variable-size inputs)"
+    )
+    p.add_argument("--color-mode", choices=["L", "RGB"], help="default: from the channel count")
+    p.add_argument("--scale", type=float, default=1.0 / 255.0, help="multiplies 0..255 pixels")
+    p.add_argument("--mean", type=float, nargs="+", help="subtracted after scaling (1 or C)")
+    p.add_argument("--std", type=float, nargs="+", help="divides after the mean (1 or C)")
+    p.add_argument("--input", metavar="NAME", help="the image input, when the model has several")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bnfold.toolchain.int8 import add_quantize_arguments
 
@@ -192,23 +255,25 @@ def build_parser() -> argparse.ArgumentParser:
     c = i.add_mutually_exclusive_group()
     c.add_argument("--classes", metavar="FILE", help="class names, one per line")
     c.add_argument("--num-classes", type=_count, metavar="N", help="classes named 0..N-1")
-    i.add_argument("--layout", choices=["NCHW", "NHWC"], help="default: from the input shape")
-    i.add_argument(
-        "--size", nargs="+", type=_size, metavar="H W", help="H W or HxW (variable-size inputs)"
-    )
-    i.add_argument("--color-mode", choices=["L", "RGB"], help="default: from the channel count")
-    i.add_argument("--scale", type=float, default=1.0 / 255.0, help="multiplies 0..255 pixels")
-    i.add_argument("--mean", type=float, nargs="+", help="subtracted after scaling (1 or C)")
-    i.add_argument("--std", type=float, nargs="+", help="divides after the mean (1 or C)")
+    _add_preprocess_arguments(i)
     i.add_argument("--samples", metavar="FOLDER", help="images to measure equivalence on")
-    i.add_argument("--input", metavar="NAME", help="the image input, when the model has several")
     i.add_argument("--output", metavar="NAME", help="the logits output (default: the first)")
     i.add_argument("--force", action="store_true", help="replace an existing bundle")
     add_quantize_arguments(i)
     i.add_argument(
         "--calibration", metavar="FOLDER", help="with --quantize: images to calibrate on"
     )
+    i.add_argument(
+        "--recalibrate",
+        action="store_true",
+        help="re-estimate BN statistics on --samples before folding",
+    )
     i.set_defaults(func=cmd_import)
+    d = sub.add_parser("doctor", help="check BN statistics against sample images")
+    d.add_argument("model", metavar="BUNDLE_OR_MODEL")
+    d.add_argument("--samples", metavar="FOLDER", help="images the model will see")
+    _add_preprocess_arguments(d)
+    d.set_defaults(func=cmd_doctor)
     v = sub.add_parser("verify", help="check a bundle: checksums, node counts, equivalence")
     v.add_argument("bundle")
     v.add_argument("--samples", metavar="FOLDER", help="images to re-measure on (else generated)")

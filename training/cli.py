@@ -212,6 +212,10 @@ def export_checkpoint(
     for row in manifest.fold_report:
         if row.warning:
             print(f"warning: {row.bn}: {row.warning}")
+    if manifest.bn_statistics is not None:
+        from bnfold.toolchain.bnstats import summary_lines
+
+        print("\n".join(summary_lines(manifest.bn_statistics)))
     if eq.int8 is not None:
         print(summary_line(eq.int8))
     return 0 if eq.passed else 1

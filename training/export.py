@@ -2,7 +2,8 @@
 
 The bundle is folded, measured and written by `bnfold.toolchain.build`, the same path
 `bnfold import` takes; training adds its metadata (architecture, training metrics, torch
-version) and its own float64 reference: the torch model itself, run in float64.
+version), its own float64 reference (the torch model itself, run in float64), and the check
+of every BN's running statistics against the held-out split (bnfold.toolchain.bnstats).
 
 Traps avoided: torch's default dynamo exporter and the TorchScript exporter's constant folding
 both fuse BN silently. The model is exported with the TorchScript exporter and
@@ -26,6 +27,7 @@ from torch import nn
 
 from bnfold.bundle import InputSpec, Manifest, OutputSpec
 from bnfold.preprocess import PreprocessSpec
+from bnfold.toolchain.bnstats import check_statistics
 from bnfold.toolchain.build import (
     BundleSpec,
     Measurement,
@@ -128,7 +130,13 @@ def export_bundle(
         ),
         output=OutputSpec(name=OUTPUT_NAME, shape=[-1, len(classes)]),
         versions={"torch": torch.__version__, **toolchain_versions(unfolded)},
-        extra={"architecture": architecture or {}, "training": training_metrics or {}},
+        extra={
+            "architecture": architecture or {},
+            "training": training_metrics or {},
+            "bn_statistics": check_statistics(
+                unfolded, INPUT_NAME, eval_x, f"{len(eval_x)} images of the {split} split"
+            ),
+        },
     )
     measure = Measurement(eval_x, split, float64_logits(model, eval_x))
     return write_bundle(Path(out_dir) / name, fold, bundle, measure, int8)

@@ -10,6 +10,7 @@ Torch-free: onnx, onnxruntime and numpy.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -19,9 +20,27 @@ import numpy as np
 import onnx
 from pydantic import ValidationError
 
-from bnfold.bundle import NAME_PATTERN, ImportRecord, InputSpec, Manifest, OutputSpec
+from bnfold.bundle import (
+    NAME_PATTERN,
+    BnStatisticsCheck,
+    ImportRecord,
+    InputSpec,
+    Manifest,
+    OutputSpec,
+    Recalibration,
+)
 from bnfold.errors import BnfoldError, validation_message
 from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
+from bnfold.toolchain.bnstats import (
+    MIN_IMAGES,
+    TooFewImages,
+    accuracy,
+    agreement,
+    batchnorm_nodes,
+    check_statistics,
+    recalibrate,
+    too_few_message,
+)
 from bnfold.toolchain.build import (
     BundleSpec,
     Measurement,
@@ -42,7 +61,8 @@ from bnfold.toolchain.int8 import Int8Options, Int8Request
 from bnfold.toolchain.load import LoadedOnnx, ModelImportError, load_onnx, ort_session
 from bnfold.toolchain.quantize import calibration_images
 from bnfold.toolchain.reference import evaluate_float64
-from bnfold.toolchain.verify import within_budget
+from bnfold.toolchain.sessions import make_session
+from bnfold.toolchain.verify import run_logits, within_budget
 
 __all__ = ["ImportOptions", "NotEquivalentError", "equivalence_inputs", "import_model"]
 
@@ -74,6 +94,7 @@ class ImportOptions:
     seed: int = 0
     int8: Int8Options | None = None  # --quantize int8: also write quantized.onnx if it passes
     calibration: Path | None = None  # --calibration FOLDER: the images int8 is calibrated on
+    recalibrate: bool = False  # --recalibrate: re-estimate BN statistics on --samples first
 
 
 def check_target(opts: ImportOptions) -> Path:
@@ -199,11 +220,8 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
     folder = Path(opts.samples)
     if not folder.is_dir():
         raise ModelImportError(f"--samples {folder}: not a folder of images")
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not files:
-        raise ModelImportError(f"--samples {folder}: no files in it")
     limit = within_budget(per_input, MAX_SAMPLES)
-    files = files[:limit]
+    files = sample_files(folder)[:limit]
     rows = []
     for p in files:
         if p.stat().st_size > MAX_SAMPLE_BYTES:  # read whole: a stray video or disk image
@@ -222,6 +240,78 @@ def equivalence_inputs(spec: PreprocessSpec, opts: ImportOptions) -> tuple[np.nd
     return np.stack(rows), "samples", desc
 
 
+def sample_files(folder: Path) -> list[Path]:
+    """The image files under --samples, sorted by path (class folders included)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not files:
+        raise ModelImportError(f"--samples {folder}: no files in it")
+    return files
+
+
+def sample_labels(folder: Path, n: int, classes: list[str]) -> np.ndarray | None:
+    """Labels of the first n sample files when every one sits in a folder named after a class
+    (the layout training reads), else None: the images are unlabeled."""
+    files = sample_files(folder)[:n]
+    parents = [p.relative_to(folder).parts[:-1] for p in files]
+    if not all(len(parts) == 1 and parts[0] in classes for parts in parents):
+        return None
+    return np.array([classes.index(parts[0]) for parts in parents])
+
+
+def statistics_check(
+    model: onnx.ModelProto, image: ImageInput, x: np.ndarray, split: str, inputs: str
+) -> BnStatisticsCheck:
+    """The BN statistics check on the sample images; generated inputs say nothing about data."""
+    if split != "samples":
+        return BnStatisticsCheck(
+            checked=False,
+            note="no sample images (--samples): generated inputs say nothing about the data "
+            "the model will see",
+        )
+    return check_statistics(model, image.name, x, inputs)
+
+
+def recalibrated(
+    loaded: LoadedOnnx,
+    unfolded: onnx.ModelProto,
+    image: ImageInput,
+    output: str,
+    samples: Path | None,
+    classes: list[str],
+    x: np.ndarray,
+) -> tuple[onnx.ModelProto, Recalibration]:
+    """--recalibrate: the served model with its BN statistics re-estimated on the samples, and
+    what changed (top-1 agreement with the original; accuracy before and after when labeled)."""
+    if samples is None:
+        raise ModelImportError(
+            "--recalibrate needs --samples FOLDER: the images to re-estimate the statistics on"
+        )
+    if not batchnorm_nodes(unfolded):
+        raise ModelImportError(
+            f"--recalibrate: {loaded.path} has no BatchNormalization with running statistics "
+            "(a BN exported as constant Mul/Add carries none to re-estimate)"
+        )
+    try:
+        new = recalibrate(unfolded, image.name, x)
+    except TooFewImages as exc:
+        raise ModelImportError(exc.message) from None
+    before, after = (
+        run_logits(make_session(m.SerializeToString(), "unfolded"), image.name, output, x)
+        for m in (unfolded, new)
+    )
+    labels = sample_labels(Path(samples), len(x), classes)
+    record = Recalibration(
+        inputs=f"{len(x)} sample images from {samples}",
+        n_images=len(x),
+        layers=len(batchnorm_nodes(new)),
+        original_sha256=loaded.sha256,
+        top1_agreement=agreement(before, after),
+        accuracy_before=accuracy(before, labels),
+        accuracy_after=accuracy(after, labels),
+    )
+    return new, record
+
+
 def import_model(path: Path, opts: ImportOptions) -> Manifest:
     """Validate, fold, measure, and write `models/<name>/` atomically; the manifest written."""
     target = check_target(opts)
@@ -232,10 +322,22 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     unfolded, changes = prepare_for_serving(loaded, image)
     output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
     classes = check_classes(opts.classes, opts.num_classes, n_out, output)
-    fold = fold_model(unfolded, str(loaded.path))
     x, split, inputs = equivalence_inputs(spec, opts)
+    original = loaded.model
+    extra: dict = {"bn_statistics": statistics_check(unfolded, image, x, split, inputs)}
+    if opts.recalibrate:
+        unfolded, extra["recalibration"] = recalibrated(
+            loaded, unfolded, image, output, opts.samples, classes, x
+        )
+        changes.append(
+            "BatchNormalization running statistics re-estimated on the sample images "
+            "(--recalibrate); the original's sha256 is in `recalibration`"
+        )
+        extra["bn_statistics"] = statistics_check(unfolded, image, x, split, inputs)
+        original, image = unfolded, dataclasses.replace(image, batch="batch")
+    fold = fold_model(unfolded, str(loaded.path))
     int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
-    ref64 = _float64_logits(loaded.model, image, x, output)
+    ref64 = _float64_logits(original, image, x, output)
     _check_finite_logits(ref64, loaded.path, output)
     bundle = BundleSpec(
         name=opts.name,
@@ -246,6 +348,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
         ),
         versions=toolchain_versions(loaded.model),
         extra={
+            **extra,
             "imported": ImportRecord(
                 source=loaded.path.name,
                 sha256=loaded.sha256,
@@ -253,7 +356,7 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
                 producer=f"{loaded.model.producer_name} {loaded.model.producer_version}".strip(),
                 ir_version=loaded.model.ir_version,
                 changes=changes,
-            )
+            ),
         },
     )
     # measured on the same inputs as the fold, int8 included; an import has no labels
@@ -296,3 +399,28 @@ def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:
             f"{len(ref64)} inputs (float64 evaluation of the original graph): check its weights "
             "and statistics (e.g. a negative BatchNormalization variance) and --mean/--std"
         )
+
+
+def diagnose(path: Path, opts: ImportOptions) -> BnStatisticsCheck:
+    """`bnfold doctor`: the BN statistics check of a bundle (its unfolded.onnx and its
+    preprocessing) or of an ONNX file (preprocessing from the flags), on --samples."""
+    path = Path(path)
+    if opts.samples is None:
+        raise ModelImportError("doctor needs --samples FOLDER: the images to check against")
+    if path.is_dir():
+        from bnfold.bundle import load_bundle
+
+        manifest = load_bundle(path)
+        model = onnx.load(str(path / manifest.files["unfolded"].path))
+        spec, input_name = manifest.input.preprocess, manifest.input.name
+    else:
+        loaded = load_onnx(path)
+        image = resolve_image_input(
+            loaded.model, loaded.path, opts.input_name, opts.layout, opts.size
+        )
+        spec, input_name = preprocess_spec(image, opts), image.name
+        model = prepare_for_serving(loaded, image)[0]
+    x, _, inputs = equivalence_inputs(spec, opts)
+    if len(x) < MIN_IMAGES:
+        raise ModelImportError(f"--samples {opts.samples}: {too_few_message(len(x))}")
+    return check_statistics(model, input_name, x, inputs)

@@ -159,3 +159,9 @@ def test_residual_post_placement_bundle(digits_splits, tmp_path):
 )
 def test_scope_names_map_to_module_paths(node, path):
     assert scope_to_module_path(node) == path
+
+
+def test_the_bundle_carries_its_bn_statistics_check_on_the_held_out_split(small_bundle):
+    check = read_manifest(small_bundle).bn_statistics
+    assert check.checked and check.flagged == [] and check.inputs.endswith("test split")
+    assert [r.bn for r in check.layers] == ["stem.bn", "features.0.bn", "features.2.bn", "bn_fc"]
