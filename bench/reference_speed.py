@@ -4,7 +4,8 @@ kernels, with plain onnx.reference (the kernels it had before), and with onnxrun
 on the same images; and a GoogLeNet-like block (ceil_mode pools Concat'ed with conv branches)
 checked against onnxruntime. Not part of the tests or of `make bench`.
 
-    .venv/bin/python bench/reference_speed.py [--images 16] [--old-images 8] [--skip-old] [--repeat 3]
+    .venv/bin/python bench/reference_speed.py \\
+        [--images 16] [--old-images 8] [--repeat 3] [--skip-old]
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def main() -> None:
     run_ort(model, x[:1])  # warm-up: session build, thread pool
     y32, t_ort = timed(run_ort, model, x, repeat=args.repeat)
     y64, t_new = timed(run_new, model, x, repeat=args.repeat)
-    print(f"ResNet-50-like 224x224, {args.images} images, best of {args.repeat}: onnxruntime f32 {t_ort:.2f} s, "
+    print(f"ResNet-50-like 224x224, {args.images} images, best of {args.repeat}: "
+          f"onnxruntime f32 {t_ort:.2f} s, "
           f"float64 reference {t_new:.2f} s ({t_new / t_ort:.1f}x), "
           f"max |f32 - f64| / max(1, max |f64|) = {rel(y32, y64):.2e}")  # fmt: skip
     if not args.skip_old:

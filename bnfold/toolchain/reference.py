@@ -10,6 +10,7 @@ Slow (pure numpy): meant for a few hundred small images, not for serving.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -511,11 +512,13 @@ def _may_overwrite(inputs, drop, results: dict, protected: set[str]) -> bool:
 
 
 def _unloadable_node(model: onnx.ModelProto, exc: Exception) -> onnx.NodeProto | None:
-    """The node whose op type the evaluator's load error names, if any."""
-    text = str(exc)
-    for node in model.graph.node:
-        if repr(node.op_type) in text or f"'{node.op_type}'" in text:
-            return node
+    """The node whose op type the evaluator's load error names ("Node type 'X' ..."), if any."""
+    found = re.search(r"[Nn]ode type:? '([^']+)'", str(exc))
+    names = [found.group(1)] if found else [n.op_type for n in model.graph.node]
+    for name in names:
+        for node in model.graph.node:
+            if node.op_type == name and (found or f"'{name}'" in str(exc)):
+                return node
     return None
 
 

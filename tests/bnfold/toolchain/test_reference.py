@@ -1,14 +1,22 @@
-"""bnfold.toolchain.reference: a float64 evaluation of ONNX graphs, checked against numpy float64 written
-out by hand (the independent reference), and shown to really compute in float64."""
+"""bnfold.toolchain.reference: a float64 evaluation of ONNX graphs, checked against numpy
+float64 written out by hand (the independent reference), and shown to really compute in float64;
+its failures name the node. Its kernels: test_reference_kernels.py."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+from onnx.reference import ReferenceEvaluator
 
-from bnfold.toolchain.reference import Float64Reference, evaluate_float64, float64_model
+from bnfold.toolchain.reference import (
+    Float64Reference,
+    ReferenceUnavailable,
+    evaluate_float64,
+    float64_model,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -152,3 +160,81 @@ def test_grouped_conv_transpose_matches_onnxruntime():
     # Each output sums at most 8/2 x 3 x 3 = 36 products of O(1) values plus a bias: float32
     # rounding stays below 64 x 2^-24 x sum|w x| (~1e-4 here); a wrong group would be O(1).
     np.testing.assert_allclose(y32, y64, rtol=0, atol=1e-4)
+
+
+def test_an_op_without_a_kernel_is_reference_unavailable_naming_it():
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"], name="act"),
+        helper.make_node("FancyNorm", ["r"], ["y"], name="norm7", domain="com.example"),
+    ]
+    graph = helper.make_graph(nodes, "g", [_f32("x", [1, 3])], [_f32("y", [1, 3])])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
+    with pytest.raises(ReferenceUnavailable) as info:
+        evaluate_float64(model, "x", np.ones((1, 3), np.float32))
+    assert (info.value.op_type, info.value.node_name) == ("FancyNorm", "norm7")
+    assert "FancyNorm" in str(info.value) and info.value.reason
+
+
+def test_a_kernel_that_raises_is_reference_unavailable_naming_the_node():
+    """A numpy error inside a kernel (here a Reshape the input cannot take) comes out as the
+    node's op type and name with the reason, the original exception chained."""
+    shape = numpy_helper.from_array(np.int64([4, -1]), "shape")
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Reshape", ["r", "shape"], ["y"], name="to_rows"),
+    ]
+    model = _model(nodes, [_f32("x", ["N", 3])], [_f32("y", [4, None])], [shape])
+    ref = Float64Reference(model)
+    np.testing.assert_array_equal(ref.run({"x": np.ones((4, 3), np.float32)})[0], np.ones((4, 3)))
+    with pytest.raises(ReferenceUnavailable) as info:
+        ref.run({"x": np.ones((3, 3), np.float32)})
+    err = info.value
+    assert (err.op_type, err.node_name) == ("Reshape", "to_rows")
+    assert "ValueError" in err.reason and isinstance(err.__cause__, ValueError)
+    assert str(err).startswith("Reshape (node 'to_rows'): ValueError")
+
+
+def test_in_place_kernels_never_write_over_a_value_still_read():
+    """BatchNormalization, Relu and Add write into an input that dies at them: not when a
+    Reshape's view or an Identity still holds it, not into a Constant's stored tensor, not
+    into the caller's feed; an intermediate asked for as an output is kept as computed."""
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((4, 2, 3, 3)).astype(np.float32)
+    stats = [rng.uniform(0.5, 2, 4), rng.normal(size=4), rng.normal(size=4), rng.uniform(0.5, 2, 4)]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.int64([2, 4, 5, 5]), "same"),
+    ]
+    inits += [
+        numpy_helper.from_array(v.astype(np.float32), k)
+        for k, v in zip(["g", "b", "m", "v"], stats, strict=True)
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("Identity", ["r"], ["r1"]),
+        helper.make_node("Reshape", ["r", "same"], ["r2"]),  # a view of r's memory
+        helper.make_node("BatchNormalization", ["r", "g", "b", "m", "v"], ["n"]),
+        helper.make_node("Add", ["n", "r2"], ["s0"]),
+        helper.make_node("Add", ["s0", "r1"], ["s"]),
+        helper.make_node(
+            "Constant", [], ["k"], value=numpy_helper.from_array(np.float32([[[[-1.0]]]]))
+        ),
+        helper.make_node("Relu", ["k"], ["kr"]),
+        helper.make_node("Add", ["s", "kr"], ["y"]),
+    ]
+    model = _model(nodes, [_f32("x", [2, 2, 5, 5])], [_f32("y", [2, 4, 5, 5])], inits)
+    x = rng.standard_normal((2, 2, 5, 5))
+    x_before = x.copy()
+    want = ReferenceEvaluator(float64_model(model)).run(None, {"x": x})[0]
+    ref = Float64Reference(model)
+    first = ref.run({"x": x})[0]
+    np.testing.assert_allclose(first, want, rtol=1e-13, atol=1e-13)
+    np.testing.assert_array_equal(ref.run({"x": x})[0], first)  # the Constant is intact
+    np.testing.assert_array_equal(x, x_before)
+    c, y = ref.run({"x": x}, ["c", "y"])
+    np.testing.assert_array_equal(y, first)
+    c_want = ReferenceEvaluator(float64_model(model)).run(["c"], {"x": x})[0]
+    np.testing.assert_allclose(c, c_want, rtol=1e-13, atol=1e-13)
