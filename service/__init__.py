@@ -1,5 +1,5 @@
 """bnfold service: the HTTP server over the bundles in the models folder.
 
 Importing this package pulls in nothing heavy; the contract it serves (bundle schema,
-preprocessing, sessions) lives in the `bnfold` core package.
+preprocessing) lives in the `bnfold` package.
 """

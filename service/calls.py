@@ -56,7 +56,8 @@ class CallLog:
         fields: dict[str, object],
     ) -> None:
         """Record the call: `summary` starts its access line ('GET /v2', 'grpc ModelInfer'),
-        `fields` go with it into JSON logs."""
+        `fields` (what the protocol knows of the call: method, client, ...) go with it into
+        JSON logs, beside the protocol, model, status and duration every call has."""
         seconds = time.perf_counter() - call.started
         m = self.metrics
         m.in_flight.dec()
@@ -65,7 +66,7 @@ class CallLog:
         m.child(m.requests, protocol, endpoint, model, str(status)).inc()
         m.child(m.request_seconds, protocol, endpoint).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
-            fields = {"protocol": protocol, **fields, "status": status,
+            fields = {"protocol": protocol, **fields, "model": model, "status": status,
                       "duration_ms": round(seconds * 1000, 3)}  # fmt: skip
             access_log.info("%s %s %.1f ms", summary, status, seconds * 1000,
                             extra={"fields": fields})  # fmt: skip

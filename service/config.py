@@ -115,7 +115,7 @@ class Settings(BaseSettings):
         "long unless a request arrives on it (that request is then served).",
     )
 
-    # --- Dynamic batching and backpressure (issue 7).
+    # --- Dynamic batching and backpressure.
     max_batch_size: int = Field(
         32,
         ge=1,

@@ -4,6 +4,10 @@ Every `BnfoldError` carries its HTTP status; `wire_error` adds the gRPC code tha
 to a gRPC client, so REST (service/app.py) and gRPC (service/grpc/servicer.py) translate the
 same error the same way, with the same message. A client's mistake is never UNKNOWN or INTERNAL:
 only 500 (the server's own failure) maps to INTERNAL.
+
+The errors only serving raises (unknown model, not ready or busy, past the timeout, admin
+calls refused) are defined here; those the contract raises too (bad input, too large, wrong
+media type) come from bnfold.errors.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Input tensors of the Open Inference Protocol -> the model's input array, for any wire format.
 
 REST (service/v2codec.py, JSON or binary extension) and gRPC (service/grpc/codec.py, typed
-contents or raw_input_contents) both describe the tensor by name, datatype and shape, then hand
-over its elements as raw little-endian bytes or as numbers. The checks and their messages live
-here once, so a client gets the same answer for the same mistake over either protocol; only
-`where` (which field held the elements) differs.
+contents or raw_input_contents) both decode a tensor into an `InputTensor`: name, datatype and
+shape, its elements as raw little-endian bytes or as numbers. The data plane turns it into the
+model's input with `input_array`; the checks and their messages live here once, so a client
+gets the same answer for the same mistake over either protocol; only `where` (which field held
+the elements) differs.
 """
 
 from __future__ import annotations

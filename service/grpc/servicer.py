@@ -73,9 +73,9 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             if code == "OK":
                 context.set_trailing_metadata(trailing)
             self.active -= 1
-            fields = {"method": method, "model": _model_of(request), "client": context.peer()}
-            summary = f"grpc {method}"
-            self.core.calls.end(call, "grpc", method, _model_of(request), code, summary, fields)
+            fields = {"method": method, "client": context.peer()}
+            self.core.calls.end(call, "grpc", method, _model_of(request), code, f"grpc {method}",
+                                fields)  # fmt: skip
 
     return wrapper
 
