@@ -6,7 +6,8 @@ to the folded model, and to the unfolded one with its BatchNormalization nodes l
 (quant_pre_process's optimizer off, or it would fuse Conv+BN itself). Both are measured against
 the folded float32 model on held-out inputs. Then int8 vs float32 folded speed in process
 (onnxruntime, full optimization) at batch 1 and at the best batch of the sweep, and the CPU's
-8-bit dot-product instructions, which decide how much int8 can gain. """
+8-bit dot-product instructions, which decide how much int8 can gain.
+"""
 
 from __future__ import annotations
 
