@@ -1,8 +1,8 @@
 """INT8 after folding: why fold first, and what int8 buys in speed (`python -m bench.int8`).
 
-For each benchmark model the same static quantization (bnfold.toolchain.quantize: QDQ, per-
-channel int8 weights, uint8 activations, MinMax, the same calibration images) is applied twice:
-to the folded model, and to the unfolded one with its BatchNormalization nodes left in
+For each benchmark model the same static quantization (bnfold.toolchain.quantize: QDQ,
+per-channel int8 weights, uint8 activations, MinMax, the same calibration images) is applied
+twice: to the folded model, and to the unfolded one with its BatchNormalization nodes left in
 (quant_pre_process's optimizer off, or it would fuse Conv+BN itself). Both are measured against
 the folded float32 model on held-out inputs. Then int8 vs float32 folded speed in process
 (onnxruntime, full optimization) at batch 1 and at the best batch of the sweep, and the CPU's
