@@ -175,9 +175,10 @@ class Supervisor(Multiprocess):
                 self._replace(index, worker, "dead")
                 continue
             health = worker.health(now, self.config.timeout_worker_healthcheck, send=ping)
+            if health == "late":
+                self.cluster.ready[index] = 0  # it republishes its flag once it runs again
             if health == "late" and not worker.late:
                 worker.late = True
-                self.cluster.ready[index] = 0  # it republishes its flag once it runs again
                 log.warning(
                     "worker %d (pid %s) has not answered its health check for %g s: not ready",
                     index + 1, worker.pid, LATE_S,

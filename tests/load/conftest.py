@@ -54,18 +54,19 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(models_dir: Path, tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """start_server(slow_run_s=0, **settings) -> a ready server, each setting passed as
-    BNFOLD_<NAME>; stopped after the test if it still runs (a test that stops it itself checks
-    the exit code)."""
+    """start_server(slow_run_s=0, slow_import_s=0, **settings) -> a ready server (slowed as in
+    slow_serve.py), each setting passed as BNFOLD_<NAME>; stopped after the test if it still
+    runs (a test that stops it itself checks the exit code)."""
     started: list[ServerProcess] = []
 
-    def start(slow_run_s: float = 0.0, **overrides) -> ServerProcess:
+    def start(slow_run_s: float = 0.0, slow_import_s: float = 0.0, **overrides) -> ServerProcess:
         port = free_port()
         chosen = {"provider": "cpu", "log_level": "warning", "models_dir": models_dir,
                   "grpc_port": free_port(), "workers": 1, "threads": THREADS}  # fmt: skip
         chosen.update(overrides)
         env = {f"BNFOLD_{k.upper()}": str(v) for k, v in chosen.items()}
-        env = {**os.environ, **env, "SLOW_SERVE_RUN_S": str(slow_run_s)}
+        env = {**os.environ, **env, "SLOW_SERVE_RUN_S": str(slow_run_s),
+               "SLOW_SERVE_IMPORT_S": str(slow_import_s)}  # fmt: skip
         log = tmp_path / f"server-{port}.log"
         command = [sys.executable, "-m", "tests.load.slow_serve", "--host", "127.0.0.1",
                    "--port", str(port)]  # fmt: skip

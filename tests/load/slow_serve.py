@@ -4,7 +4,8 @@ onnxruntime run of a request made slower by SLOW_SERVE_RUN_S seconds (a test-onl
 A model of 8x8 digits answers in well under a millisecond, too fast for a test to catch
 requests queued or in flight. The delay sits inside `LoadedModel.run`, in the batcher's thread,
 exactly where a big model would spend its time; the warm-up runs at load time are not delayed,
-and nothing else about the server changes.
+and nothing else about the server changes. SLOW_SERVE_IMPORT_S delays each worker process
+(BNFOLD_WORKERS > 1) by that long before it can answer the supervisor: a slow start-up.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def slow_run(self, variant, x):
 # At import, not under __main__: worker processes (BNFOLD_WORKERS > 1) are spawned, and each
 # imports this module again as its __mp_main__, so every worker runs slowed too.
 registry.LoadedModel.run = slow_run  # type: ignore[method-assign]
+
+if __name__ == "__mp_main__":  # a worker, before it can answer its first health check
+    time.sleep(float(os.environ.get("SLOW_SERVE_IMPORT_S", "0")))  # heavy imports, busy host
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,6 +3,7 @@ test leaves a process behind (the check in tests/conftest.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -15,6 +16,7 @@ import pytest
 
 from service.supervisor import check_port_free
 from tests.conftest import REPO, run_processes
+from tests.load.conftest import wait_for
 from tests.load.test_workers import worker_pids
 
 pytestmark = pytest.mark.e2e
@@ -80,3 +82,46 @@ def test_the_suite_fails_a_test_that_leaves_a_process_behind(tmp_path):
     assert "1 passed, 1 error" in out, out
     assert "test_leaves_a_sleeper left 1 process(es) running" in out, out
     assert "sleep 300" in out, out
+
+
+def ready_status(url: str) -> int:
+    """Readiness on a new connection; 0 when it is not answered within 2 s (a connection the
+    kernel queued for a stopped worker waits until that worker is killed, then is reset)."""
+    try:
+        return httpx.get(f"{url}/v2/health/ready", timeout=2).status_code
+    except httpx.TransportError:
+        return 0
+
+
+def test_a_worker_slow_to_start_is_not_killed_for_a_late_health_answer(start_server):
+    # Each worker sleeps before it can answer the supervisor at all, longer than uvicorn's
+    # 5 s health check timeout: a starting worker is waited for, not killed.
+    server = start_server(workers=2, log_level="info", slow_import_s=8)
+    victim = min(worker_pids(server))
+    os.kill(victim, signal.SIGKILL)  # its replacement is as slow to start
+    wait_for(lambda: "starting a new one" in server.log.read_text(), timeout=30)
+    wait_for(lambda: ready_status(server.url) == 200, timeout=120)
+    log = server.log.read_text()
+    assert "did not answer its health check" not in log, log
+    assert log.count("starting a new one") == 1, log
+    assert len(worker_pids(server)) == 3, log
+
+
+def test_a_stopped_worker_reads_not_ready_then_is_replaced(start_server):
+    server = start_server(workers=2, log_level="info")
+    victim = min(worker_pids(server))
+    os.kill(victim, signal.SIGSTOP)  # hung: alive, answering nothing
+    stopped = time.monotonic()
+    try:
+        wait_for(lambda: ready_status(server.url) == 503, timeout=30)
+        not_ready_after = time.monotonic() - stopped
+        wait_for(lambda: f"(pid {victim}) did not answer" in server.log.read_text(), timeout=60)
+        replaced_after = time.monotonic() - stopped
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # killed and reaped: gone
+            os.kill(victim, signal.SIGCONT)
+    print(f"not ready after {not_ready_after:.1f} s, replaced after {replaced_after:.1f} s")
+    wait_for(lambda: ready_status(server.url) == 200, timeout=120)
+    log = server.log.read_text()
+    assert f"(pid {victim}) has not answered its health check" in log, log
+    assert not alive(victim)
