@@ -404,6 +404,11 @@ class ReferenceUnavailable(Exception):  # noqa: N818 - a state, not a programmin
         where = f" (node {node_name!r})" if node_name else ""
         super().__init__(f"{op_type}{where}: {self.reason}")
 
+    def not_measured(self) -> str:
+        """The line a report shows in place of the float64 figures."""
+        where = f" (node {self.node_name!r})" if self.node_name else ""
+        return f"float64 reference not measured: {self.op_type}{where} {self.reason}"
+
 
 def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -481,7 +486,7 @@ class Float64Reference:
                 raise ReferenceUnavailable(
                     node.onnx_node.op_type, node.onnx_node.name, _reason(exc)
                 ) from exc
-            results.update(zip(node.output, values, strict=False))
+            results.update((k, v) for k, v in zip(node.output, values, strict=False) if k)
             for name in drop:
                 if name not in names:
                     results.pop(name, None)

@@ -175,6 +175,9 @@ def test_an_op_without_a_kernel_is_reference_unavailable_naming_it():
         evaluate_float64(model, "x", np.ones((1, 3), np.float32))
     assert (info.value.op_type, info.value.node_name) == ("FancyNorm", "norm7")
     assert "FancyNorm" in str(info.value) and info.value.reason
+    assert info.value.not_measured().startswith(
+        "float64 reference not measured: FancyNorm (node 'norm7') "
+    )
 
 
 def test_a_kernel_that_raises_is_reference_unavailable_naming_the_node():
