@@ -161,6 +161,15 @@ def print_import_summary(manifest, target: Path) -> None:
     print_statistics(manifest)
 
 
+def _vs_float64(eq) -> str:
+    if eq.folded_vs_float64 is None:
+        return eq.reference_note or "float64 reference not measured"
+    return (
+        f"vs float64: folded {eq.folded_vs_float64.max_abs_diff:.3g}, unfolded "
+        f"{eq.unfolded_vs_float64.max_abs_diff:.3g}"
+    )
+
+
 def print_statistics(manifest) -> None:
     """The BN statistics check and, when asked for, what recalibration changed."""
     from bnfold.toolchain.bnstats import summary_lines
@@ -291,8 +300,24 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         return _fail(f"{exc.name} is not installed: pip install 'bnfold[toolchain]'", 2)
     args = build_parser().parse_args(argv)
-
     onnxruntime.set_default_logger_severity(3)  # its C++ warnings go to stderr otherwise
+    stages = _Stages()
+    progress = logging.getLogger("bnfold.progress")
+    progress.addHandler(stages)
+    progress.setLevel(logging.INFO)
+    progress.propagate = False
+    try:
+        code = _run(args)
+    finally:
+        progress.removeHandler(stages)
+    if code == 0:  # a mistake stays one line on stderr with nothing on stdout
+        for line in stages.lines:
+            print(f"time: {line}")
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its mistakes turned into one line and an exit code."""
     try:
         return args.func(args)
     except BnfoldError as exc:
@@ -308,6 +333,20 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("BNFOLD_DEBUG"):
             raise
         return _fail(f"internal error ({type(exc).__name__}: {exc}); rerun with BNFOLD_DEBUG=1", 1)
+
+
+class _Stages(logging.Handler):
+    """Each stage's time: live on a terminal's stderr, and kept for the summary on stdout."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = self.format(record)
+        self.lines.append(line)
+        if sys.stderr.isatty():
+            print(f"{PROG}: {line}", file=sys.stderr, flush=True)
 
 
 def _fail(message: str, code: int) -> int:

@@ -63,8 +63,9 @@ class Measurement:
 
     x: np.ndarray  # (N, ...) in the model's input layout
     split: str  # "test", "samples", "generated"
-    ref64: np.ndarray  # (N, classes) float64 logits of the original model
+    ref64: np.ndarray | None  # (N, classes) float64 logits of the original model, if measured
     inputs: str | None = None  # what x is, in words (import states it; training's split says it)
+    reference_note: str | None = None  # why ref64 is None
 
 
 @dataclass
@@ -114,6 +115,7 @@ def write_bundle(
             measure.split,
             ref64=measure.ref64,
             inputs=measure.inputs,
+            reference_note=measure.reference_note,
         )
         if not eq.passed:
             raise NotEquivalentError(not_equivalent_message(eq, fold.unfolded), eq)

@@ -33,7 +33,6 @@ from bnfold.errors import BnfoldError, validation_message
 from bnfold.preprocess import GENERATED_INPUTS, PreprocessSpec, generated_batch, preprocess_bytes
 from bnfold.toolchain.bnstats import (
     MIN_IMAGES,
-    TooFewImages,
     accuracy,
     agreement,
     batchnorm_nodes,
@@ -59,8 +58,9 @@ from bnfold.toolchain.image_input import (
 )
 from bnfold.toolchain.int8 import Int8Options, Int8Request
 from bnfold.toolchain.load import LoadedOnnx, ModelImportError, load_onnx, ort_session
+from bnfold.toolchain.progress import stage
 from bnfold.toolchain.quantize import calibration_images
-from bnfold.toolchain.reference import evaluate_float64
+from bnfold.toolchain.reference import ReferenceUnavailable, evaluate_float64
 from bnfold.toolchain.sessions import make_session
 from bnfold.toolchain.verify import run_logits, within_budget
 
@@ -271,6 +271,21 @@ def statistics_check(
     return check_statistics(model, image.name, x, inputs)
 
 
+def check_recalibration(unfolded: onnx.ModelProto, path: Path, samples, n: int) -> None:
+    """Refuse --recalibrate before any work when it cannot be done."""
+    if samples is None:
+        raise ModelImportError(
+            "--recalibrate needs --samples FOLDER: the images to re-estimate the statistics on"
+        )
+    if not batchnorm_nodes(unfolded):
+        raise ModelImportError(
+            f"--recalibrate: {path} has no BatchNormalization with running statistics "
+            "(a BN exported as constant Mul/Add carries none to re-estimate)"
+        )
+    if n < MIN_IMAGES:
+        raise ModelImportError(f"--recalibrate: --samples {samples}: {too_few_message(n)}")
+
+
 def recalibrated(
     loaded: LoadedOnnx,
     unfolded: onnx.ModelProto,
@@ -282,19 +297,7 @@ def recalibrated(
 ) -> tuple[onnx.ModelProto, Recalibration]:
     """--recalibrate: the served model with its BN statistics re-estimated on the samples, and
     what changed (top-1 agreement with the original; accuracy before and after when labeled)."""
-    if samples is None:
-        raise ModelImportError(
-            "--recalibrate needs --samples FOLDER: the images to re-estimate the statistics on"
-        )
-    if not batchnorm_nodes(unfolded):
-        raise ModelImportError(
-            f"--recalibrate: {loaded.path} has no BatchNormalization with running statistics "
-            "(a BN exported as constant Mul/Add carries none to re-estimate)"
-        )
-    try:
-        new = recalibrate(unfolded, image.name, x)
-    except TooFewImages as exc:
-        raise ModelImportError(exc.message) from None
+    new = recalibrate(unfolded, image.name, x)
     before, after = (
         run_logits(make_session(m.SerializeToString(), "unfolded"), image.name, output, x)
         for m in (unfolded, new)
@@ -315,30 +318,48 @@ def recalibrated(
 def import_model(path: Path, opts: ImportOptions) -> Manifest:
     """Validate, fold, measure, and write `models/<name>/` atomically; the manifest written."""
     target = check_target(opts)
-    loaded = load_onnx(Path(path))
-    ort_session(loaded.model, loaded.path)  # an opset or op onnxruntime cannot run: refuse now
-    image = resolve_image_input(loaded.model, loaded.path, opts.input_name, opts.layout, opts.size)
-    spec = preprocess_spec(image, opts)
-    unfolded, changes = prepare_for_serving(loaded, image)
-    output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
-    classes = check_classes(opts.classes, opts.num_classes, n_out, output)
-    x, split, inputs = equivalence_inputs(spec, opts)
+    with stage("load and check"):
+        loaded = load_onnx(Path(path))
+        ort_session(loaded.model, loaded.path)  # an op onnxruntime cannot run: refuse now
+        image = resolve_image_input(
+            loaded.model, loaded.path, opts.input_name, opts.layout, opts.size
+        )
+        spec = preprocess_spec(image, opts)
+        unfolded, changes = prepare_for_serving(loaded, image)
+        output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
+        classes = check_classes(opts.classes, opts.num_classes, n_out, output)
+        x, split, inputs = equivalence_inputs(spec, opts)
+        int8 = int8_request(spec, opts)  # calibration images read now: a bad folder, no work
+        if opts.recalibrate:
+            check_recalibration(unfolded, loaded.path, opts.samples, len(x))
     original = loaded.model
-    extra: dict = {"bn_statistics": statistics_check(unfolded, image, x, split, inputs)}
+    with stage("BN statistics"):
+        extra: dict = {"bn_statistics": statistics_check(unfolded, image, x, split, inputs)}
     if opts.recalibrate:
-        unfolded, extra["recalibration"] = recalibrated(
-            loaded, unfolded, image, output, opts.samples, classes, x
-        )
-        changes.append(
-            "BatchNormalization running statistics re-estimated on the sample images "
-            "(--recalibrate); the original's sha256 is in `recalibration`"
-        )
-        extra["bn_statistics"] = statistics_check(unfolded, image, x, split, inputs)
-        original, image = unfolded, dataclasses.replace(image, batch="batch")
-    fold = fold_model(unfolded, str(loaded.path))
-    int8 = int8_request(spec, opts)  # calibration images read now: a bad folder writes nothing
-    ref64 = _float64_logits(original, image, x, output)
-    _check_finite_logits(ref64, loaded.path, output)
+        with stage("recalibrate"):
+            unfolded, extra["recalibration"] = recalibrated(
+                loaded, unfolded, image, output, opts.samples, classes, x
+            )
+            changes.append(
+                "BatchNormalization running statistics re-estimated on the sample images "
+                "(--recalibrate); the original's sha256 is in `recalibration`"
+            )
+            extra["bn_statistics"] = statistics_check(unfolded, image, x, split, inputs)
+            original, image = unfolded, dataclasses.replace(image, batch="batch")
+    with stage("fold"):
+        fold = fold_model(unfolded, str(loaded.path))
+    with stage("float64 reference"):
+        ref64, note = _float64_logits(original, image, x, output)
+    if ref64 is not None:
+        _check_finite_logits(ref64, loaded.path, output)
+    extra["imported"] = ImportRecord(
+        source=loaded.path.name,
+        sha256=loaded.sha256,
+        external_data=loaded.external_files,
+        producer=f"{loaded.model.producer_name} {loaded.model.producer_version}".strip(),
+        ir_version=loaded.model.ir_version,
+        changes=changes,
+    )
     bundle = BundleSpec(
         name=opts.name,
         classes=classes,
@@ -347,20 +368,11 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
             name=output, shape=[-1, n_out], probabilities=final_op(unfolded, output) in SCORE_OPS
         ),
         versions=toolchain_versions(loaded.model),
-        extra={
-            **extra,
-            "imported": ImportRecord(
-                source=loaded.path.name,
-                sha256=loaded.sha256,
-                external_data=loaded.external_files,
-                producer=f"{loaded.model.producer_name} {loaded.model.producer_version}".strip(),
-                ir_version=loaded.model.ir_version,
-                changes=changes,
-            ),
-        },
+        extra=extra,
     )
     # measured on the same inputs as the fold, int8 included; an import has no labels
-    return write_bundle(target, fold, bundle, Measurement(x, split, ref64, inputs), int8)
+    with stage("measure and write"):
+        return write_bundle(target, fold, bundle, Measurement(x, split, ref64, inputs, note), int8)
 
 
 def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | None:
@@ -378,15 +390,20 @@ def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | Non
 
 def _float64_logits(
     model: onnx.ModelProto, image: ImageInput, x: np.ndarray, output: str
-) -> np.ndarray:
-    """The original graph (as given, fixed batch included) in float64, chunked to fit it."""
+) -> tuple[np.ndarray | None, str | None]:
+    """The original graph (as given, fixed batch included) in float64, chunked to fit it; or
+    None and why, when the reference cannot evaluate it (never the user's error: onnxruntime's
+    folded-vs-unfolded comparison still decides)."""
     per_input = int(np.prod(x.shape[1:]))  # numpy's im2col needs ~kernel-size times more
     chunk = image.batch if isinstance(image.batch, int) else within_budget(per_input, 32, 2**20)
     n = len(x)
     pad = (-n) % chunk
     if pad:  # a fixed batch the input count does not divide: pad with copies, drop after
         x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-    return evaluate_float64(model, image.name, x, batch=chunk, output=output)[:n]
+    try:
+        return evaluate_float64(model, image.name, x, batch=chunk, output=output)[:n], None
+    except ReferenceUnavailable as exc:
+        return None, f"float64 reference not measured: {exc}"
 
 
 def _check_finite_logits(ref64: np.ndarray, path: Path, output: str) -> None:

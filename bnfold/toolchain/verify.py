@@ -96,8 +96,9 @@ def measure_equivalence(
     probes: list[LayerProbe],
     x: np.ndarray,
     split: str,
-    ref64: np.ndarray,
+    ref64: np.ndarray | None,
     inputs: str | None = None,
+    reference_note: str | None = None,
 ) -> EquivalenceReport:
     """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, each vs float64."""
     d = Path(bundle_dir)
@@ -107,7 +108,13 @@ def measure_equivalence(
         d, input_name, probes, x[: within_budget(x[0].size, 256, RUN_BUDGET)]
     )
     return equivalence_report(
-        folded, unfolded, ref64, split=split, per_layer=per_layer, inputs=inputs
+        folded,
+        unfolded,
+        ref64,
+        split=split,
+        per_layer=per_layer,
+        inputs=inputs,
+        reference_note=reference_note,
     )
 
 

@@ -608,3 +608,39 @@ def test_force_replaces_a_bundle_and_fold_and_verify_errors_are_one_line(bad_dir
     verify = subprocess.run([BNFOLD, "verify", str(tmp_path / "again")], capture_output=True,
                             text=True, timeout=120)  # fmt: skip
     assert verify.returncode == 0 and "verified" in verify.stdout, verify.stdout
+
+
+def test_a_reference_failure_is_reported_and_onnxruntime_decides(tmp_path, models, monkeypatch):
+    """An op the float64 reference cannot evaluate is not the user's error: the bundle is
+    written, judged by onnxruntime's folded vs unfolded comparison, and the report says why the
+    float64 figures are missing."""
+    import bnfold.toolchain.importer as importer
+    from bnfold.toolchain.reference import ReferenceUnavailable
+
+    def unavailable(*args, **kwargs):
+        raise ReferenceUnavailable("MaxPool", "pool", "ValueError: sizes disagree")
+
+    monkeypatch.setattr(importer, "evaluate_float64", unavailable)
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    m = import_model(src, ImportOptions(name="net", models_dir=models))
+    eq = m.equivalence
+    assert eq.passed and eq.folded_vs_float64 is None and eq.unfolded_vs_float64 is None
+    assert eq.reference_note == (
+        "float64 reference not measured: MaxPool (node 'pool'): ValueError: sizes disagree"
+    )
+    assert verify_bundle(models / "net").ok
+
+
+def test_a_successful_import_prints_each_stage_with_its_time(tmp_path, models):
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    proc = subprocess.run(
+        [BNFOLD, "import", str(src), "--name", "net", "--models-dir", str(models)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    stages = [
+        line.split(":")[1].strip() for line in proc.stdout.splitlines() if line.startswith("time:")
+    ]
+    assert stages == [
+        "load and check", "BN statistics", "fold", "float64 reference", "measure and write"
+    ]  # fmt: skip
