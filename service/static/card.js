@@ -118,7 +118,7 @@ function equivalenceSection(eq) {
     ["folded vs float64", eq.folded_vs_float64],
     ["unfolded vs float64", eq.unfolded_vs_float64],
   ];
-  const rows = pairs.map(([name, d]) =>
+  const rows = pairs.filter(([, d]) => d != null).map(([name, d]) =>
     h(
       "tr",
       {},
@@ -183,6 +183,44 @@ function int8Section(m, eq) {
   );
 }
 
+/** BatchNorm running statistics against data: per layer, flagged ones marked, likely causes. */
+function statisticsSection(m) {
+  const c = m.bn_statistics;
+  const r = m.recalibration;
+  if (!c && !r) return null;
+  const pct = (v) => (v == null ? "—" : `${(v * 100).toFixed(2)}%`);
+  const rows = (c?.layers ?? []).map((l) =>
+    h(
+      "tr",
+      { class: l.flagged ? "flagged" : "" },
+      h("th", { scope: "row" }, l.bn),
+      h("td", { class: "num" }, String(l.channels)),
+      h("td", { class: "num" }, l.mean_shift_rms.toFixed(3)),
+      h("td", { class: "num" }, l.var_ratio_median.toFixed(3)),
+      h("td", {}, l.flagged ? "flagged" : "in line"),
+    ),
+  );
+  return h(
+    "section",
+    { class: "card-part wide", id: "bn-statistics" },
+    h("h3", {}, "BatchNorm statistics vs data ",
+      c?.checked ? badge(c.flagged.length === 0, "in line", `${c.flagged.length} flagged`) : null),
+    c && !c.checked ? h("p", { class: "note" }, `Not checked: ${c.note}`) : null,
+    c?.checked ? h("p", { class: "hint" },
+      `On ${c.inputs}; flagged above ${c.mean_shift_threshold.toFixed(2)} running stds of mean shift or ${c.log_var_ratio_threshold.toFixed(2)} of log variance ratio (RMS over channels).`) : null,
+    rows.length ? table("Each BatchNorm layer's statistics against the data, in graph order",
+      ["BatchNorm", "Channels", "Mean shift (RMS, stds)", "Variance ratio (median)", "Verdict"], rows, "bn-statistics") : null,
+    ...(c?.causes ?? []).map((cause) => h("p", { class: "error-text" }, `Likely cause: ${cause}`)),
+    r ? definitions([
+      ["Recalibrated on", r.inputs],
+      ["Layers re-estimated", String(r.layers)],
+      ["Top-1 agreement with the original", pct(r.top1_agreement)],
+      ["Accuracy", r.accuracy_before == null ? null : `${pct(r.accuracy_before)} → ${pct(r.accuracy_after)}`],
+      ["Original sha256", r.original_sha256],
+    ]) : null,
+  );
+}
+
 function importSection(m) {
   const r = m.imported;
   if (!r) return null;
@@ -241,6 +279,7 @@ export function renderModelCard(container, m, eq) {
     trainingSection(m),
     runtimeSection(m),
     foldSection(m),
+    statisticsSection(m),
     equivalence?.part,
     int8Section(m, eq),
   ].filter(Boolean);
