@@ -52,9 +52,12 @@ def serving(models_dir: Path, log: Path, **settings: object) -> Iterator[Served]
         stop(proc, timeout=10)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a running server; stopped with SIGTERM after the session, exiting 0."""
+    """Base URL of a running server; stopped with SIGTERM after the module, exiting 0.
+    Module-scoped: the check that no test leaves a process behind (tests/conftest.py) sees
+    which fixture started a process through a hook pytest calls for fixtures of a module or
+    narrower, not for session fixtures."""
     log = tmp_path_factory.mktemp("server") / "server.log"
     # BNFOLD_THREADS as the bit-for-bit references use (tests/pinned.py).
     with serving(models_dir, log, max_body_bytes=MAX_BODY_BYTES, threads=1) as served:
