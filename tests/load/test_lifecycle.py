@@ -112,11 +112,14 @@ def test_a_stopped_worker_reads_not_ready_then_is_replaced(start_server):
     victim = min(worker_pids(server))
     os.kill(victim, signal.SIGSTOP)  # hung: alive, answering nothing
     stopped = time.monotonic()
+    seen = []
     try:
-        wait_for(lambda: ready_status(server.url) == 503, timeout=30)
+        wait_for(lambda: seen.append(ready_status(server.url)) or seen[-1] == 503, timeout=60)
         not_ready_after = time.monotonic() - stopped
         wait_for(lambda: f"(pid {victim}) did not answer" in server.log.read_text(), timeout=60)
         replaced_after = time.monotonic() - stopped
+    except AssertionError:
+        raise AssertionError(f"readiness answers {seen}:\n{server.log.read_text()}") from None
     finally:
         with contextlib.suppress(ProcessLookupError):  # killed and reaped: gone
             os.kill(victim, signal.SIGCONT)
