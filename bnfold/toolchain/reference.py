@@ -15,6 +15,7 @@ node it cannot evaluate raises ReferenceUnavailable naming the node: never the u
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -32,6 +33,7 @@ from onnx.reference.ops.op_batch_normalization import (
 )
 from onnx.reference.ops.op_conv import Conv as _RefConv
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
+from onnx.reference.ops.op_erf import Erf as _RefErf
 from onnx.reference.ops.op_max_pool import MaxPool as _RefMaxPool
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
@@ -385,8 +387,43 @@ class FastAdd(_RefAdd):
 
 FastAdd.__name__ = "Add"
 
+
+def _vector_erf():
+    """scipy's erf (float64 ulps) where scipy is installed, else math.erf element by element:
+    both float64 (onnx.reference's Erf rounds every value to float32)."""
+    try:
+        from scipy.special import erf  # noqa: PLC0415 - optional, not a bnfold dependency
+    except ImportError:
+        return np.vectorize(math.erf, otypes=[np.float64])
+    return erf
+
+
+class Float64Erf(_RefErf):
+    """Erf in float64 (PyTorch's GELU export): onnx.reference's returns float32 values."""
+
+    op_domain = ""
+    _vector = None
+
+    def _run(self, x):
+        if x.dtype != np.float64:
+            return super()._run(x)
+        if Float64Erf._vector is None:
+            Float64Erf._vector = _vector_erf()
+        return (np.asarray(Float64Erf._vector(x), dtype=np.float64),)
+
+
+Float64Erf.__name__ = "Erf"
+
 FRESH_PRODUCERS = {"Conv", "BatchNormalization", "Relu", "Add"}  # each returns new memory
-FAST_OPS = [FastConv, FastMaxPool, FastAveragePool, FastGlobalAveragePool, FastRelu, FastAdd]
+FAST_OPS = [
+    FastConv,
+    FastMaxPool,
+    FastAveragePool,
+    FastGlobalAveragePool,
+    FastRelu,
+    FastAdd,
+    Float64Erf,
+]
 
 
 def reference_evaluator(model: onnx.ModelProto) -> ReferenceEvaluator:

@@ -6,6 +6,8 @@ single-node graphs drawn over every attribute the kernels implement."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -221,3 +223,20 @@ def test_global_average_pool_relu_add():
         got = _ours(model, x)
         np.testing.assert_allclose(got, _onnx_reference(model, x), rtol=1e-15)
         _f32_close(got, _onnxruntime(model, x), 20)
+
+
+@pytest.mark.parametrize("scipy", [True, False])
+def test_erf_of_a_gelu_is_float64(scipy, monkeypatch):
+    """PyTorch exports GELU as x / 2 (1 + Erf(x / sqrt 2)): onnx.reference's Erf rounded every
+    value to float32. Ours is math.erf's float64, with or without scipy."""
+    import bnfold.toolchain.reference as reference
+
+    if not scipy:
+        monkeypatch.setattr(reference, "_vector_erf", lambda: np.vectorize(math.erf, otypes=["d"]))
+    monkeypatch.setattr(reference.Float64Erf, "_vector", None)
+    x = np.random.default_rng(4).standard_normal((3, 50)).astype(np.float32) * 3
+    model = _single_node("Erf", list(x.shape), {})
+    got = _ours(model, x)
+    want = np.vectorize(math.erf)(x.astype(np.float64))
+    np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-16)
+    assert np.abs(_onnx_reference(model, x) - want).max() > 1e-10  # onnx.reference: float32
