@@ -66,7 +66,13 @@ def main() -> None:
             model_name=manifest["name"],
             infer_func=[infer_callable(model, 1) for _ in range(args.instances)],
             inputs=[Tensor(name=manifest["input"]["name"], dtype=np.float32, shape=item_shape)],
-            outputs=[Tensor(name=manifest["output"]["name"], dtype=np.float32, shape=(len(manifest["classes"]),))],
+            outputs=[
+                Tensor(
+                    name=manifest["output"]["name"],
+                    dtype=np.float32,
+                    shape=(len(manifest["classes"]),),
+                )
+            ],
             config=ModelConfig(
                 max_batch_size=args.max_batch_size,
                 batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us),
