@@ -17,6 +17,7 @@ train-mode call), exported with `model.export(path, format="onnx")`.
 
     python -m bench.families torch resnet50 OUT.onnx [--size 224] [--width 1] [--depth N]
     python -m bench.families keras ResNet50 OUT.onnx [--size 224] [--tiny]
+    python -m bench.families torch resnet50,googlenet OUT_DIR ...   # several: OUT_DIR/<name>.onnx
 
 Each writes OUT.onnx, and beside it OUT.x.npy (a batch in the model's layout) and OUT.ref.npy
 (the framework's own eval answer on it: float64 for torch, float32 for Keras), the independent
@@ -658,11 +659,11 @@ def set_realistic_statistics(model, size: int, batches: int = 3, batch: int = 8)
 
 
 def export_torch(
-    name: str, out: Path, size: int, width: float, depth: int | None, dynamic_batch: bool = False
+    name: str, out: Path, size: int, width: float, depth: int | None, dynamic_batch: bool = True
 ) -> str:
     """Build, set statistics, export; writes OUT, OUT.x.npy, OUT.ref.npy. Returns the exporter.
-    The documented call as a user writes it: one example image, so the batch axis is fixed at 1
-    (bnfold import makes it variable); dynamic_batch: a variable batch axis in the export."""
+    A variable batch axis (dynamic_shapes): without it dynamo bakes the example's batch into
+    Flatten's Reshape, and bnfold import refuses the file (it serves batches), rightly."""
     import torch
 
     model = build_torch(name, width, depth, size)
@@ -799,16 +800,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--width", type=float, default=1.0)
     p.add_argument("--depth", type=int, default=None)
     p.add_argument("--tiny", action="store_true", help="keras: the small version")
-    p.add_argument("--dynamic-batch", action="store_true", help="torch: a variable batch axis")
+    p.add_argument(
+        "--static-batch", action="store_true", help="torch: the example's batch of 1, fixed"
+    )
     args = p.parse_args(argv)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    if args.framework == "torch":
-        exporter = export_torch(
-            args.name, args.out, args.size, args.width, args.depth, args.dynamic_batch
-        )
-    else:
-        exporter = export_keras(args.name, args.out, args.size, args.tiny)
-    print(f"exported {args.name} with {exporter}: {args.out}")
+    names = args.name.split(",")
+    for name in names:  # several names: OUT is a folder, each model OUT/<name>.onnx
+        out = args.out / f"{name}.onnx" if len(names) > 1 else args.out
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if args.framework == "torch":
+            exporter = export_torch(
+                name, out, args.size, args.width, args.depth, not args.static_batch
+            )
+        else:
+            exporter = export_keras(name, out, args.size, args.tiny)
+        print(f"exported {name} with {exporter}: {out}", flush=True)
     return 0
 
 
