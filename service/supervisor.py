@@ -174,7 +174,10 @@ class Supervisor(Multiprocess):
             if not worker.process.is_alive():
                 self._replace(index, worker, "dead")
                 continue
+            starting = not worker.ready
             health = worker.health(now, self.config.timeout_worker_healthcheck, send=ping)
+            if starting and worker.ready:
+                log.info("worker %d (pid %s) ready: health checks apply", index + 1, worker.pid)
             if health == "late":
                 self.cluster.ready[index] = 0  # it republishes its flag once it runs again
             if health == "late" and not worker.late:

@@ -110,6 +110,8 @@ def test_a_worker_slow_to_start_is_not_killed_for_a_late_health_answer(start_ser
 def test_a_stopped_worker_reads_not_ready_then_is_replaced(start_server):
     server = start_server(workers=2, log_level="info")
     victim = min(worker_pids(server))
+    ready = f"(pid {victim}) ready: health checks apply"
+    wait_for(lambda: ready in server.log.read_text(), timeout=60)  # no longer "starting"
     os.kill(victim, signal.SIGSTOP)  # hung: alive, answering nothing
     stopped = time.monotonic()
     seen = []
