@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import struct
 import subprocess
@@ -344,9 +345,16 @@ class Settings:
     warmup_seconds: int = 1
 
 
+def missing_tools() -> list[str]:
+    tools = (("wrk", "wrk"), ("h2load", "nghttp2-client"))
+    return [f"{tool} (Debian package {pkg})" for tool, pkg in tools if shutil.which(tool) is None]
+
+
 def measure(
     settings: Settings, peers: tuple[str, ...] = PEERS, bnfold_env: dict | None = None
 ) -> dict:
+    if missing_tools():
+        raise RuntimeError(f"missing {', '.join(missing_tools())}: bash scripts/install_peers.sh")
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bnfold-peers-") as tmp:
@@ -521,11 +529,11 @@ def markdown(result: dict) -> str:
     )
 
 
-def environment(argv: list[str], bnfold_env: dict) -> dict:
+def environment(command: str, bnfold_env: dict) -> dict:
     from bench.run import _cpu_count, _mem_gib, bnfold_settings, cpu_model, git_commit
 
     return {
-        "command": " ".join(["python -m bench.peers_run", *argv]),
+        "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{cpu_model()}, {_cpu_count()} cores, {_mem_gib():.0f} GiB, "
         f"Python {platform.python_version()}, {platform.libc_ver()[0]} {platform.libc_ver()[1]}",
@@ -543,10 +551,10 @@ def write(result: dict, out: Path) -> list[Path]:
     return paths
 
 
-def run(settings: Settings, out: Path, argv: list[str], peers: tuple[str, ...] = PEERS,
+def run(settings: Settings, out: Path, command: str, peers: tuple[str, ...] = PEERS,
         bnfold_env: dict | None = None) -> dict:  # fmt: skip
     result = measure(settings, peers, bnfold_env)
-    result["environment"] = environment(argv, bnfold_env or {})
+    result["environment"] = environment(command, bnfold_env or {})
     for path in write(result, out):
         log(f"wrote {path}")
     return result
@@ -565,12 +573,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(peers) - set(PEERS)
     if unknown:
         parser.error(f"unknown peer(s) {sorted(unknown)}; choose from {','.join(PEERS)}")
-    for tool in ("wrk", "h2load"):
-        if subprocess.run(["which", tool], capture_output=True).returncode != 0:
-            log(f"peers_run: {tool} missing; run: bash scripts/install_peers.sh")
-            return 2
+    if missing_tools():
+        log(f"peers_run: missing {', '.join(missing_tools())}: bash scripts/install_peers.sh")
+        return 2
     levels = tuple(int(c) for c in args.concurrency.split(","))
-    result = run(Settings(args.seconds, args.rounds, levels), args.out, argv, peers)
+    command = " ".join(["python -m bench.peers_run", *argv])
+    result = run(Settings(args.seconds, args.rounds, levels), args.out, command, peers)
     print(ratio_table(result))
     return 0
 

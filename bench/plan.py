@@ -31,6 +31,10 @@ class Plan:
     litserve_batch: int = 64
     litserve_timeout_s: float = 0.002  # LitServe waits this long to fill a batch
     bnfold_env: dict = field(default_factory=dict)  # BNFOLD_* settings; empty: the defaults
+    # Beside Triton, KServe and MLServer on digits, REST and gRPC (bench/peers_run.py)
+    peers: tuple[str, ...] = ("triton", "kserve-1", "kserve-2", "mlserver-0", "mlserver-2")
+    peer_seconds: int = 3
+    peer_rounds: int = 2
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -51,4 +55,5 @@ QUICK = Plan(
     wrk_seconds=1,
     warmup_seconds=1,
     serve_models=("digits",),
+    peers=(),  # each peer needs its own virtualenv (scripts/install_peers.sh): make bench only
 )

@@ -91,6 +91,7 @@ def markdown(results: dict, plots: list[str]) -> str:
         _goals(results),
         _serving(results),
         _workers(results),
+        _peers(results),
         _fold_cost(results),
         _model_exec(results),
         _int8(results),
@@ -109,6 +110,25 @@ def _workers(results: dict) -> str:
         "memory summed over every process of the server; medians over rounds.\n\n"
         + workers_markdown(results["workers"])
         + "\n"
+    )
+
+
+def _peers(results: dict) -> str:
+    """Triton, KServe, MLServer beside bnfold (bench/peers_run.py; details in peers.md)."""
+    peers = results.get("peers")
+    if not peers:
+        return ""
+    head = "## Beside Triton, KServe and MLServer (digits, V2 REST JSON and gRPC)\n\n"
+    if "error" in peers:
+        return head + f"Not measured: {peers['error']}\n"
+    from bench.peers_run import ratio_table
+
+    return (
+        head + f"{peers['settings']['rounds']} round(s) x {peers['settings']['seconds']} s per "
+        "point; load average "
+        + peers["load_average"]
+        + "; every figure in peers.md.\n\n"
+        + ratio_table(peers)
     )
 
 

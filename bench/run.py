@@ -116,6 +116,20 @@ def grpc_section(plan: Plan, out: Path) -> dict:
     return result
 
 
+def peers_section(plan: Plan, out: Path, argv: list[str]) -> dict:
+    """bnfold beside Triton, KServe and MLServer on digits, REST and gRPC (bench/peers_run.py):
+    bench/results/peers.md. A peer not installed or not started is listed with its reason."""
+    from bench import peers_run
+
+    settings = peers_run.Settings(plan.peer_seconds, plan.peer_rounds, plan.concurrency)
+    command = " ".join(["python -m bench.run", *argv])
+    try:
+        return peers_run.run(settings, out, command, plan.peers, plan.bnfold_env)
+    except Exception as exc:  # noqa: BLE001 (the rest of the run stands; the reason is shown)
+        log(f"peers: not measured: {exc}")
+        return {"error": str(exc)[-1000:]}
+
+
 def preprocess_cost_ms(models: dict, repeats: int = 200, rounds: int = 5) -> dict[str, float]:
     """Decode + preprocess of the benchmark PNG, in process: the per-image floor of serving.
     The best of `rounds` rounds: one short round on a shared machine can come out 4x slow."""
@@ -210,6 +224,9 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         int8["served"] = int8_bench.served(serving["rows"], max(plan.concurrency))
         grpc = grpc_section(plan, out) if "digits" in plan.serve_models else {}
         workers = workers_section(models, plan, work)
+        peers = (
+            peers_section(plan, out, argv) if plan.peers and "digits" in plan.serve_models else {}
+        )
         pre = preprocess_cost_ms(models)
     finally:
         if keep_work:
@@ -226,6 +243,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "serving": serving,
         "grpc_vs_rest": grpc,
         "workers": workers,
+        "peers": peers,
         "goals": goals.check(serving["rows"], pre),
     }
     results["environment"]["load average (1, 5, 15 min) at start, at end"] = (
