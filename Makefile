@@ -34,11 +34,11 @@ $(SERVE_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
 	touch $@
 
 $(FAST_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PIP) -e ".[serve,train,dev]"
+	$(PIP) -e ".[serve,train,dev,openvino]"
 	touch $@ $(SERVE_STAMP)
 
 $(DEV_STAMP): pyproject.toml constraints.txt | $(VENV)/bin/python
-	$(PIP) -e ".[serve,train,dev,keras]"
+	$(PIP) -e ".[serve,train,dev,openvino,keras]"
 	touch $@ $(FAST_STAMP) $(SERVE_STAMP)
 
 # exec: the server replaces the recipe's shell, so the SIGTERM that make forwards to its child

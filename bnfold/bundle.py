@@ -167,6 +167,35 @@ class Int8Report(_Strict):
     reason: str | None = Field(None, description="Why the int8 file was not written.")
 
 
+class ReducedPrecisionReport(_Strict):
+    """A variant computed in reduced precision from folded.onnx (bf16), against folded float32
+    on the equivalence inputs, measured on the CPU named here: its numbers depend on that CPU."""
+
+    precision: Literal["bf16"]
+    engine: str = Field(description="What computed it, e.g. 'openvino 2026.4.1 CPU'.")
+    cpu_features: list[str] = Field(description="The CPU's relevant instruction-set flags.")
+    split: str
+    n_images: int
+    vs_folded: DiffStats | None = Field(None, description="None when it could not run here.")
+    accuracy_folded: float | None = Field(None, description="None when no labels were given.")
+    accuracy_variant: float | None = None
+    accuracy_drop_points: float | None = None
+    min_top1_agreement: float
+    max_accuracy_drop_points: float
+    passed: bool
+    reason: str | None = None
+
+
+class CheckInputs(_Strict):
+    """Inputs stored with the bundle (a .npy file, the model's input layout) on which the server
+    re-measures reduced-precision variants on the CPU that serves them."""
+
+    path: str
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    n_images: int
+    source: str = Field(description="What they are: held-out images, samples, generated.")
+
+
 class EquivalenceReport(_Strict):
     """Folded vs unfolded, measured with onnxruntime on held-out images at export."""
 
@@ -184,6 +213,9 @@ class EquivalenceReport(_Strict):
     per_layer: list[LayerDiff]
     passed: bool
     int8: Int8Report | None = Field(None, description="Present when int8 was requested.")
+    bf16: ReducedPrecisionReport | None = Field(
+        None, description="Present when bf16 was requested (served where it passes again)."
+    )
     inputs: str | None = Field(
         None, description="What the inputs were and how they were made, when not a data split."
     )
@@ -277,6 +309,7 @@ class Manifest(_Strict):
     recalibration: Recalibration | None = Field(
         None, description="Set when the statistics were re-estimated before folding."
     )
+    check_inputs: CheckInputs | None = None
 
 
 def sha256_file(path: Path) -> str:

@@ -122,6 +122,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         int8=int8_options(args),
         calibration=Path(args.calibration) if args.calibration else None,
         recalibrate=args.recalibrate,
+        bf16=args.bf16,
     )
     try:
         manifest = import_model(Path(args.model), opts)
@@ -156,6 +157,10 @@ def print_import_summary(manifest, target: Path) -> None:
         from bnfold.toolchain.int8 import summary_line
 
         print(summary_line(eq.int8))
+    if eq.bf16 is not None:
+        from bnfold.toolchain.precision import summary_line as bf16_line
+
+        print(bf16_line(eq.bf16))
     if manifest.layer_probes_note:
         print(f"note: {manifest.layer_probes_note}")
     print_statistics(manifest)

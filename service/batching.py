@@ -239,6 +239,9 @@ class BatchingRunner:
         m.child(m.inference_seconds, *labels).observe(seconds)
         m.child(m.images, *labels).inc(rows)
         m.child(m.inferences, *labels).inc(requests)
+        engine = model.engines.get(lane.variant)
+        if engine is not None:
+            m.child(m.engine_runs, *labels, engine.engine, engine.precision).inc()
 
 
 def _timed_run(model: LoadedModel, variant: str, x: np.ndarray) -> tuple[np.ndarray, float]:

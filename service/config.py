@@ -46,6 +46,15 @@ class Settings(BaseSettings):
         description="onnxruntime execution provider: 'auto' (CUDA when onnxruntime offers it, "
         "else CPU), or 'cpu' / 'cuda' to force one ('cuda' fails start-up when unavailable).",
     )
+    engine: Literal["auto", "onnxruntime", "openvino"] = Field(
+        "auto",
+        description="What computes each variant: 'auto' (float32 and int8 in onnxruntime, the "
+        "engine their proof was made with; bf16 in OpenVINO where the CPU computes bf16 "
+        "natively), 'onnxruntime' (everything, no bf16), or 'openvino' (folded float32, always "
+        "forced to float32, and int8 in OpenVINO too). The unfolded model always "
+        "runs in onnxruntime with BN executed; the CUDA provider keeps everything in "
+        "onnxruntime.",
+    )
     workers: int = Field(
         0,
         ge=0,

@@ -99,6 +99,14 @@ class Metrics:
             registry=r,
         )
 
+        self.engine_runs = Counter(
+            "bnfold_engine_runs",
+            "Inference runs (batches) by model, variant, and the engine and precision that "
+            "computed them (onnxruntime or openvino; float32, int8 or bf16).",
+            ["model", "variant", "engine", "precision"],
+            registry=r,
+        )
+
     def child(self, metric: MetricWrapperBase, *values: str) -> Any:
         """`metric.labels(*values)`, looked up once: labels() takes a lock and checks its
         arguments on every call, and requests ask for the same few children all the time."""

@@ -6,9 +6,18 @@ reloading and unloading replace the registry's entry in one assignment: a reques
 before holds the `LoadedModel` it was given and finishes on those sessions.
 
 Variants are data: every file the manifest lists (`folded`, `unfolded`, and any other such as
-`int8`) gets a session under its own name. The float32 pair gates the bundle; any other variant
-whose file fails its checksum or its session is refused alone (`variant_errors` says why) and
-the others are served.
+`int8`) gets a session under its own name, and `bf16` (folded.onnx computed in bfloat16 by
+OpenVINO) joins them on a CPU that computes bf16 natively. The float32 pair gates the bundle;
+any other variant whose file fails its checksum or its session is refused alone
+(`variant_errors` says why) and the others are served. A reduced-precision variant (int8,
+bf16) is measured again here, on the bundle's check inputs against folded float32, on this CPU:
+one that fails its criterion is refused with the reason.
+
+Engines (BNFOLD_ENGINE): `auto` serves each variant with the engine its proof was made with
+(onnxruntime for float32 and int8) and bf16 with OpenVINO; `onnxruntime` serves everything with
+onnxruntime (no bf16); `openvino` serves folded float32 (forced to float32) and int8 with
+OpenVINO too. The unfolded model always runs in onnxruntime with BN
+executed (it is the proof), and a CUDA provider keeps everything on onnxruntime.
 """
 
 from __future__ import annotations
@@ -32,12 +41,34 @@ from bnfold.bundle import (
     verify_checksums,
 )
 from bnfold.errors import BadInput, BnfoldError, BundleError
-from bnfold.toolchain.sessions import make_probe_session, make_session, resolve_providers
+from bnfold.preprocess import generated_batch
+from bnfold.toolchain.engines import (
+    OpenVinoSession,
+    bf16_unavailable_reason,
+    cpu_flags,
+    openvino_capabilities,
+)
+from bnfold.toolchain.precision import load_check_inputs, recheck
+from bnfold.toolchain.sessions import CPU, make_probe_session, make_session, resolve_providers
 from service.config import Settings
 from service.errors import NotFound, ServiceUnavailable, shown, shown_list
 
 log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
+BF16 = "bf16"
+REDUCED = (INT8, BF16)  # variants measured again on this CPU before they are served
+N_GENERATED_CHECKS = 64  # generated check inputs for a bundle that stores none
+
+
+@dataclass(frozen=True)
+class Engine:
+    """What computes one variant: the engine, its precision, the CPU features that matter."""
+
+    engine: str  # "onnxruntime" | "openvino"
+    precision: str  # "float32" | "int8" | "bf16"
+    cpu_features: tuple[str, ...]
+
+
 LOAD_AGAIN = "POST /v2/repository/models/{model}/load serves it again"
 
 
@@ -54,6 +85,8 @@ class LoadedModel:
     error: str | None = None
     probe_error: str | None = None
     variant_errors: dict[str, str] = field(default_factory=dict)  # refused variant -> why
+    engines: dict[str, Engine] = field(default_factory=dict)  # served variant -> its engine
+    unavailable: dict[str, str] = field(default_factory=dict)  # variant this CPU cannot -> why
 
     @property
     def ready(self) -> bool:
@@ -75,9 +108,19 @@ class LoadedModel:
                 f"variant {variant!r} of model {self.name!r} is not served: "
                 f"{self.variant_errors[variant]}; use {one_of(self.variants)}"
             )
+        if isinstance(variant, str) and variant in self.unavailable:
+            raise BadInput(
+                f"variant {variant!r} is not available on this server: "
+                f"{self.unavailable[variant]}; use {one_of(self.variants)}"
+            )
         if variant == INT8 and INT8 not in self.sessions:
             raise BadInput(
                 f"model {self.name!r} has no int8 variant (export it with --quantize int8); "
+                f"use {one_of(self.variants)}"
+            )
+        if variant == BF16 and BF16 not in self.sessions:
+            raise BadInput(
+                f"model {self.name!r} has no bf16 variant (export or import it with --bf16); "
                 f"use {one_of(self.variants)}"
             )
         if not isinstance(variant, str) or variant not in self.sessions:
@@ -130,7 +173,11 @@ def probe_names(manifest: Manifest, variant: str) -> list[str]:
 
 
 def load_model(
-    path: Path, providers: list[str], threads: int = 0, spinning: bool = True
+    path: Path,
+    providers: list[str],
+    threads: int = 0,
+    spinning: bool = True,
+    engine: str = "auto",
 ) -> LoadedModel:
     """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`."""
     model = LoadedModel(name=path.name, path=path)
@@ -145,6 +192,11 @@ def load_model(
             for v in PROBED
         }
         model.providers = model.sessions["folded"].get_providers()
+        model.engines = {v: Engine("onnxruntime", "float32", cpu_flags()) for v in PROBED}
+        if engine == "openvino" and providers == [CPU]:  # forced to float32: what was proved
+            folded = path / model.manifest.files["folded"].path
+            model.sessions["folded"] = OpenVinoSession(folded, "float32", threads)
+            model.engines["folded"] = Engine("openvino", "float32", cpu_flags())
         for variant in model.sessions:
             _check_session(model, variant)
     except Exception as exc:  # any failure (ours, onnxruntime's, the file system's) is kept
@@ -154,14 +206,16 @@ def load_model(
         )
         log.error("bundle %s not served: %s", path, model.error)
         return model
-    _load_optional(model, providers, threads, spinning)
+    _load_optional(model, providers, threads, spinning, engine)
+    _load_bf16(model, providers, threads, engine)
+    _recheck_reduced(model)
     _load_probes(model, providers)
     log.info("bundle %s loaded (version %s, %s)", model.name, model.version, model.providers[0])
     return model
 
 
 def _load_optional(
-    model: LoadedModel, providers: list[str], threads: int, spinning: bool = True
+    model: LoadedModel, providers: list[str], threads: int, spinning: bool, engine: str
 ) -> None:
     """Variants beyond the float32 pair (int8): checksum, session, warm-up; a failure costs only
     that variant, kept with its reason."""
@@ -172,15 +226,86 @@ def _load_optional(
             continue
         try:
             verify_checksums(model.path, m, [variant])
-            model.sessions[variant] = make_session(
-                model.path / f.path, variant, providers, threads, spinning
-            )
+            if variant == INT8 and _openvino_int8(engine, providers):
+                model.sessions[variant] = OpenVinoSession(model.path / f.path, "float32", threads)
+                model.engines[variant] = Engine("openvino", "int8", cpu_flags())
+            else:
+                model.sessions[variant] = make_session(
+                    model.path / f.path, variant, providers, threads, spinning
+                )
+                precision = "int8" if variant == INT8 else "float32"
+                model.engines[variant] = Engine("onnxruntime", precision, cpu_flags())
             _check_session(model, variant)
         except Exception as exc:
-            model.sessions.pop(variant, None)
-            reason = exc.message if isinstance(exc, BnfoldError) else f"{type(exc).__name__}: {exc}"
-            model.variant_errors[variant] = reason
-            log.error("bundle %s: variant %s not served: %s", model.name, variant, reason)
+            _refuse(model, variant, exc)
+
+
+def _refuse(model: LoadedModel, variant: str, exc: Exception | str) -> None:
+    """Stop serving one variant, keeping why."""
+    model.sessions.pop(variant, None)
+    model.engines.pop(variant, None)
+    if isinstance(exc, str):
+        reason = exc
+    else:
+        reason = exc.message if isinstance(exc, BnfoldError) else f"{type(exc).__name__}: {exc}"
+    model.variant_errors[variant] = reason
+    log.error("bundle %s: variant %s not served: %s", model.name, variant, reason)
+
+
+def _openvino_int8(engine: str, providers: list[str]) -> bool:
+    """int8 runs on OpenVINO only when asked for (BNFOLD_ENGINE=openvino) and installed: its
+    proof in the bundle was made with onnxruntime, which `auto` keeps."""
+    return engine == "openvino" and providers == [CPU] and openvino_capabilities() is not None
+
+
+def _load_bf16(model: LoadedModel, providers: list[str], threads: int, engine: str) -> None:
+    """bf16 from folded.onnx, for a bundle that asked for it, where this CPU computes it
+    natively; else why not, for the 400."""
+    m = model.manifest
+    assert m is not None
+    if m.equivalence.bf16 is None:
+        return
+    reason = bf16_unavailable_reason()
+    if engine == "onnxruntime":
+        reason = "BNFOLD_ENGINE=onnxruntime serves no bf16 (it runs on OpenVINO)"
+    elif providers != [CPU]:
+        reason = "bf16 runs on OpenVINO's CPU plugin; this server uses the CUDA provider"
+    if reason is not None:
+        model.unavailable[BF16] = reason
+        return
+    try:
+        model.sessions[BF16] = OpenVinoSession(model.path / m.files["folded"].path, "bf16", threads)
+        model.engines[BF16] = Engine("openvino", "bf16", cpu_flags())
+        _check_session(model, BF16)
+    except Exception as exc:
+        _refuse(model, BF16, exc)
+
+
+def _recheck_reduced(model: LoadedModel) -> None:
+    """Each reduced-precision variant against folded float32 on the bundle's check inputs, on
+    this CPU; one that fails its criterion is not served."""
+    variants = [v for v in REDUCED if v in model.sessions]
+    if not variants:
+        return
+    m = model.manifest
+    assert m is not None
+    x = load_check_inputs(model.path, m)
+    source = m.check_inputs.source if x is not None and m.check_inputs else None
+    if x is None:
+        x = generated_batch(m.input.preprocess, N_GENERATED_CHECKS, seed=0)
+        source = f"{N_GENERATED_CHECKS} generated inputs"
+    want = _run_rows(model, "folded", x)
+    for variant in variants:
+        try:
+            reason = recheck(variant, _run_rows(model, variant, x), want, source)
+        except Exception as exc:
+            reason = f"its check on this CPU failed to run: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            _refuse(model, variant, reason)
+
+
+def _run_rows(model: LoadedModel, variant: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    return np.concatenate([model.run(variant, x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def _check_name(manifest: Manifest, path: Path) -> None:
@@ -256,7 +381,8 @@ class ModelRegistry:
         if not paths:
             log.warning("no model bundles in %s", self.settings.models_dir)
         threads, spin = self.settings.threads, self.settings.thread_spinning
-        return {p.name: load_model(p, providers, threads, spin) for p in paths}
+        engine = self.settings.engine
+        return {p.name: load_model(p, providers, threads, spin, engine) for p in paths}
 
     def close(self) -> None:
         self.models, self.loaded = {}, False
@@ -317,7 +443,12 @@ class ModelRegistry:
         providers = resolve_providers(self.settings.provider)
         async with self._changing:  # one load at a time: the last one asked wins, whole
             model = await anyio.to_thread.run_sync(
-                load_model, path, providers, self.settings.threads, self.settings.thread_spinning
+                load_model,
+                path,
+                providers,
+                self.settings.threads,
+                self.settings.thread_spinning,
+                self.settings.engine,
             )
             if not model.ready:
                 old = self.models.get(name)

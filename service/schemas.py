@@ -12,12 +12,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from bnfold.bundle import (
+    BnStatisticsCheck,
     FoldRow,
     ImportRecord,
     InputSpec,
     LayerDiff,
     OutputSpec,
     Quantization,
+    Recalibration,
 )
 
 ParameterValue = bool | int | float | str
@@ -229,6 +231,14 @@ class FoldSummary(BaseModel):
     layers: list[FoldRow]
 
 
+class VariantEngine(BaseModel):
+    """What computes one served variant on this server."""
+
+    engine: Literal["onnxruntime", "openvino"]
+    precision: Literal["float32", "int8", "bf16"]
+    cpu_features: list[str] = Field(description="The CPU's instruction-set flags that matter.")
+
+
 class ModelDetail(ModelSummary):
     """What a client needs to call the model, and where its numbers come from."""
 
@@ -247,6 +257,19 @@ class ModelDetail(ModelSummary):
     training: dict = Field(default_factory=dict)
     imported: ImportRecord | None = Field(
         None, description="For a model brought in by `bnfold import`: its source and changes."
+    )
+    engines: dict[str, VariantEngine] = Field(
+        default_factory=dict, description="Each served variant's engine, precision and CPU."
+    )
+    unavailable_variants: dict[str, str] = Field(
+        default_factory=dict,
+        description="Variants this server cannot offer on its CPU or engine (bf16), and why.",
+    )
+    bn_statistics: BnStatisticsCheck | None = Field(
+        None, description="The BN running statistics checked against data at export or import."
+    )
+    recalibration: Recalibration | None = Field(
+        None, description="Set when the BN statistics were re-estimated before folding."
     )
 
 

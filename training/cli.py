@@ -106,7 +106,9 @@ def train_and_export(args: argparse.Namespace, dist) -> int:
     )
     if args.no_export:
         return 0
-    return export_checkpoint(run_dir / "checkpoint.pt", args.name, args.models_dir, splits, int8)
+    return export_checkpoint(
+        run_dir / "checkpoint.pt", args.name, args.models_dir, splits, int8, args.bf16
+    )
 
 
 def configs_from_args(
@@ -162,6 +164,7 @@ def export_checkpoint(
     models_dir: str,
     splits: Splits | None,
     int8: Int8Options | None = None,
+    bf16: bool = False,
 ) -> int:
     """Fold and export; with int8, calibrate on the training split, measure on the test split."""
     from training.export import export_bundle
@@ -195,11 +198,13 @@ def export_checkpoint(
         classes=ckpt["classes"],
         spec=splits.test.spec,
         eval_x=splits.test.x,
+        eval_labels=splits.test.y,
         split="test",
         out_dir=Path(models_dir),
         architecture=ckpt["model_config"],
         training_metrics=checkpoint_metrics(ckpt, model, splits),
         int8=request,
+        bf16=bf16,
     )
     eq = manifest.equivalence
     folded = sum(r.folded for r in manifest.fold_report)
@@ -218,6 +223,10 @@ def export_checkpoint(
         print("\n".join(summary_lines(manifest.bn_statistics)))
     if eq.int8 is not None:
         print(summary_line(eq.int8))
+    if eq.bf16 is not None:
+        from bnfold.toolchain.precision import summary_line as bf16_line
+
+        print(bf16_line(eq.bf16))
     return 0 if eq.passed else 1
 
 
@@ -243,7 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise DataError(f"checkpoint {args.checkpoint} does not exist")
     check_bundle_target(args.models_dir, args.name, args.force)
     int8 = int8_options(args)
-    return export_checkpoint(Path(args.checkpoint), args.name, args.models_dir, None, int8)
+    return export_checkpoint(
+        Path(args.checkpoint), args.name, args.models_dir, None, int8, args.bf16
+    )
 
 
 def cmd_verify(args: argparse.Namespace) -> int:

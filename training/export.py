@@ -109,14 +109,17 @@ def export_bundle(
     eval_x: np.ndarray,
     split: str,
     out_dir: Path,
+    eval_labels: np.ndarray | None = None,
     architecture: dict | None = None,
     training_metrics: dict | None = None,
     int8: Int8Request | None = None,
+    bf16: bool = False,
 ) -> Manifest:
     """Export `model` with its BNs, then fold, measure and write models/<name>/ atomically.
 
     With `int8`, the folded model is also quantized and measured on eval_x; quantized.onnx is
-    written only when it passes, and the equivalence report's int8 section says why not."""
+    written only when it passes, and the equivalence report's int8 section says why not. With
+    `bf16`, the bf16 variant is measured too (eval_labels give its accuracy drop)."""
     model = model.eval()
     unfolded = export_onnx(model, torch.from_numpy(eval_x[:2]))
     _check_bn_count(model, unfolded)
@@ -138,8 +141,8 @@ def export_bundle(
             ),
         },
     )
-    measure = Measurement(eval_x, split, float64_logits(model, eval_x))
-    return write_bundle(Path(out_dir) / name, fold, bundle, measure, int8)
+    measure = Measurement(eval_x, split, float64_logits(model, eval_x), labels=eval_labels)
+    return write_bundle(Path(out_dir) / name, fold, bundle, measure, int8, bf16)
 
 
 def _check_bn_count(model: nn.Module, unfolded: onnx.ModelProto) -> None:

@@ -4,8 +4,10 @@ Training (`training/export.py`, a model it exported with every BN kept) and `bnf
 user's graph, prepared for serving) both hand their `unfolded.onnx` here. Folding is
 `bnfold.toolchain.fold` (one set of rules and refusal reasons for both), the equivalence report
 is folded (full optimization) vs unfolded (BN executed) in onnxruntime and each against the
-caller's float64 logits of the original model, and the bundle is written atomically: a fold that
-is not equivalent writes nothing.
+caller's float64 logits of the original model; reduced-precision variants (int8, bf16: when
+asked) are judged against folded float32 on the same inputs,
+which the bundle keeps for the server to check them again; the bundle is written atomically: a
+fold that is not equivalent writes nothing.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from bnfold.foldreport import FoldReport
 from bnfold.toolchain.fold import FoldError, fold_onnx
 from bnfold.toolchain.int8 import Int8Request, add_int8_variant
 from bnfold.toolchain.load import ModelImportError, default_opset, ort_session
+from bnfold.toolchain.precision import bf16_report, save_check_inputs
 from bnfold.toolchain.verify import count_bn_nodes, measure_equivalence
 
 
@@ -66,6 +69,7 @@ class Measurement:
     ref64: np.ndarray | None  # (N, classes) float64 logits of the original model, if measured
     inputs: str | None = None  # what x is, in words (import states it; training's split says it)
     reference_note: str | None = None  # why ref64 is None
+    labels: np.ndarray | None = None  # (N,) labels of x, when it is a labeled split
 
 
 @dataclass
@@ -98,9 +102,11 @@ def write_bundle(
     spec: BundleSpec,
     measure: Measurement,
     int8: Int8Request | None = None,
+    bf16: bool = False,
 ) -> Manifest:
-    """Save both graphs, measure their equivalence, add int8 if asked, write bundle.json; all
-    or nothing (a temporary folder renamed into place)."""
+    """Save both graphs, measure their equivalence, add int8 and bf16 if asked, write
+    bundle.json; all or nothing (a temporary folder renamed into place). A reduced-precision
+    variant stores the inputs it was measured on, for the server to check it again."""
     holder: list[Manifest] = []
 
     def fill(tmp: Path) -> None:
@@ -124,6 +130,15 @@ def write_bundle(
             if entry is not None:
                 files[INT8] = entry
             eq = eq.model_copy(update={"int8": int8_report})
+        if bf16:
+            folded = tmp / "folded.onnx"
+            names = (spec.input.name, spec.output.name)
+            report = bf16_report(folded, *names, measure.x, measure.labels, measure.split)
+            eq = eq.model_copy(update={"bf16": report})
+        checks = None
+        if int8 is not None or bf16:
+            source = measure.inputs or f"{len(measure.x)} images of the {measure.split} split"
+            checks = save_check_inputs(tmp, measure.x, source)
         manifest = Manifest(
             name=spec.name,
             created=dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -136,6 +151,7 @@ def write_bundle(
             layer_probes_note=fold.probes_note,
             versions=spec.versions,
             equivalence=eq,
+            check_inputs=checks,
             **spec.extra,
         )
         (tmp / "bundle.json").write_text(manifest.model_dump_json(indent=2) + "\n")

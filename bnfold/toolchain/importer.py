@@ -95,6 +95,7 @@ class ImportOptions:
     int8: Int8Options | None = None  # --quantize int8: also write quantized.onnx if it passes
     calibration: Path | None = None  # --calibration FOLDER: the images int8 is calibrated on
     recalibrate: bool = False  # --recalibrate: re-estimate BN statistics on --samples first
+    bf16: bool = False  # --bf16: also prove the bf16 variant
 
 
 def check_target(opts: ImportOptions) -> Path:
@@ -372,7 +373,9 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     )
     # measured on the same inputs as the fold, int8 included; an import has no labels
     with stage("measure and write"):
-        return write_bundle(target, fold, bundle, Measurement(x, split, ref64, inputs, note), int8)
+        labels = sample_labels(Path(opts.samples), len(x), classes) if opts.samples else None
+        measure = Measurement(x, split, ref64, inputs, note, labels)
+        return write_bundle(target, fold, bundle, measure, int8, opts.bf16)
 
 
 def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | None:

@@ -69,6 +69,12 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--calibration-method", choices=list(METHODS), help="default minmax")
     g.add_argument("--activations", choices=list(ACTIVATION_TYPES), help="default uint8")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="also prove a bf16 variant (folded computed in bfloat16 by OpenVINO), served "
+        "where the CPU computes bf16 natively",
+    )
 
 
 def int8_options(args: argparse.Namespace) -> Int8Options | None:

@@ -331,19 +331,21 @@ def int8_report(
     )
 
 
-def failure_reason(stats: DiffStats, drop_points: float | None, split: str) -> str | None:
-    """One line when the int8 model fails the criterion, else None."""
+def failure_reason(
+    stats: DiffStats, drop_points: float | None, split: str, variant: str = "int8"
+) -> str | None:
+    """One line when a reduced-precision variant (int8, bf16) fails the criterion, else None."""
     agreement = stats.top1_agreement if stats.top1_agreement is not None else 0.0
     if not np.isfinite(stats.max_abs_diff):
-        return f"int8 logits are not finite on the {split} images"
+        return f"{variant} logits are not finite on the {split} images"
     if agreement < MIN_TOP1_AGREEMENT:
         return (
-            f"int8 top-1 agreement with folded float32 is {100 * agreement:.2f}% on the {split} "
-            f"images, below the {100 * MIN_TOP1_AGREEMENT:.0f}% required"
+            f"{variant} top-1 agreement with folded float32 is {100 * agreement:.2f}% on the "
+            f"{split} images, below the {100 * MIN_TOP1_AGREEMENT:.0f}% required"
         )
     if drop_points is not None and drop_points > MAX_ACCURACY_DROP_POINTS:
         return (
-            f"int8 accuracy is {drop_points:.2f} points below folded float32 on the {split} "
+            f"{variant} accuracy is {drop_points:.2f} points below folded float32 on the {split} "
             f"images, more than the {MAX_ACCURACY_DROP_POINTS:g} allowed"
         )
     return None

@@ -151,6 +151,8 @@ def verify_bundle(
         _check_file(res, Path(bundle_dir), manifest, INT8)
     if res.ok and manifest.imported is not None:
         _check_nothing_left(res, protos["folded"])
+    if manifest.check_inputs is not None:
+        _check_stored_inputs(res, Path(bundle_dir), manifest)
     if not res.ok:
         return res
     if x is None:
@@ -189,6 +191,17 @@ def _check_file(res: VerifyResult, bundle_dir: Path, manifest: Manifest, variant
         if counts != f.op_counts:
             res.fail(f"{f.path}: node counts {counts} differ from the manifest's {f.op_counts}")
     return proto
+
+
+def _check_stored_inputs(res: VerifyResult, bundle_dir: Path, manifest: Manifest) -> None:
+    from bnfold.bundle import sha256_file
+
+    c = manifest.check_inputs
+    path = bundle_dir / c.path
+    if not path.is_file() or sha256_file(path) != c.sha256:
+        res.fail(f"{c.path}: missing or its sha256 differs from the manifest")
+    else:
+        res.good(f"{c.path}: {c.n_images} check inputs, sha256 matches")
 
 
 def _check_nothing_left(res: VerifyResult, folded: onnx.ModelProto) -> None:

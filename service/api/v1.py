@@ -22,6 +22,7 @@ from service.schemas import (
     ModelList,
     ModelSummary,
     PredictResponse,
+    VariantEngine,
 )
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
@@ -29,7 +30,8 @@ router = APIRouter(prefix="/v1", tags=["bnfold"])
 VariantQuery = Query(
     "folded",
     description="A variant the bundle holds: 'folded' (served), 'unfolded' (BN executed), "
-    "'int8' (quantized from folded, when the bundle has it), or another file it lists "
+    "'int8' (quantized from folded, when the bundle has it), 'bf16' (folded computed in "
+    "bfloat16, on a CPU that computes it natively), or another file it lists "
     "(GET /v1/models/{model}).",
 )
 TopK = Query(3, ge=1, le=1000, description="How many classes to rank (clamped to the classes).")
@@ -79,6 +81,12 @@ async def model_detail(model: ModelName, request: Request) -> ModelDetail:
         versions=m.versions,
         training=m.training,
         imported=m.imported,
+        engines={v: VariantEngine(engine=e.engine, precision=e.precision,
+                                  cpu_features=list(e.cpu_features))
+                 for v, e in loaded.engines.items()},
+        unavailable_variants=loaded.unavailable,
+        bn_statistics=m.bn_statistics,
+        recalibration=m.recalibration,
     )  # fmt: skip
 
 

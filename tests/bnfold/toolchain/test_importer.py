@@ -63,7 +63,12 @@ def test_import_writes_a_bundle_like_training(tmp_path, models):
     src = save(original, tmp_path / "net.onnx")
     m = import_model(src, ImportOptions(name="net", models_dir=models))
     d = models / "net"
-    assert sorted(p.name for p in d.iterdir()) == ["bundle.json", "folded.onnx", "unfolded.onnx"]
+    assert sorted(p.name for p in d.iterdir()) == [
+        "bundle.json",
+        "check_inputs.npy",
+        "folded.onnx",
+        "unfolded.onnx",
+    ]
     assert load_bundle(d) == m  # checksums as written
     assert m.imported.sha256 == sha256_file(src)
     assert m.files["unfolded"].op_counts["BatchNormalization"] == 1
@@ -644,3 +649,25 @@ def test_a_successful_import_prints_each_stage_with_its_time(tmp_path, models):
     assert stages == [
         "load and check", "BN statistics", "fold", "float64 reference", "measure and write"
     ]  # fmt: skip
+
+
+def test_import_with_bf16_proves_it_on_this_cpu_and_stores_the_check_inputs(tmp_path, models):
+    from bnfold.toolchain.engines import OpenVinoSession, native_bf16
+    from bnfold.toolchain.precision import load_check_inputs
+
+    src = save(classifier("NCHW", "bn", batch="N"), tmp_path / "net.onnx")
+    m = import_model(src, ImportOptions(name="net", models_dir=models, bf16=True))
+    r = m.equivalence.bf16
+    assert r is not None and r.precision == "bf16"
+    x = load_check_inputs(models / "net", m)
+    assert x is not None and len(x) == m.check_inputs.n_images == m.equivalence.n_images
+    if not native_bf16():
+        assert not r.passed and "natively" in r.reason and r.vs_folded is None
+        return
+    # independent recomputation: OpenVINO bf16 against onnxruntime float32 on the stored inputs
+    want = ort_run(
+        str(models / "net" / "folded.onnx"), x, ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    got = OpenVinoSession(models / "net" / "folded.onnx", "bf16").run(None, {"x": x})[0]
+    assert r.n_images == len(x) and r.passed
+    assert r.vs_folded.max_abs_diff == pytest.approx(float(np.abs(got - want).max()), rel=1e-6)
