@@ -416,11 +416,27 @@ def measure(
         "load_average": f"{load_start} at start, "
         + " ".join(f"{v:.2f}" for v in os.getloadavg())
         + " at end",
+        "loaded": _loaded(load_start),
         "elapsed_s": time.perf_counter() - started,
         "runs": runs,
         "table": summarize(runs),
         "ratios": ratios(runs),
     }
+
+
+def _loaded(load_start: str) -> str:
+    """A warning when other work competed for the cores during the run, else ''."""
+    cores = len(os.sched_getaffinity(0))
+    peak = max(float(load_start.split()[0]), os.getloadavg()[0])
+    if peak <= cores * 0.75:
+        return ""
+    return (
+        f"The machine was loaded by other work (1-minute load average up to {peak:.1f} on "
+        f"{cores} cores): absolute figures are low and noisy, and a server with more runnable "
+        "threads or processes takes a larger share of contended cores, which favours the "
+        "multi-process servers over the single-process ones (KServe with 1 worker, MLServer "
+        "with 0 parallel workers). Calls per server CPU-second depend least on the contention."
+    )
 
 
 def summarize(runs: dict) -> dict:
@@ -518,6 +534,8 @@ def markdown(result: dict) -> str:
                 f"{n}: {v}" for n, v in result["checked_after"].items())),
             ("elapsed", f"{result['elapsed_s']:.0f} s")]  # fmt: skip
     head = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+    if result.get("loaded"):
+        head += f"\n**{result['loaded']}**\n"
     return (
         "# bnfold beside Triton, KServe and MLServer (digits, CPU)\n\n"
         + head
