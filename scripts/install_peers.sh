@@ -20,12 +20,14 @@ PEERS="${PEERS:-triton kserve mlserver}"
 BASE_PYTHON="$("$VENV/bin/python" -c 'import sys; print(sys.executable)')"
 ORT="onnxruntime>=1.20,<2"
 
+status=0
 SUDO=""
 if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 if ! command -v wrk >/dev/null 2>&1 || ! command -v h2load >/dev/null 2>&1; then
     echo "install_peers: installing wrk and nghttp2-client (apt)"
-    $SUDO apt-get update -q
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q wrk nghttp2-client
+    { $SUDO apt-get update -q \
+        && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q wrk nghttp2-client; } \
+        || { echo "install_peers: apt-get failed: no wrk/h2load" >&2; status=1; }
 fi
 
 # name, import check, pip requirements
@@ -38,7 +40,6 @@ spec() {
     esac
 }
 
-status=0
 mkdir -p "$ROOT"
 for name in $PEERS; do
     line="$(spec "$name")" || { echo "install_peers: unknown peer $name" >&2; status=1; continue; }
@@ -56,9 +57,11 @@ for name in $PEERS; do
         glibc="$(ldd --version 2>/dev/null | head -1 | grep -oE '[0-9]+\.[0-9]+$')"
         if [ -n "$glibc" ] && [ "$(printf '%s\n2.35\n' "$glibc" | sort -V | head -1)" != 2.35 ]; then
             echo "install_peers: skipping triton: glibc $glibc < 2.35 (tritonserver needs 2.35)" >&2
-            echo "glibc $glibc < 2.35" >"$ROOT/triton.skipped"
+            echo "this machine has glibc $glibc; the tritonserver binary in nvidia-pytriton needs >= 2.35" \
+                >"$ROOT/triton.skipped"
             continue
         fi
+        rm -f "$ROOT/triton.skipped"
     fi
     echo "install_peers: installing $name into $dir: ${reqs[*]}"
     [ -x "$dir/bin/python" ] || "$BASE_PYTHON" -m venv "$dir"
