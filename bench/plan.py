@@ -31,6 +31,8 @@ class Plan:
     litserve_batch: int = 64
     litserve_timeout_s: float = 0.002  # LitServe waits this long to fill a batch
     bnfold_env: dict = field(default_factory=dict)  # BNFOLD_* settings; empty: the defaults
+    # The published CNN families through import and verify (bench/families_run.py), 224x224
+    families: tuple[str, ...] = ("torch", "keras")
     # Beside Triton, KServe and MLServer on digits, REST and gRPC (bench/peers_run.py)
     peers: tuple[str, ...] = ("triton", "kserve-1", "kserve-2", "mlserver-0", "mlserver-2")
     peer_seconds: int = 3
@@ -56,4 +58,5 @@ QUICK = Plan(
     warmup_seconds=1,
     serve_models=("digits",),
     peers=(),  # each peer needs its own virtualenv (scripts/install_peers.sh): make bench only
+    families=(),  # minutes per family at 224x224: make bench only
 )

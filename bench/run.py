@@ -99,6 +99,17 @@ def workers_section(models: dict, plan: Plan, work: Path) -> dict:
     return workers.measure(models["digits"], plan, work, log)
 
 
+def families_section(plan: Plan, out: Path, argv: list[str]) -> dict:
+    """The published CNN families imported and verified at 224x224 (bench/families_run.py):
+    families.md and families.json in `out`; here, its goals."""
+    if not plan.families:
+        return {}
+    from bench import families_run
+
+    result = families_run.run(plan.families, None, 224, out, ["(from bench.run)", *argv])
+    return {"table": str(out / "families.md"), "goals": result["goals"]}
+
+
 def load_now() -> str:
     import os
 
@@ -228,6 +239,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
             peers_section(plan, out, argv) if plan.peers and "digits" in plan.serve_models else {}
         )
         pre = preprocess_cost_ms(models)
+        families = families_section(plan, out, argv)
     finally:
         if keep_work:
             log(f"work folder kept: {work}")
@@ -244,6 +256,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "grpc_vs_rest": grpc,
         "workers": workers,
         "peers": peers,
+        "families": families,
         "goals": goals.check(serving["rows"], pre),
     }
     results["environment"]["load average (1, 5, 15 min) at start, at end"] = (
@@ -300,7 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             log(f"bench: unknown model(s) {sorted(unknown)}. Only digits and heavy are supported.")
             return 2
         plan = dataclasses.replace(
-            plan, models=chosen, serve_models=tuple(m for m in plan.serve_models if m in chosen)
+            plan,
+            models=chosen,
+            serve_models=tuple(m for m in plan.serve_models if m in chosen),
+            families=(),
         )
     bad = [kv for kv in args.bnfold_env if not kv.startswith("BNFOLD_") or "=" not in kv]
     if bad:
