@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as exc:
         return _fail(f"{exc.name} is not installed: pip install 'bnfold[toolchain]'", 2)
     args = build_parser().parse_args(argv)
-    onnxruntime.set_default_logger_severity(3)  # its C++ warnings go to stderr otherwise
+    onnxruntime.set_default_logger_severity(4)  # its C++ log lines would break the one-line rule
     stages = _Stages()
     progress = logging.getLogger("bnfold.progress")
     progress.addHandler(stages)

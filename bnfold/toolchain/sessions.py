@@ -50,7 +50,7 @@ def session_options(variant: str, threads: int = 0, spinning: bool = True) -> or
     opts.inter_op_num_threads = 1
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    opts.log_severity_level = 3
+    opts.log_severity_level = 4  # fatal only: its errors reach us as exceptions, with text
     return opts
 
 

@@ -671,3 +671,35 @@ def test_import_with_bf16_proves_it_on_this_cpu_and_stores_the_check_inputs(tmp_
     got = OpenVinoSession(models / "net" / "folded.onnx", "bf16").run(None, {"x": x})[0]
     assert r.n_images == len(x) and r.passed
     assert r.vs_folded.max_abs_diff == pytest.approx(float(np.abs(got - want).max()), rel=1e-6)
+
+
+def test_fold_keeps_onnxruntime_quiet_when_the_original_fails_to_run(tmp_path):
+    """onnxruntime logs a failed run itself ([E:onnxruntime:...] with terminal colours) before
+    raising; the command says it in its own words only."""
+    f = lambda n, v: numpy_helper.from_array(np.asarray(v, np.float32), n)  # noqa: E731
+    inits = [
+        numpy_helper.from_array(np.array([3, -1], np.int64), "s"),
+        f("w", np.eye(4)), f("b", np.zeros(4)),
+        f("g", np.ones(4)), f("be", np.zeros(4)), f("m", np.zeros(4)), f("v", np.ones(4)),
+    ]  # fmt: skip
+    nodes = [
+        onnx.helper.make_node("Gemm", ["x", "w", "b"], ["h"]),
+        onnx.helper.make_node("BatchNormalization", ["h", "g", "be", "m", "v"], ["hb"]),
+        onnx.helper.make_node("Reshape", ["hb", "s"], ["y"]),  # 8 x 4 values into (3, -1): fails
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, None])],
+        inits,
+    )
+    src = save(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)]),
+               tmp_path / "bad.onnx")  # fmt: skip
+    proc = subprocess.run(
+        [BNFOLD, "fold", str(src), str(tmp_path / "out.onnx")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "not measured: the original fails on random inputs" in proc.stdout
+    assert proc.stderr == "" and "\x1b" not in proc.stdout
