@@ -321,7 +321,8 @@ def sha256_file(path: Path) -> str:
 
 
 def read_manifest(bundle_dir: Path) -> Manifest:
-    """Parse and validate bundle.json, with an error naming the file and the field."""
+    """Parse and validate bundle.json, with an error naming the file and the field. Every file
+    it lists must be a plain name inside the bundle folder (`bundle_file`)."""
     path = Path(bundle_dir) / MANIFEST_NAME
     try:
         raw = json.loads(path.read_text())
@@ -330,21 +331,63 @@ def read_manifest(bundle_dir: Path) -> Manifest:
     except json.JSONDecodeError as exc:
         raise BundleError(f"{path}: not valid JSON ({exc})") from None
     try:
-        return Manifest.model_validate(raw)
+        manifest = Manifest.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BundleError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+    for field, name in listed_files(manifest):
+        bundle_file(bundle_dir, name, field)
+    return manifest
+
+
+def listed_files(manifest: Manifest) -> list[tuple[str, str]]:
+    """(manifest field, file name) of every file the manifest lists."""
+    files = [(f"files.{variant}.path", f.path) for variant, f in manifest.files.items()]
+    if manifest.check_inputs is not None:
+        files.append(("check_inputs.path", manifest.check_inputs.path))
+    return files
+
+
+def bundle_file(bundle_dir: Path, name: str, field: str = "path") -> Path:
+    """The file `name` of the bundle: a plain file name (no folder, no separator, not '.' or
+    '..', not absolute) whose real path (symbolic links followed) lies in the bundle folder.
+    Anything else raises BundleError without reading, hashing or even looking for the file it
+    points at, so a manifest cannot make the server read (or reveal) a file outside its folder."""
+    bundle_dir = Path(bundle_dir)
+    plain = (
+        bool(name)
+        and name not in (".", "..")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not os.path.isabs(name)
+        and (os.altsep is None or os.altsep not in name)
+    )
+    if not plain:
+        raise BundleError(
+            f"{bundle_dir / MANIFEST_NAME}: {field} must be a file name inside the bundle folder "
+            f"(no folder, separator, '..' or absolute path); it is {name[:80]!r}"
+        )
+    path = bundle_dir / name
+    folder = os.path.realpath(bundle_dir)
+    if os.path.dirname(os.path.realpath(path)) != folder:
+        raise BundleError(
+            f"{path}: {field} resolves outside the bundle folder (a symbolic link); a bundle "
+            "holds its files itself"
+        )
+    return path
 
 
 def verify_checksums(
     bundle_dir: Path, manifest: Manifest, variants: Collection[str] | None = None
 ) -> None:
-    """Raise BundleError unless every ONNX file (or those of `variants`) matches its sha256."""
+    """Raise BundleError unless every ONNX file (or those of `variants`) matches its sha256.
+    Only files confined to the bundle folder are read (`bundle_file`)."""
     for variant, f in manifest.files.items():
         if variants is not None and variant not in variants:
             continue
-        path = Path(bundle_dir) / f.path
+        path = bundle_file(bundle_dir, f.path, f"files.{variant}.path")
         if not path.is_file():
             raise BundleError(f"{path}: {variant} model file is missing")
         actual = sha256_file(path)

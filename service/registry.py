@@ -184,6 +184,7 @@ def load_model(
     try:
         model.manifest = load_bundle(path, PROBED)  # the others are checked one by one below
         _check_name(model.manifest, path)
+        _check_preprocess(model.manifest, path)
         missing = [v for v in PROBED if v not in model.manifest.files]
         if missing:
             raise BundleError(f"{path}: the manifest lists no {' or '.join(missing)} file")
@@ -289,7 +290,12 @@ def _recheck_reduced(model: LoadedModel) -> None:
         return
     m = model.manifest
     assert m is not None
-    x = load_check_inputs(model.path, m)
+    try:
+        x = load_check_inputs(model.path, m)
+    except BnfoldError as exc:  # read_manifest refuses this already; the files may have changed
+        for variant in variants:
+            _refuse(model, variant, exc)
+        return
     source = m.check_inputs.source if x is not None and m.check_inputs else None
     if x is None:
         x = generated_batch(m.input.preprocess, N_GENERATED_CHECKS, seed=0)
@@ -313,6 +319,22 @@ def _check_name(manifest: Manifest, path: Path) -> None:
         raise BundleError(
             f"{path}: folder name {path.name!r} differs from the manifest name "
             f"{manifest.name!r}; rename the folder to the model name"
+        )
+
+
+def _check_preprocess(manifest: Manifest, path: Path) -> None:
+    """Refuse a bundle whose preprocessing makes tensors the model does not take: it could
+    answer no image (every predict would be a 400)."""
+    spec, shape = manifest.input.preprocess, manifest.input.shape
+    c, h, w = spec.channels, spec.height, spec.width
+    made = [c, h, w] if spec.layout == "NCHW" else [h, w, c]
+    axes = "(C, H, W)" if spec.layout == "NCHW" else "(H, W, C)"
+    fits = len(shape) == 4 and all(d in (-1, m) for d, m in zip(shape[1:], made, strict=True))
+    if not fits:
+        raise BundleError(
+            f"{path}: input.preprocess makes {spec.layout} images of {axes} {made} "
+            f"({spec.color_mode} {w}x{h}), but the model input {manifest.input.name!r} has shape "
+            f"{shape}: no image could be served; fix input.preprocess or input.shape"
         )
 
 

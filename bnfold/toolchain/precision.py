@@ -13,7 +13,13 @@ from pathlib import Path
 
 import numpy as np
 
-from bnfold.bundle import CheckInputs, Manifest, ReducedPrecisionReport, sha256_file
+from bnfold.bundle import (
+    CheckInputs,
+    Manifest,
+    ReducedPrecisionReport,
+    bundle_file,
+    sha256_file,
+)
 from bnfold.equivalence import diff_stats
 from bnfold.toolchain.engines import OpenVinoSession, bf16_unavailable_reason, cpu_flags
 from bnfold.toolchain.quantize import (
@@ -37,11 +43,12 @@ def save_check_inputs(folder: Path, x: np.ndarray, source: str) -> CheckInputs:
 
 
 def load_check_inputs(bundle_dir: Path, manifest: Manifest) -> np.ndarray | None:
-    """The bundle's stored check inputs when its checksum matches, else None."""
+    """The bundle's stored check inputs when its checksum matches, else None. Raises
+    BundleError for a path that leaves the bundle folder (nothing outside it is read)."""
     c = manifest.check_inputs
     if c is None:
         return None
-    path = Path(bundle_dir) / c.path
+    path = bundle_file(bundle_dir, c.path, "check_inputs.path")
     if not path.is_file() or sha256_file(path) != c.sha256:
         return None
     return np.load(path, allow_pickle=False)
