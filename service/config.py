@@ -113,8 +113,40 @@ class Settings(BaseSettings):
         description="Seconds a client has, from opening a connection (or from the first byte of "
         "a request on a kept-alive one), to send the request's complete headers; past it the "
         "connection is closed. Stops clients that hold connections open by sending nothing or a "
-        "header a byte at a time (slowloris). The body's pace is bounded by the request "
-        "timeout.",
+        "header a byte at a time (slowloris). The body's pace is bounded by "
+        "min_body_rate_bytes_s.",
+    )
+    min_body_rate_bytes_s: int = Field(
+        4096,
+        ge=1,
+        description="Slowest pace a request body may arrive at, in bytes per second on "
+        "average after the first body_grace_s seconds; a slower body is cut off with 408 and "
+        "its connection closed (counted as status 408 in bnfold_requests_total). A request's "
+        "body is read whole before it takes a queue slot (max_queue_size), so bodies that "
+        "trickle in hold connections, not the model's slots.",
+    )
+    body_grace_s: float = Field(
+        5.0,
+        gt=0,
+        le=3600,
+        description="Seconds a request body may take before min_body_rate_bytes_s applies.",
+    )
+    max_pending_body_bytes: int = Field(
+        0,
+        ge=0,
+        description="Most bytes of request bodies being received at once, per worker, before "
+        "their requests are admitted; a body that would pass it gets 503 with Retry-After. "
+        "0: max_queue_size x max_body_bytes (the most the admitted requests of one model may "
+        "hold).",
+    )
+    max_connections: int = Field(
+        0,
+        ge=0,
+        description="Most open HTTP connections per worker; 0: derived from the open-files "
+        "limit (RLIMIT_NOFILE, raised to its hard limit at start), leaving a reserve of "
+        "descriptors for gRPC, model files and logs. At the cap, a new connection takes the "
+        "place of the longest idle one (closed); when none is idle it is answered 503 and "
+        "closed. Either is logged (at most one line per 10 s).",
     )
     keep_alive_timeout_s: int = Field(
         5,
@@ -150,7 +182,7 @@ class Settings(BaseSettings):
     max_queue_size: int = Field(
         128,
         ge=1,
-        description="Most requests per model inside one worker at once (reading, decoding, "
+        description="Most requests per model inside one worker at once (decoding, "
         "queued for a batch or running); the next gets 503 with Retry-After at once. Bounds "
         "memory: about max_queue_size x max_body_bytes per model and worker at worst; the "
         "server admits up to workers x max_queue_size. Keep it above the number of clients "
@@ -160,8 +192,8 @@ class Settings(BaseSettings):
     request_timeout_s: float = Field(
         10.0,
         gt=0,
-        description="Longest a request may take once admitted (body, decoding, queue and "
-        "inference); past it the answer is 504 and its queued work is dropped.",
+        description="Longest a request may take once admitted (its body has arrived by then: "
+        "decoding, queue and inference); past it the answer is 504 and its queued work is dropped.",
     )
     admin_token: SecretStr | None = Field(
         None,

@@ -7,14 +7,20 @@ guards send included, and adds the X-Request-ID header to each.
 from __future__ import annotations
 
 import asyncio
+import logging
 
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.calls import CallLog
 from service.process import Core
 
 REQUEST_ID_HEADER = b"x-request-id"
-CANCELLED = 499  # status recorded for a request cut off by the drain timeout (no answer sent)
+# Status recorded for a request that got no answer: cut off by the drain timeout, or its client
+# went away mid-body (or broke the chunk framing): the client's doing, never counted as a 500.
+CANCELLED = 499
+MAX_LOGGED_PATH = 256  # characters of a request's path an access line repeats
+log = logging.getLogger(__name__)
 
 
 def printable(text: str) -> str:
@@ -23,6 +29,11 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in text)
+
+
+def clipped(text: str, limit: int = MAX_LOGGED_PATH) -> str:
+    """`text` cut after `limit` characters, saying how long it was."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def incoming_request_id(scope: Scope) -> str | None:
@@ -60,6 +71,9 @@ class AccessMiddleware:
         except asyncio.CancelledError:
             status = CANCELLED
             raise
+        except ClientDisconnect:
+            status = CANCELLED
+            log.info("client disconnected before its request body arrived")
         finally:
             self._end(call, scope, status)
 
@@ -68,7 +82,7 @@ class AccessMiddleware:
         endpoint = getattr(route, "path", None) or "unmatched"
         model = scope.get("path_params", {}).get("model", "")
         client = scope.get("client")
-        fields = {"method": scope["method"], "path": scope["path"], "endpoint": endpoint,
+        fields = {"method": scope["method"], "path": clipped(scope["path"]), "endpoint": endpoint,
                   "client": client[0] if client else None}  # fmt: skip
-        summary = f"{scope['method']} {printable(scope['path'])}"
+        summary = f"{scope['method']} {printable(clipped(scope['path']))}"
         self.calls.end(call, "rest", endpoint, model, status, summary, fields)
