@@ -21,13 +21,13 @@ import numpy as np
 from bnfold.bundle import INT8, TensorSpec
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BadInput
-from service.batching import BatchingRunner
 from service.config import Settings
 from service.images import predictions, preprocess_uploads, too_many_images
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
-from service.request import InferRequest, InferResponse, answered_outputs
+from service.request import InferRequest, InferResponse, answered_outputs, output_array
 from service.schemas import CompareResponse, Int8Comparison, PredictResponse
+from service.statistics import Call, CountingRunner, Statistics
 from service.tensors import input_array, shape_error
 from service.threads import CpuThreads
 
@@ -81,7 +81,9 @@ class DataPlane:
     ) -> None:
         self.settings = settings
         self.threads = threads
-        self.runner: Runner = runner or BatchingRunner(
+        self.statistics = Statistics()  # the statistics extension's counts, this process's
+        self.runner: Runner = runner or CountingRunner(
+            self.statistics,
             settings.max_batch_size,
             settings.max_delay_ms / 1000,
             metrics,
@@ -92,36 +94,49 @@ class DataPlane:
         await self.runner.aclose()
 
     async def infer(self, model: LoadedModel, request: InferRequest) -> InferResponse:
-        """The requested outputs (the logits) for the request's tensors."""
-        variant = model.check_variant(request.variant)  # before any decoding work
-        outputs = answered_outputs(request.outputs, model.manifest.output)
-        x = await self._batch(model, request)
-        logits = await self.logits(model, variant, x)
-        return InferResponse(
-            model.name, model.version, request.id, variant, [(out, logits) for out in outputs]
-        )
+        """The requested outputs for the request's tensors: the logits, or their top-k
+        "value:index:label" strings for an output that asks for classification."""
+        manifest = model.manifest
+        with self.statistics.call(model) as call:
+            variant = model.check_variant(request.variant)  # before any decoding work
+            outputs = answered_outputs(request.outputs, manifest.output)
+            with call.timing("compute_input"):
+                x = await self._batch(model, request)
+            logits = await self.logits(model, variant, x, call)
+            with call.timing("compute_output"):
+                answered = [(out, output_array(out, logits, manifest.classes)) for out in outputs]
+        return InferResponse(model.name, model.version, request.id, variant, answered)
 
     async def predict(
         self, model: LoadedModel, request: InferRequest, top_k: int
     ) -> PredictResponse:
         """Classify the request's images (or tensor rows); `predictions` in request order."""
-        variant = model.check_variant(request.variant)  # before any decoding work
-        x = await self._batch(model, request)
-        logits = await self.logits(model, variant, x)
+        manifest = model.manifest
+        with self.statistics.call(model) as call:
+            variant = model.check_variant(request.variant)  # before any decoding work
+            with call.timing("compute_input"):
+                x = await self._batch(model, request)
+            logits = await self.logits(model, variant, x, call)
+            with call.timing("compute_output"):
+                answer = predictions(logits, manifest.classes, top_k, _filenames(request),
+                                     manifest.output.probabilities)  # fmt: skip
         return PredictResponse(
-            model_name=model.name,
-            model_version=model.version,
-            variant=variant,
-            predictions=predictions(logits, model.manifest.classes, top_k, _filenames(request),
-                                    model.manifest.output.probabilities),
-        )  # fmt: skip
+            model_name=model.name, model_version=model.version, variant=variant, predictions=answer
+        )
 
-    async def logits(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
-        """Logits (N, classes) float32 for a (N, C, H, W) float32 batch."""
+    async def logits(
+        self, model: LoadedModel, variant: str, x: np.ndarray, call: Call | None = None
+    ) -> np.ndarray:
+        """Logits (N, classes) float32 for a (N, C, H, W) float32 batch; its time in the
+        runner recorded in `call` (the statistics extension) when given."""
         variant = model.check_variant(variant)
         x = np.ascontiguousarray(x, dtype=np.float32)
         check_input(model.manifest.input, x, self.settings.max_images_per_request)
-        logits = await self.runner.logits(model, variant, x)
+        if call is None:
+            logits = await self.runner.logits(model, variant, x)
+        else:
+            with call.in_runner(len(x)):
+                logits = await self.runner.logits(model, variant, x)
         check_output(logits)
         return logits
 
@@ -150,16 +165,19 @@ class DataPlane:
         probs = manifest.output.probabilities
         x = await self._batch(model, request)
         filenames = _filenames(request)
-        logits = {v: await self.logits(model, v, x) for v in PROBED}
-        stats = diff_stats(logits["folded"], logits["unfolded"])
-        if model.probe_error:
-            per_layer, note = [], model.probe_error
-        else:
-            folded = await anyio.to_thread.run_sync(model.run_probes, "folded", x)
-            unfolded = await anyio.to_thread.run_sync(model.run_probes, "unfolded", x)
-            per_layer, note = layer_diffs(manifest.layer_probes, folded, unfolded), None
+        with self.statistics.call(model) as call:  # its runs count: they are the model's
+            logits = {v: await self.logits(model, v, x, call) for v in PROBED}
+            stats = diff_stats(logits["folded"], logits["unfolded"])
+            if model.probe_error:
+                per_layer, note = [], model.probe_error
+            else:
+                folded = await anyio.to_thread.run_sync(model.run_probes, "folded", x)
+                unfolded = await anyio.to_thread.run_sync(model.run_probes, "unfolded", x)
+                per_layer, note = layer_diffs(manifest.layer_probes, folded, unfolded), None
+            int8, int8_note = await self._compare_int8(
+                model, x, logits["folded"], top_k, filenames, call
+            )
         tolerance = manifest.equivalence.tolerance_abs
-        int8, int8_note = await self._compare_int8(model, x, logits["folded"], top_k, filenames)
         return CompareResponse(
             model_name=model.name,
             model_version=manifest.version,
@@ -185,6 +203,7 @@ class DataPlane:
         folded: np.ndarray,
         top_k: int,
         filenames: list[str | None] | None,
+        call: Call,
     ) -> tuple[Int8Comparison | None, str | None]:
         """int8 next to folded when the bundle serves it, else why not (one line)."""
         manifest = model.manifest
@@ -194,7 +213,7 @@ class DataPlane:
         if INT8 not in model.sessions:
             why = model.variant_errors.get(INT8) or (report.reason if report else None)
             return None, why or "the bundle has no int8 variant (export with --quantize int8)"
-        logits = await self.logits(model, INT8, x)
+        logits = await self.logits(model, INT8, x, call)
         stats = diff_stats(logits, folded)
         return Int8Comparison(
             predictions=predictions(logits, manifest.classes, top_k, filenames, probs),

@@ -12,11 +12,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import numpy as np
 from pydantic import ValidationError
 
 from bnfold.errors import BadInput, validation_message
-from service.request import InferRequest, InferResponse, RequestedOutput, variant_of
+from service.request import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+    json_values,
+    raw_bytes,
+    variant_of,
+)
 from service.schemas import InferenceRequest, Parameters, RequestInput
 from service.tensors import SHARED_MEMORY, InputTensor, refuse_shared_memory
 
@@ -168,15 +175,14 @@ def encode(answer: InferResponse, request: InferRequest) -> tuple[bytes, int | N
     if answer.id is not None:
         header["id"] = answer.id
     described, blobs = [], []
-    for out, array in answer.outputs:
-        array = np.ascontiguousarray(array, dtype=np.float32)
-        tensor = {"name": out.name, "datatype": "FP32", "shape": list(array.shape)}
+    for out, array in answer.outputs:  # FP32 logits, or BYTES (classification strings)
+        tensor = {"name": out.name, "datatype": datatype_of(array), "shape": list(array.shape)}
         if out.parameters.get("binary_data", binary_output):
-            raw = array.astype("<f4").tobytes()
+            raw = raw_bytes(array)
             tensor["parameters"] = {"binary_data_size": len(raw)}
             blobs.append(raw)
         else:
-            tensor["data"] = array.ravel().tolist()  # float32 values are exact as JSON doubles
+            tensor["data"] = json_values(array)
         described.append(tensor)
     head = json.dumps({**header, "outputs": described}).encode()
     if not blobs:

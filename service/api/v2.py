@@ -53,6 +53,47 @@ async def server_metadata() -> ServerMetadata:
     return metadata.server_metadata("rest")
 
 
+# Before /models/{model}: 'stats' is this route, not a model's metadata.
+@router.get("/models/stats", response_model=dict)
+async def all_model_statistics(request: Request) -> dict:
+    """The statistics extension for every ready model: counts and times, this process's."""
+    core = get_core(request)
+    return core.plane.statistics.answer(core.registry)
+
+
+@router.get("/models/{model}/stats", response_model=dict, responses=errors(404, 503))
+async def model_statistics(model: ModelName, request: Request) -> dict:
+    """Inference and execution counts, success/fail, queue and compute times (Triton's
+    statistics extension), kept by this server process."""
+    core = get_core(request)
+    return core.plane.statistics.answer(core.registry, model)
+
+
+@router.get(
+    "/models/{model}/versions/{version}/stats", response_model=dict, responses=errors(404, 503)
+)
+async def model_version_statistics(
+    model: ModelName, version: ModelVersion, request: Request
+) -> dict:
+    core = get_core(request)
+    return core.plane.statistics.answer(core.registry, model, version)
+
+
+@router.get("/models/{model}/config", response_model=dict, responses=errors(404, 503))
+async def model_config(model: ModelName, request: Request) -> dict:
+    """The model's configuration as Triton reports it (the model configuration extension)."""
+    core = get_core(request)
+    return metadata.model_config(core.registry.get_ready(model), core.settings)
+
+
+@router.get(
+    "/models/{model}/versions/{version}/config", response_model=dict, responses=errors(404, 503)
+)
+async def model_version_config(model: ModelName, version: ModelVersion, request: Request) -> dict:
+    core = get_core(request)
+    return metadata.model_config(core.registry.get_ready(model, version), core.settings)
+
+
 @router.get("/models/{model}", response_model=ModelMetadata, responses=errors(404, 503))
 async def model_metadata(model: ModelName, request: Request) -> ModelMetadata:
     return metadata.model_metadata(get_core(request).registry.get_ready(model))

@@ -1,4 +1,5 @@
-"""ModelInferRequest -> `InferRequest`, and `InferResponse` -> ModelInferResponse.
+"""ModelInferRequest -> `InferRequest`, and `InferResponse` -> ModelInferResponse; the model
+configuration and statistics dicts (Triton's JSON, the REST answers) -> their protobuf messages.
 
 The gRPC counterpart of service/v2codec.py: both decode into the one request type
 (service/request.py), and the data plane checks its tensors the same way whichever protocol
@@ -11,11 +12,18 @@ output contents instead).
 
 from __future__ import annotations
 
-import numpy as np
+from google.protobuf import json_format
 
 from bnfold.errors import BadInput
 from service.grpc import inference_pb2 as pb
-from service.request import InferRequest, InferResponse, RequestedOutput, variant_of
+from service.request import (
+    InferRequest,
+    InferResponse,
+    RequestedOutput,
+    datatype_of,
+    raw_bytes,
+    variant_of,
+)
 from service.tensors import SHARED_MEMORY, InputTensor, refuse_shared_memory
 
 TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
@@ -88,13 +96,23 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
 
 
 def encode(answer: InferResponse) -> pb.ModelInferResponse:
-    """Each output (the model's logits, float32) in raw_output_contents."""
+    """Each output in raw_output_contents: the logits (FP32), or the classification strings
+    (BYTES, each element length-prefixed, as tritonclient reads them)."""
     response = pb.ModelInferResponse(
         model_name=answer.model, model_version=answer.version or "", id=answer.id or ""
     )
     response.parameters["variant"].string_param = answer.variant
     for out, array in answer.outputs:
-        array = np.ascontiguousarray(array, dtype="<f4")
-        response.outputs.add(name=out.name, datatype="FP32", shape=list(array.shape))
-        response.raw_output_contents.append(array.tobytes())
+        response.outputs.add(name=out.name, datatype=datatype_of(array), shape=list(array.shape))
+        response.raw_output_contents.append(raw_bytes(array))
     return response
+
+
+def model_config(config: dict) -> pb.ModelConfigResponse:
+    """The model configuration (service/metadata.py's dict, Triton's JSON) as protobuf."""
+    return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+
+def model_statistics(report: dict) -> pb.ModelStatisticsResponse:
+    """The statistics answer (service/statistics.py's dict, Triton's JSON) as protobuf."""
+    return json_format.ParseDict(report, pb.ModelStatisticsResponse())

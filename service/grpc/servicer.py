@@ -186,6 +186,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             answer = await core.plane.infer(model, codec.decode(request))
         return codec.encode(answer)
 
+    # --- model configuration and statistics extensions
+    @rpc
+    async def ModelConfig(self, request, context) -> pb.ModelConfigResponse:
+        model = self.core.registry.get_ready(request.name, request.version or None)
+        return codec.model_config(metadata.model_config(model, self.core.settings))
+
+    @rpc
+    async def ModelStatistics(self, request, context) -> pb.ModelStatisticsResponse:
+        statistics = self.core.plane.statistics
+        return codec.model_statistics(statistics.answer(self.core.registry, request.name,
+                                                        request.version))  # fmt: skip
+
     # --- model repository extension: index open, load and unload need the admin token
     @rpc
     async def RepositoryIndex(self, request, context) -> pb.RepositoryIndexResponse:

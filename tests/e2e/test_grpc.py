@@ -170,7 +170,7 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
     output = raw_request()
     output.outputs.add(name="probs")
     classify = raw_request()
-    classify.outputs.add(name="logits").parameters["classification"].int64_param = 3
+    classify.outputs.add(name="logits").parameters["classification"].int64_param = -3
     hundred_dims = pb.ModelInferRequest(model_name="digits")
     hundred_dims.inputs.add(name="input", datatype="FP32", shape=[1] * 100)
     hundred_dims.inputs[0].contents.fp32_contents.append(0.0)
@@ -247,7 +247,8 @@ def hostile() -> dict[str, tuple[pb.ModelInferRequest, str, str]]:
         "variant type": (variant_int, invalid, "parameters.variant must be a string, got 3"),
         "unknown output": (output, invalid,
                            "unknown output 'probs'; this model has outputs ['logits']"),
-        "classification": (classify, invalid, "the classification extension is not supported"),
+        "classification": (classify, invalid, "output 'logits': parameters.classification must "
+                           "be a whole number of classes, at least 1, got -3"),
         "too many rows": (raw_request(np.zeros((65, 1, 8, 8), np.float32)), busy,
                           "65 images in one request, over the limit of 64: split the batch"),
         "over max_body_bytes": (raw_request(np.zeros((4000, 1, 8, 8), np.float32)), busy,

@@ -124,7 +124,10 @@ async def _metadata_calls(stub, pb) -> dict:
 
 def test_metadata_and_health(child, models_dir):
     answers = served(child, models_dir, "_metadata_calls")
-    assert answers["server"] == ("bnfold", ["model_repository"])
+    assert answers["server"] == (
+        "bnfold",
+        ["model_repository", "classification", "statistics", "model_configuration"],
+    )
     assert answers["model"] == (
         "digits",
         ["1"],

@@ -116,8 +116,10 @@ def test_outputs_default_to_json_and_follow_binary_data_flags():
     [
         ({"outputs": [{"name": "probs"}]}, "unknown output 'probs'; this model has outputs"),
         ({"parameters": {"binary_data_output": "yes"}}, "must be true or false, got 'yes'"),
-        ({"outputs": [{"name": "logits", "parameters": {"classification": 3}}]},
-         "the classification extension is not supported"),
+        ({"outputs": [{"name": "logits", "parameters": {"classification": 0}}]},
+         "parameters.classification must be a whole number of classes, at least 1, got 0"),
+        ({"outputs": [{"name": "logits", "parameters": {"classification": "3"}}]},
+         "parameters.classification must be a whole number of classes, at least 1, got '3'"),
     ],
 )  # fmt: skip
 def test_bad_output_requests_are_refused(extra, message):

@@ -1,0 +1,189 @@
+"""The statistics extension: per model and version, what the data plane did, as Triton reports
+it (GET /v2/models[/{model}[/versions/{version}]]/stats, gRPC ModelStatistics).
+
+Kept by the data plane (service/dataplane.py) for every inference and predict call it answers,
+whichever protocol carried it, and by the batcher for each run it makes (`CountingRunner`):
+
+- `inference_count`: rows (images) of the successful requests; `execution_count`: runs of the
+  model's sessions (one run may serve several requests: dynamic batching);
+- `success` / `fail`: requests and their time in the data plane, from the decoded request to
+  the built answer (reading the body and encoding the answer, at the protocol's edge, are not
+  in it; nor are requests refused before the data plane, such as 503 when the queue is full);
+- `compute_input`: turning the request's tensors or images into the model's input array;
+  `compute_infer`: the run that served the request (each request of a batch is charged the
+  whole run, as Triton does); `queue`: the rest of its time in the batcher (waiting for the
+  model and for companions); `compute_output`: building the answer (the classification
+  strings);
+- `batch_stats`: the runs by their number of rows, with their compute_infer time.
+
+One `Statistics` per process: with several workers (BNFOLD_WORKERS > 1) each answers with its
+own counts, those of the calls that reached it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from service.batching import BatchingRunner
+
+if TYPE_CHECKING:
+    from service.registry import LoadedModel, ModelRegistry
+
+DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+
+
+@dataclass
+class Duration:
+    """Triton's StatisticDuration: how many, and their total nanoseconds."""
+
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+    def report(self) -> dict[str, int]:
+        return {"count": self.count, "ns": self.ns}
+
+
+@dataclass
+class ModelStatistics:
+    """One model version's counts since the process started."""
+
+    name: str
+    version: str
+    last_inference: int = 0  # milliseconds since the epoch
+    inference_count: int = 0
+    execution_count: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    in_runner_ns: int = 0  # successful requests' time in the runner: their queue and run
+    batches: dict[int, Duration] = field(default_factory=dict)  # rows per run -> runs
+
+    def queue(self) -> Duration:
+        """Time in the runner less the runs that served the requests, per successful request."""
+        return Duration(self.success.count, max(0, self.in_runner_ns - self.compute_infer.ns))
+
+    def report(self) -> dict:
+        """As Triton's JSON (and, through it, the ModelStatistics protobuf message)."""
+        durations = {name: getattr(self, name) for name in DURATIONS if name != "queue"}
+        stats = {name: d.report() for name, d in durations.items()}
+        stats["queue"] = self.queue().report()
+        stats["cache_hit"] = stats["cache_miss"] = Duration().report()
+        return {
+            "name": self.name,
+            "version": self.version,
+            "last_inference": self.last_inference,
+            "inference_count": self.inference_count,
+            "execution_count": self.execution_count,
+            "inference_stats": {name: stats[name] for name in (*DURATIONS, "cache_hit",
+                                                               "cache_miss")},
+            "batch_stats": [
+                {"batch_size": rows, "compute_input": Duration(runs.count).report(),
+                 "compute_infer": runs.report(), "compute_output": Duration(runs.count).report()}
+                for rows, runs in sorted(self.batches.items())
+            ],
+        }  # fmt: skip
+
+
+class Call:
+    """One request's record while the data plane answers it (`Statistics.call`)."""
+
+    def __init__(self, stats: ModelStatistics, runs_counted: bool) -> None:
+        self.stats = stats
+        self.rows = 0
+        self.runs_counted = runs_counted  # the runner reports its runs (else: one per call)
+        self.in_runner_ns = 0
+
+    @contextmanager
+    def timing(self, what: str) -> Iterator[None]:
+        """Add the block's time to `what` (compute_input, compute_output) if it succeeds."""
+        started = time.perf_counter_ns()
+        yield
+        getattr(self.stats, what).add(time.perf_counter_ns() - started)
+
+    @contextmanager
+    def in_runner(self, rows: int) -> Iterator[None]:
+        """The block hands `rows` rows to the runner and waits for their logits."""
+        started = time.perf_counter_ns()
+        yield
+        ns = time.perf_counter_ns() - started
+        self.rows += rows
+        self.in_runner_ns += ns
+        if not self.runs_counted:
+            self.stats.execution_count += 1
+            self.stats.compute_infer.add(ns)
+            self.stats.batches.setdefault(rows, Duration()).add(ns)
+
+
+class Statistics:
+    """Every model version's statistics in this process."""
+
+    def __init__(self) -> None:
+        self.models: dict[tuple[str, str], ModelStatistics] = {}
+        self.runs_counted = False  # set by CountingRunner: it reports each run
+
+    def of(self, name: str, version: str | None) -> ModelStatistics:
+        key = (name, version or "")
+        stats = self.models.get(key)
+        if stats is None:
+            stats = self.models[key] = ModelStatistics(*key)
+        return stats
+
+    @contextmanager
+    def call(self, model: LoadedModel) -> Iterator[Call]:
+        """Record one request on `model`: success or fail, with its time, when the block ends."""
+        stats = self.of(model.name, model.version)
+        call = Call(stats, self.runs_counted)
+        started = time.perf_counter_ns()
+        try:
+            yield call
+        except BaseException:
+            stats.fail.add(time.perf_counter_ns() - started)
+            stats.last_inference = time.time_ns() // 1_000_000
+            raise
+        stats.success.add(time.perf_counter_ns() - started)
+        stats.last_inference = time.time_ns() // 1_000_000
+        stats.inference_count += call.rows
+        stats.in_runner_ns += call.in_runner_ns
+
+    def executed(self, model: LoadedModel, requests: int, rows: int, seconds: float) -> None:
+        """One run of `model`'s sessions, of `rows` rows, that served `requests` requests."""
+        stats = self.of(model.name, model.version)
+        ns = round(seconds * 1e9)
+        stats.execution_count += 1
+        stats.compute_infer.add(ns * requests, requests)
+        stats.batches.setdefault(rows, Duration()).add(ns)
+
+    def report(self, models: list[tuple[str, str | None]]) -> dict:
+        """Triton's statistics answer for these (name, version) pairs, zeros where unused."""
+        return {"model_stats": [self.of(name, version).report() for name, version in models]}
+
+    def answer(self, registry: ModelRegistry, name: str = "", version: str | None = None) -> dict:
+        """The statistics extension's answer: one ready model (404 unknown, 503 not ready), or
+        every ready model when `name` is empty, as REST and gRPC both ask."""
+        if name:
+            model = registry.get_ready(name, version or None)
+            return self.report([(model.name, model.version)])
+        return self.report([(row.name, row.version) for row in registry.index(ready_only=True)])
+
+
+class CountingRunner(BatchingRunner):
+    """The batcher, reporting each run it makes to the statistics."""
+
+    def __init__(self, statistics: Statistics, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.statistics = statistics
+        statistics.runs_counted = True
+
+    def _record(self, lane, model, requests: int, rows: int, seconds: float) -> None:  # noqa: ANN001
+        super()._record(lane, model, requests, rows, seconds)
+        self.statistics.executed(model, requests, rows, seconds)
