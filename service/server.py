@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import resource
 import signal
 import socket
 from types import FrameType
@@ -31,7 +32,7 @@ import uvicorn
 from service.app import create_app
 from service.config import Settings
 from service.process import Core
-from service.shutdown import DrainingHttpProtocol, adopt_backlog, serve_adopted
+from service.shutdown import ConnectionCap, DrainingHttpProtocol, adopt_backlog, serve_adopted
 
 if TYPE_CHECKING:
     from service.grpc.server import GrpcServer
@@ -125,8 +126,46 @@ class DrainingServer(uvicorn.Server):
         )
 
 
+MAX_RAISED_FILES = 65536  # the open-files limit is raised this far at most (its hard limit)
+
+
+def raise_files_limit() -> int:
+    """Raise this process's soft open-files limit (RLIMIT_NOFILE) towards its hard limit, as
+    servers do; the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = MAX_RAISED_FILES if hard == resource.RLIM_INFINITY else min(hard, MAX_RAISED_FILES)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError) as exc:  # a sandbox that forbids it: keep the soft limit
+            log.debug("open-files limit kept at %d: %s", soft, exc)
+    return soft
+
+
+def connection_cap(settings: Settings) -> ConnectionCap:
+    """BNFOLD_MAX_CONNECTIONS, or (0) the open-files limit less a reserve for the gRPC server's
+    connections, model files, pipes and logs: a quarter of it, at least 64."""
+    files = raise_files_limit()
+    derived = max(files - max(64, files // 4), 16)
+    limit = settings.max_connections or derived
+    if settings.max_connections > derived:
+        log.warning(
+            "BNFOLD_MAX_CONNECTIONS=%d leaves no reserve under the open-files limit (%d): "
+            "new connections may be dropped unanswered past %d",
+            settings.max_connections,
+            files,
+            derived,
+        )
+    return ConnectionCap(limit, files)
+
+
 def uvicorn_config(settings: Settings, core: Core | None = None) -> uvicorn.Config:
-    protocol = functools.partial(DrainingHttpProtocol, header_timeout_s=settings.header_timeout_s)
+    protocol = functools.partial(
+        DrainingHttpProtocol,
+        header_timeout_s=settings.header_timeout_s,
+        cap=connection_cap(settings),
+    )
     return uvicorn.Config(
         create_app(settings, core=core),
         host=settings.host,

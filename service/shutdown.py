@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 log = logging.getLogger(__name__)
 MAX_PIPELINED = 32  # requests of one connection waiting for their turn, past the running one
 FEED_BYTES = 4096  # received bytes are parsed this many at a time, to stop at MAX_PIPELINED
+CONNECTIONS_LOG_EVERY_S = 10.0  # the connection cap's log line, at most this often
 MALFORMED = (
     "malformed HTTP request: the request line or a header could not be parsed; send HTTP/1.1 "
     "(RFC 9112)"
@@ -66,23 +68,57 @@ class DrainingHttpProtocol(HttpToolsProtocol):
     as `nc -N` does) is answered before the connection closes, where asyncio closed it; at most
     `MAX_PIPELINED` pipelined requests wait on one connection (`PipelineFlowControl`).
 
+    At most `max_connections` connections are open in this worker (`ConnectionCap`): past it, a
+    new connection takes the place of the longest idle one, or is answered 503 when none is
+    idle; at the open-files limit the kernel's accept would otherwise fail, and the event loop
+    dropped new connections unanswered and unlogged.
+
     uvicorn makes one per connection with its own arguments: `protocol_factory` binds
-    `header_timeout_s` (BNFOLD_HEADER_TIMEOUT_S)."""
+    `header_timeout_s` (BNFOLD_HEADER_TIMEOUT_S) and `cap`."""
 
     draining = False
     _partial = False  # a request has begun (bytes parsed) but its headers are not complete
     _header_timer: asyncio.TimerHandle | None = None
     _held = memoryview(b"")  # received, not parsed yet: parsing waits for the pipeline
     _feed_scheduled = False
+    idle_since = 0.0  # loop time of the last response completed (or of the connection)
 
-    def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout_s: float = 10.0,
+        cap: ConnectionCap | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
+        self.cap = cap
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.flow = PipelineFlowControl(transport, self)
+        self.idle_since = self.loop.time()
+        if self.cap is not None and not self.cap.admit(self):
+            return  # answered 503 and closed
         self._arm_header_timer()  # the first request's headers are due within the timeout
+
+    def on_response_complete(self) -> None:
+        self.idle_since = self.loop.time()
+        super().on_response_complete()
+
+    def refuse_busy(self, message: str) -> None:
+        """Answer 503 before any request was read, and close."""
+        body = json.dumps({"error": message}).encode()
+        head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+        head += [k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers]
+        head += [
+            b"content-type: application/json\r\n",
+            b"content-length: " + str(len(body)).encode() + b"\r\n",
+            b"retry-after: 1\r\n",
+            b"connection: close\r\n\r\n",
+        ]
+        self.transport.write(b"".join(head) + body)
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
@@ -197,6 +233,64 @@ class DrainingHttpProtocol(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.close()
         return cut
+
+
+class ConnectionCap:
+    """At most `limit` open HTTP connections in this worker, kept below the open-files limit.
+
+    A connection past the cap closes the longest idle one (no request in progress: a client
+    that sent nothing yet, or a kept-alive connection between requests) to take its place;
+    when every connection has a request in progress, the new one is answered 503 and closed.
+    Either is logged, at most once every CONNECTIONS_LOG_EVERY_S, with the counts since."""
+
+    def __init__(self, limit: int, fd_limit: int | None = None) -> None:
+        self.limit = limit
+        self.fd_limit = fd_limit
+        self.evicted = self.refused = 0
+        self._logged_at = -CONNECTIONS_LOG_EVERY_S
+
+    def admit(self, new: DrainingHttpProtocol) -> bool:
+        connections = new.connections
+        if len(connections) <= self.limit:
+            return True
+        oldest = None
+        for other in connections:
+            if other is new or not isinstance(other, DrainingHttpProtocol) or not other.idle():
+                continue
+            if other.transport.is_closing():
+                continue
+            if oldest is None or other.idle_since < oldest.idle_since:
+                oldest = other
+        if oldest is not None:
+            oldest.transport.close()
+            connections.discard(oldest)  # gone now for the count (connection_lost follows)
+            self.evicted += 1
+            self._log(len(connections))
+            return True
+        self.refused += 1
+        self._log(len(connections))
+        new.refuse_busy(
+            f"server busy: {self.limit} connections open, each with a request in progress "
+            "(BNFOLD_MAX_CONNECTIONS); retry later"
+        )
+        connections.discard(new)
+        return False
+
+    def _log(self, open_now: int) -> None:
+        now = time.monotonic()
+        if now - self._logged_at < CONNECTIONS_LOG_EVERY_S:
+            return
+        self._logged_at = now
+        files = f", open-files limit {self.fd_limit}" if self.fd_limit else ""
+        log.warning(
+            "connection limit reached: %d open (BNFOLD_MAX_CONNECTIONS %d%s); so far %d idle "
+            "connection(s) closed to make room and %d new one(s) answered 503",
+            open_now,
+            self.limit,
+            files,
+            self.evicted,
+            self.refused,
+        )
 
 
 def adopt_backlog(servers: Iterable[asyncio.AbstractServer]) -> list[socket.socket]:
