@@ -65,8 +65,8 @@ LABELS = {
 }
 VERSIONS = {  # the packages whose versions each peer's virtualenv reports
     "triton": ("nvidia-pytriton", "onnxruntime"),
-    "kserve": ("kserve", "onnxruntime", "uvicorn", "grpcio"),
-    "mlserver": ("mlserver", "onnxruntime", "uvloop", "grpcio"),
+    "kserve": ("kserve", "onnxruntime", "fastapi", "pydantic", "uvicorn", "uvloop", "grpcio"),
+    "mlserver": ("mlserver", "onnxruntime", "fastapi", "pydantic", "uvicorn", "uvloop", "grpcio"),
 }
 
 
