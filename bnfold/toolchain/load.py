@@ -7,6 +7,7 @@ the CLI prints as one line.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,10 @@ def load_onnx(path: Path) -> LoadedOnnx:
         ) from None
     if not model.HasField("graph") or not model.graph.node:
         raise ModelImportError(f"{path}: not an ONNX model (no graph with nodes in the file)")
+    _check_node_count(model, path)
     files = _attach_external_data(model, path)
     _check(model, path)
+    _check_tensor_sizes(model, path)
     return LoadedOnnx(path=path, model=model, sha256=sha256_file(path), external_files=files)
 
 
@@ -101,6 +104,42 @@ def _check_size(model: onnx.ModelProto, path: Path, external_bytes: int) -> None
             f"{path}: the model and its weights are {total / 2**30:.1f} GiB, over protobuf's "
             "2 GiB limit for one ONNX file; bnfold bundles hold single-file models"
         )
+
+
+# Budgets, so that a small hostile or broken file cannot take the machine: the published CNN
+# families have a few hundred to a few thousand nodes and no tensor near 2^28 values per image.
+MAX_NODES = 20_000
+MAX_TENSOR_VALUES = 2**28  # 1 GiB of float32 for one input; every image's tensors add up
+
+
+def _check_node_count(model: onnx.ModelProto, path: Path) -> None:
+    n = len(model.graph.node)
+    if n > MAX_NODES:
+        raise ModelImportError(
+            f"{path}: {n} nodes, over the {MAX_NODES} this tool folds and proves (the published "
+            "CNN families have a few thousand at most)"
+        )
+
+
+def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """Refuse a graph whose shapes, as onnx infers them for one input (a variable dim counted as
+    1), make a tensor of more than MAX_TENSOR_VALUES values: the reference and onnxruntime would
+    allocate it for every input."""
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:  # the checker passed; shapes it cannot infer stay unknown
+        return
+    for vi in (*inferred.graph.value_info, *inferred.graph.output):
+        tt = vi.type.tensor_type
+        if not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else 1 for d in tt.shape.dim]
+        values = math.prod(max(1, d) for d in dims)
+        if values > MAX_TENSOR_VALUES:
+            raise ModelImportError(
+                f"{path}: tensor {vi.name!r} would hold {values:.3g} values ({dims}) for one "
+                f"input, over the {MAX_TENSOR_VALUES:.3g} this tool allows"
+            )
 
 
 def _check(model: onnx.ModelProto, path: Path) -> None:

@@ -63,12 +63,7 @@ def test_import_writes_a_bundle_like_training(tmp_path, models):
     src = save(original, tmp_path / "net.onnx")
     m = import_model(src, ImportOptions(name="net", models_dir=models))
     d = models / "net"
-    assert sorted(p.name for p in d.iterdir()) == [
-        "bundle.json",
-        "check_inputs.npy",
-        "folded.onnx",
-        "unfolded.onnx",
-    ]
+    assert sorted(p.name for p in d.iterdir()) == ["bundle.json", "folded.onnx", "unfolded.onnx"]
     assert load_bundle(d) == m  # checksums as written
     assert m.imported.sha256 == sha256_file(src)
     assert m.files["unfolded"].op_counts["BatchNormalization"] == 1
@@ -703,3 +698,55 @@ def test_fold_keeps_onnxruntime_quiet_when_the_original_fails_to_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "not measured: the original fails on random inputs" in proc.stdout
     assert proc.stderr == "" and "\x1b" not in proc.stdout
+
+
+def _constant_of_shape_bomb() -> onnx.ModelProto:
+    """11 bytes of graph that would allocate 1e9 floats: ReduceSum(ConstantOfShape([1e9])) * 0."""
+    h = onnx.helper
+    nodes = [
+        h.make_node(
+            "ConstantOfShape",
+            ["shp"],
+            ["big"],
+            value=numpy_helper.from_array(np.ones(1, np.float32)),
+        ),
+        h.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+        h.make_node("Mul", ["s", "zero"], ["z"]),
+        h.make_node("Add", ["x", "z"], ["y"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.array([10**9], np.int64), "shp"),
+        numpy_helper.from_array(np.zeros(1, np.float32), "zero"),
+    ]
+    io = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 3]) for n in ("x", "y")]
+    return h.make_model(h.make_graph(nodes, "g", io[:1], io[1:], inits),
+                        opset_imports=[h.make_opsetid("", 17)])  # fmt: skip
+
+
+def _identity_chain(n: int) -> onnx.ModelProto:
+    h = onnx.helper
+    names = ["x", *(f"t{i}" for i in range(n - 1)), "y"]
+    nodes = [h.make_node("Identity", [a], [b]) for a, b in zip(names, names[1:], strict=False)]
+    io = [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, ["N", 3]) for n in ("x", "y")]
+    return h.make_model(
+        h.make_graph(nodes, "g", io[:1], io[1:]), opset_imports=[h.make_opsetid("", 17)]
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "fragment"),
+    [
+        (_constant_of_shape_bomb, "tensor 'big' would hold 1e+09 values"),
+        (lambda: _identity_chain(100_000), "100000 nodes, over the 20000"),
+    ],
+)
+def test_models_over_the_budget_are_refused_at_once(tmp_path, models, build, fragment):
+    """Before: 33 s at 7.7 GB (the ConstantOfShape) and 53-87 s at 6.5 GB (the Identity chain),
+    and a bundle written. Now both are refused from their shapes and node count."""
+    src = save(build(), tmp_path / "m.onnx")
+    for args in (["fold", str(src), str(tmp_path / "f.onnx")],
+                 ["import", str(src), "--name", "m", "--models-dir", str(models)]):  # fmt: skip
+        proc = subprocess.run([BNFOLD, *args], capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+        assert fragment in proc.stderr and proc.stdout == ""
+    assert not (tmp_path / "f.onnx").exists() and not models.exists()
