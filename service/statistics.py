@@ -102,13 +102,14 @@ class Call:
         self.rows = 0
         self.runs_counted = runs_counted  # the runner reports its runs (else: one per call)
         self.in_runner_ns = 0
+        self.ns = {"compute_input": 0, "compute_output": 0}  # counted when the request succeeds
 
     @contextmanager
     def timing(self, what: str) -> Iterator[None]:
-        """Add the block's time to `what` (compute_input, compute_output) if it succeeds."""
+        """Add the block's time to `what` (compute_input, compute_output)."""
         started = time.perf_counter_ns()
         yield
-        getattr(self.stats, what).add(time.perf_counter_ns() - started)
+        self.ns[what] += time.perf_counter_ns() - started
 
     @contextmanager
     def in_runner(self, rows: int) -> Iterator[None]:
@@ -154,6 +155,8 @@ class Statistics:
         stats.last_inference = time.time_ns() // 1_000_000
         stats.inference_count += call.rows
         stats.in_runner_ns += call.in_runner_ns
+        for what, ns in call.ns.items():  # as Triton: a failed request's times are in `fail`
+            getattr(stats, what).add(ns)
 
     def executed(self, model: LoadedModel, requests: int, rows: int, seconds: float) -> None:
         """One run of `model`'s sessions, of `rows` rows, that served `requests` requests."""
