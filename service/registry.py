@@ -456,32 +456,41 @@ class ModelRegistry:
         service, in one assignment: requests already admitted finish on the sessions they
         hold. A bundle that fails verification is not served, and the version served before
         (if any) stays in service: 400 with the reason."""
+        path = self.existing_bundle(name)
+        async with self._changing:  # one load at a time: the last one asked wins, whole
+            model = await anyio.to_thread.run_sync(self.verify, path)
+            if not model.ready:
+                raise self.refused(name, model)
+            self.install(name, model)
+        log.info("bundle %s in service (version %s)", name, model.version)
+        return model
+
+    def existing_bundle(self, name: str) -> Path:
+        """The folder of bundle `name`; 404 when it holds no bundle.json."""
         path = self.bundle_path(name)
         if not (path / "bundle.json").is_file():
             raise NotFound(
                 f"no bundle {name!r} in {self.settings.models_dir}: write {name}/bundle.json and "
                 "its ONNX files there first"
             )
-        providers = resolve_providers(self.settings.provider)
-        async with self._changing:  # one load at a time: the last one asked wins, whole
-            model = await anyio.to_thread.run_sync(
-                load_model,
-                path,
-                providers,
-                self.settings.threads,
-                self.settings.thread_spinning,
-                self.settings.engine,
-            )
-            if not model.ready:
-                old = self.models.get(name)
-                kept = "; the version loaded before is still served" if old and old.ready else ""
-                raise BadInput(
-                    f"bundle {name!r} failed verification, not loaded: {model.error}{kept}"
-                )
-            self.models[name] = model
-            self.unloaded.discard(name)
-        log.info("bundle %s in service (version %s)", name, model.version)
-        return model
+        return path
+
+    def verify(self, path: Path) -> LoadedModel:
+        """Blocking: `load_model` with this registry's settings."""
+        s = self.settings
+        providers = resolve_providers(s.provider)
+        return load_model(path, providers, s.threads, s.thread_spinning, s.engine)
+
+    def refused(self, name: str, model: LoadedModel) -> BadInput:
+        """The 400 for a bundle that failed verification (the old version stays)."""
+        old = self.models.get(name)
+        kept = "; the version loaded before is still served" if old and old.ready else ""
+        return BadInput(f"bundle {name!r} failed verification, not loaded: {model.error}{kept}")
+
+    def install(self, name: str, model: LoadedModel) -> None:
+        """Put a verified model in service, in one assignment."""
+        self.models[name] = model
+        self.unloaded.discard(name)
 
     async def reload(self, name: str) -> LoadedModel:
         """Load again a model the registry knows (404 otherwise)."""
