@@ -45,6 +45,27 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """Control characters escaped ('\\n', '\\x1b'): a value from a client or a bundle (a
+    version with a newline in it) cannot start a forged line in a text log, nor send terminal
+    escape codes."""
+    if not CONTROL.search(text):
+        return text
+    return CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode(), text)
+
+
+class TextFormatter(logging.Formatter):
+    """TEXT_FORMAT, one line per message: control characters in the message are escaped (a
+    traceback, added after it, keeps its lines)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, request id, extra `fields`."""
 
@@ -67,7 +88,7 @@ def log_handler(fmt: str = "text", stream=None) -> logging.Handler:
     """A stream handler (stderr by default) with the request id filter and the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.addFilter(RequestIdFilter())
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     return handler
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from bnfold.errors import BadInput, validation_message
+from service.errors import shown
 from service.request import (
     InferRequest,
     InferResponse,
@@ -60,8 +61,17 @@ def _validate_header(raw: bytes) -> InferenceRequest:
         if errors and errors[0]["type"] == "json_invalid":
             raise BadInput(f"malformed JSON in the inference request: {errors[0]['msg']}") from None
         raise BadInput(
-            f"invalid inference request: {validation_message(_parameter_errors(errors))}"
+            f"invalid inference request: {validation_message(_clipped(_parameter_errors(errors)))}"
         ) from None
+
+
+def _clipped(errors: list) -> list:
+    """Each error's location with a client's long key (a 1 MB parameter name) cut short."""
+    return [{**e, "loc": tuple(_part(p) for p in e.get("loc", ()))} for e in errors]
+
+
+def _part(part: object) -> object:
+    return shown(part) if isinstance(part, str) and len(repr(part)) > 80 else part
 
 
 PARAMETER_TYPES = ("bool", "int", "float", "str")  # the members of schemas.ParameterValue
@@ -91,11 +101,13 @@ def _split_binary(request: InferenceRequest, tail: bytes) -> dict[int, bytes]:
         if size is None:
             if tensor.data is None:
                 raise BadInput(
-                    f"input {tensor.name!r} has neither 'data' nor parameters.binary_data_size"
+                    f"input {shown(tensor.name)} has neither 'data' nor parameters.binary_data_size"
                 )
             continue
         if tensor.data is not None:
-            raise BadInput(f"input {tensor.name!r} has both 'data' and binary_data_size: pick one")
+            raise BadInput(
+                f"input {shown(tensor.name)} has both 'data' and binary_data_size: pick one"
+            )
         chunks[i] = tail[offset : offset + size]
         offset += size
     if offset != len(tail):
@@ -111,7 +123,7 @@ def _binary_size(tensor: RequestInput) -> int | None:
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-        raise BadInput(f"input {tensor.name!r}: binary_data_size must be a byte count >= 0")
+        raise BadInput(f"input {shown(tensor.name)}: binary_data_size must be a byte count >= 0")
     return size
 
 
@@ -160,8 +172,15 @@ def _binary_output(request: InferenceRequest) -> bool:
 def _flag(parameters: Parameters | None, key: str, where: str) -> bool:
     value = (parameters or {}).get(key, False)
     if not isinstance(value, bool):
-        raise BadInput(f"{where}: parameters.{key} must be true or false, got {value!r}")
+        raise BadInput(
+            f"{shown_name(where)}: parameters.{key} must be true or false, got {shown(value)}"
+        )
     return value
+
+
+def shown_name(where: str) -> str:
+    """'request', or an output's name as sent (cut when long)."""
+    return where if len(where) <= 80 else shown(where)
 
 
 def encode(answer: InferResponse, request: InferRequest) -> tuple[bytes, int | None]:

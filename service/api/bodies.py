@@ -16,6 +16,7 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
 from bnfold.errors import BadInput, UnsupportedMediaType
+from service.errors import shown
 from service.images import Upload, check_image_count, too_many_images
 from service.threads import INLINE_BYTES, CpuThreads
 
@@ -36,7 +37,7 @@ def refuse_content_encoding(request: Request) -> None:
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
         raise UnsupportedMediaType(
-            f"Content-Encoding {encoding!r} is not supported: send the body uncompressed"
+            f"Content-Encoding {shown(encoding)} is not supported: send the body uncompressed"
         )
 
 
@@ -62,8 +63,13 @@ async def read_images(request: Request, max_images: int, also: str = "") -> Imag
         return ImageBody(await request.body(), multipart=header, max_images=max_images)
     if ctype.startswith("image/") or ctype == "application/octet-stream":
         return ImageBody(await request.body())
-    shown = ctype or "no Content-Type"
-    raise UnsupportedMediaType(f"unsupported Content-Type {shown}: {HOW_TO_SEND}{also}")
+    given = shown_type(ctype) if ctype else "no Content-Type"
+    raise UnsupportedMediaType(f"unsupported Content-Type {given}: {HOW_TO_SEND}{also}")
+
+
+def shown_type(ctype: str) -> str:
+    """A client's media type for an error message: as sent when short, else cut."""
+    return ctype if len(ctype) <= 80 and ctype.isprintable() else shown(ctype)
 
 
 @dataclass
@@ -276,9 +282,11 @@ def _decode(value: bytes, charset: str) -> str:
 
 def _upload(key: str, value: Upload | str) -> Upload:
     if key not in IMAGE_FIELDS:
-        raise BadInput(f"unexpected form field {key!r}: send images under the field 'files'")
+        raise BadInput(f"unexpected form field {shown(key)}: send images under the field 'files'")
     if not isinstance(value, Upload):
-        raise BadInput(f"form field {key!r} holds text, not a file: use curl -F {key}=@digit.png")
+        raise BadInput(
+            f"form field {shown(key)} holds text, not a file: use curl -F files=@digit.png"
+        )
     return value
 
 
@@ -288,7 +296,7 @@ async def read_json_or_binary(request: Request) -> bytes:
     ctype = media_type(request)
     if ctype not in ("", JSON_TYPE, "application/octet-stream") and not ctype.endswith("+json"):
         raise UnsupportedMediaType(
-            f"unsupported Content-Type {ctype}: send application/json, or "
+            f"unsupported Content-Type {shown_type(ctype)}: send application/json, or "
             "application/octet-stream with Inference-Header-Content-Length for binary tensors"
         )
     return await request.body()

@@ -11,7 +11,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from service.errors import NotFound
+from service.errors import NotFound, shown
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 MEDIA_TYPES = {
@@ -41,9 +41,19 @@ def static_files() -> list[str]:
 
 def _asset(name: str) -> FileResponse:
     path = STATIC_DIR / name
-    if name.startswith(".") or path.suffix not in MEDIA_TYPES or not path.is_file():
-        raise NotFound(f"no static file {name!r}; the page's files are {', '.join(static_files())}")
+    if name.startswith(".") or path.suffix not in MEDIA_TYPES or not _is_file(path):
+        raise NotFound(
+            f"no static file {shown(name)}; the page's files are {', '.join(static_files())}"
+        )
     return FileResponse(path, media_type=MEDIA_TYPES[path.suffix], headers=HEADERS)
+
+
+def _is_file(path: Path) -> bool:
+    """Whether `path` is a file; False for a name the filesystem refuses (too long, say)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 @router.api_route("/", methods=["GET", "HEAD"])

@@ -95,7 +95,7 @@ async def _load_parameters(request: Request) -> list[str]:
         return []
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested past Python's recursion limit
         body = None
     parameters = body.get("parameters") if isinstance(body, dict) else None
     if not isinstance(body, dict) or not isinstance(parameters or {}, dict):
