@@ -23,8 +23,6 @@ own counts, those of the calls that reached it.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -95,34 +93,73 @@ class ModelStatistics:
 
 
 class Call:
-    """One request's record while the data plane answers it (`Statistics.call`)."""
+    """One request's record while the data plane answers it (`with Statistics.call(model)`):
+    success or fail with its time when the block ends. Plain classes, no generators: this runs
+    on every request, and costs a few microseconds this way."""
+
+    __slots__ = ("stats", "runs_counted", "started", "rows", "in_runner_ns", "ns")
 
     def __init__(self, stats: ModelStatistics, runs_counted: bool) -> None:
         self.stats = stats
-        self.rows = 0
         self.runs_counted = runs_counted  # the runner reports its runs (else: one per call)
+        self.started = time.perf_counter_ns()
+        self.rows = 0
         self.in_runner_ns = 0
         self.ns = {"compute_input": 0, "compute_output": 0}  # counted when the request succeeds
 
-    @contextmanager
-    def timing(self, what: str) -> Iterator[None]:
-        """Add the block's time to `what` (compute_input, compute_output)."""
-        started = time.perf_counter_ns()
-        yield
-        self.ns[what] += time.perf_counter_ns() - started
+    def __enter__(self) -> Call:
+        return self
 
-    @contextmanager
-    def in_runner(self, rows: int) -> Iterator[None]:
-        """The block hands `rows` rows to the runner and waits for their logits."""
-        started = time.perf_counter_ns()
-        yield
-        ns = time.perf_counter_ns() - started
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        stats = self.stats
+        ns = time.perf_counter_ns() - self.started
+        stats.last_inference = time.time_ns() // 1_000_000
+        if kind is not None:  # as Triton: a failed request's time is in `fail` alone
+            stats.fail.add(ns)
+            return
+        stats.success.add(ns)
+        stats.inference_count += self.rows
+        stats.in_runner_ns += self.in_runner_ns
+        for what, spent in self.ns.items():
+            getattr(stats, what).add(spent)
+
+    def timing(self, what: str) -> _Timed:
+        """`with call.timing("compute_input")`: add the block's time to `what`."""
+        return _Timed(self, what, 0)
+
+    def in_runner(self, rows: int) -> _Timed:
+        """`with call.in_runner(rows)`: the block hands `rows` rows to the runner and waits
+        for their logits."""
+        return _Timed(self, "", rows)
+
+    def ran(self, rows: int, ns: int) -> None:
         self.rows += rows
         self.in_runner_ns += ns
         if not self.runs_counted:
             self.stats.execution_count += 1
             self.stats.compute_infer.add(ns)
             self.stats.batches.setdefault(rows, Duration()).add(ns)
+
+
+class _Timed:
+    """A timed block of a Call: a step's time (`what`), or the runner's (`rows` rows)."""
+
+    __slots__ = ("call", "what", "rows", "started")
+
+    def __init__(self, call: Call, what: str, rows: int) -> None:
+        self.call, self.what, self.rows = call, what, rows
+
+    def __enter__(self) -> None:
+        self.started = time.perf_counter_ns()
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            return
+        ns = time.perf_counter_ns() - self.started
+        if self.what:
+            self.call.ns[self.what] += ns
+        else:
+            self.call.ran(self.rows, ns)
 
 
 class Statistics:
@@ -139,24 +176,9 @@ class Statistics:
             stats = self.models[key] = ModelStatistics(*key)
         return stats
 
-    @contextmanager
-    def call(self, model: LoadedModel) -> Iterator[Call]:
-        """Record one request on `model`: success or fail, with its time, when the block ends."""
-        stats = self.of(model.name, model.version)
-        call = Call(stats, self.runs_counted)
-        started = time.perf_counter_ns()
-        try:
-            yield call
-        except BaseException:
-            stats.fail.add(time.perf_counter_ns() - started)
-            stats.last_inference = time.time_ns() // 1_000_000
-            raise
-        stats.success.add(time.perf_counter_ns() - started)
-        stats.last_inference = time.time_ns() // 1_000_000
-        stats.inference_count += call.rows
-        stats.in_runner_ns += call.in_runner_ns
-        for what, ns in call.ns.items():  # as Triton: a failed request's times are in `fail`
-            getattr(stats, what).add(ns)
+    def call(self, model: LoadedModel) -> Call:
+        """`with statistics.call(model) as call`: record one request on `model`."""
+        return Call(self.of(model.name, model.version), self.runs_counted)
 
     def executed(self, model: LoadedModel, requests: int, rows: int, seconds: float) -> None:
         """One run of `model`'s sessions, of `rows` rows, that served `requests` requests."""

@@ -76,3 +76,13 @@ def test_statistics_count_successes_failures_and_runs():
     assert report["batch_stats"][0]["compute_infer"] == {"count": 2, "ns": 4_000_000}
     unused = stats.report([("other", None)])["model_stats"][0]
     assert unused["name"] == "other" and unused["inference_count"] == 0
+
+
+def test_without_a_counting_runner_each_call_is_one_run():
+    stats = Statistics()  # a runner of a test's own: nothing reports the runs
+    with stats.call(model()) as call, call.in_runner(2):
+        pass
+    (report,) = stats.report([("digits", "1")])["model_stats"]
+    assert report["execution_count"] == 1 and report["inference_count"] == 2
+    assert report["inference_stats"]["compute_infer"]["count"] == 1
+    assert report["inference_stats"]["queue"] == {"count": 1, "ns": 0}
