@@ -1,8 +1,9 @@
 """The statistics extension: per model and version, what the data plane did, as Triton reports
 it (GET /v2/models[/{model}[/versions/{version}]]/stats, gRPC ModelStatistics).
 
-Kept by the data plane (service/dataplane.py) for every inference and predict call it answers,
-whichever protocol carried it, and by the batcher for each run it makes (`CountingRunner`):
+Kept by the data plane (service/dataplane.py) for every infer, predict and compare call it
+answers, whichever protocol carried it, and by the batcher for each run it makes
+(`CountingRunner`):
 
 - `inference_count`: rows (images) of the successful requests; `execution_count`: runs of the
   model's sessions (one run may serve several requests: dynamic batching);
@@ -11,9 +12,10 @@ whichever protocol carried it, and by the batcher for each run it makes (`Counti
   in it; nor are requests refused before the data plane, such as 503 when the queue is full);
 - `compute_input`: turning the request's tensors or images into the model's input array;
   `compute_infer`: the run that served the request (each request of a batch is charged the
-  whole run, as Triton does); `queue`: the rest of its time in the batcher (waiting for the
-  model and for companions); `compute_output`: building the answer (the classification
-  strings);
+  whole run, as Triton does; counted by the batcher for every request a run served, so a
+  request that fails after its run, output not finite or caller gone, is in it too); `queue`:
+  the successful requests' time in the batcher less their runs (waiting for the model and for
+  companions); `compute_output`: building the answer (the classification strings);
 - `batch_stats`: the runs by their number of rows, with their compute_infer time.
 
 One `Statistics` per process: with several workers (BNFOLD_WORKERS > 1) each answers with its
