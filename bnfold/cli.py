@@ -109,14 +109,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         models_dir=Path(args.models_dir),
         classes=read_class_file(Path(args.classes)) if args.classes else None,
         num_classes=args.num_classes,
-        layout=args.layout,
-        size=parse_size(args.size),
-        color_mode=args.color_mode,
-        scale=args.scale,
-        mean=args.mean,
-        std=args.std,
-        samples=Path(args.samples) if args.samples else None,
-        input_name=args.input,
+        **_preprocess_options(args),
         output_name=args.output,
         force=args.force,
         int8=int8_options(args),
@@ -206,18 +199,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             raise BnfoldError(f"{path}: no BN statistics check stored; pass --samples FOLDER")
         print("\n".join(summary_lines(check)))
         return 1 if check.flagged else 0
-    opts = ImportOptions(
-        name="-",
-        layout=args.layout,
-        size=parse_size(args.size),
-        color_mode=args.color_mode,
-        scale=args.scale,
-        mean=args.mean,
-        std=args.std,
-        samples=Path(args.samples) if args.samples else None,
-        input_name=args.input,
-    )
-    check = diagnose(path, opts)
+    check = diagnose(path, ImportOptions(name="-", **_preprocess_options(args)))
     print("\n".join(summary_lines(check)))
     return 1 if check.flagged else 0
 
@@ -238,6 +220,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
     print("\n".join(res.lines))
     print(f"{bundle}: {'verified' if res.ok else 'VERIFICATION FAILED'}")
     return 0 if res.ok else 1
+
+
+def _preprocess_options(args: argparse.Namespace) -> dict:
+    """ImportOptions' fields from _add_preprocess_arguments' flags and --samples."""
+    return {
+        "layout": args.layout,
+        "size": parse_size(args.size),
+        "color_mode": args.color_mode,
+        "scale": args.scale,
+        "mean": args.mean,
+        "std": args.std,
+        "samples": Path(args.samples) if args.samples else None,
+        "input_name": args.input,
+    }
 
 
 def _add_preprocess_arguments(p: argparse.ArgumentParser) -> None:

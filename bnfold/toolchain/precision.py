@@ -25,6 +25,7 @@ from bnfold.toolchain.engines import OpenVinoSession, bf16_unavailable_reason, c
 from bnfold.toolchain.quantize import (
     MAX_ACCURACY_DROP_POINTS,
     MIN_TOP1_AGREEMENT,
+    accuracies,
     failure_reason,
 )
 from bnfold.toolchain.sessions import make_session
@@ -77,11 +78,7 @@ def bf16_report(
     want = run_all(make_session(Path(folded), "folded"), input_name, output, x)
     got = run_all(OpenVinoSession(Path(folded), "bf16"), input_name, output, x)
     stats = diff_stats(got, want)
-    acc_f = acc_v = drop = None
-    if labels is not None:
-        right_f, right_v = (int(np.sum(v.argmax(1) == labels)) for v in (want, got))
-        acc_f, acc_v = right_f / len(labels), right_v / len(labels)
-        drop = 100.0 * (right_f - right_v) / len(labels)
+    acc_f, acc_v, drop = accuracies(got, want, labels)
     reason = failure_reason(stats, drop, split, "bf16")
     return ReducedPrecisionReport(
         precision="bf16",

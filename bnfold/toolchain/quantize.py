@@ -309,13 +309,7 @@ def int8_report(
 ) -> Int8Report:
     """int8 vs folded float32 logits (N, K), accuracies when labels (N,) are given, the verdict."""
     stats = diff_stats(int8_logits, folded_logits)
-    acc_f = acc_i = drop = None
-    if labels is not None:
-        right_f = int(np.sum(np.argmax(folded_logits, 1) == labels))
-        right_i = int(np.sum(np.argmax(int8_logits, 1) == labels))
-        n = len(labels)
-        acc_f, acc_i = right_f / n, right_i / n
-        drop = 100.0 * (right_f - right_i) / n  # from counts: 10 of 1000 is exactly 1.0 point
+    acc_f, acc_i, drop = accuracies(int8_logits, folded_logits, labels)
     return Int8Report(
         split=split,
         n_images=len(int8_logits),
@@ -329,6 +323,16 @@ def int8_report(
         passed=(reason := failure_reason(stats, drop, split)) is None,
         reason=reason,
     )
+
+
+def accuracies(variant: np.ndarray, folded: np.ndarray, labels: np.ndarray | None):
+    """(folded accuracy, variant accuracy, drop in points) on labels (N,), or three Nones."""
+    if labels is None:
+        return None, None, None
+    right_f = int(np.sum(np.argmax(folded, 1) == labels))
+    right_v = int(np.sum(np.argmax(variant, 1) == labels))
+    n = len(labels)
+    return right_f / n, right_v / n, 100.0 * (right_f - right_v) / n  # 10 of 1000: 1.0 point
 
 
 def failure_reason(
