@@ -40,7 +40,7 @@ from bnfold.toolchain.sessions import make_session
 MIN_IMAGES = 32
 MEAN_SHIFT_FLOOR = 0.5  # running stds
 LOG_VAR_FLOOR = math.log(2.0)  # a factor 2 of variance
-CHUNK_VALUES = 2**22  # input values fed to onnxruntime at once
+CHUNK_VALUES = 2**20  # input values per run: every BN input of the chunk is held at once
 
 
 class TooFewImages(BnfoldError):
