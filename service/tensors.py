@@ -19,6 +19,7 @@ import numpy as np
 from bnfold.bundle import TensorSpec
 from bnfold.errors import BadInput
 from service.errors import shown, shown_list
+from service.images import too_many_images  # the one message for too many rows
 
 NUMPY_DTYPE = {"FP32": np.dtype("<f4")}  # what this server's models take and answer
 MAX_DIM = 2**31 - 1  # numpy refuses larger dimensions even when another one is 0
@@ -120,6 +121,19 @@ def check_header(
         raise BadInput(
             shape_error(spec, shape) or f"input {spec.name!r}: shape {dims(shape)} is too large"
         )
+    return math.prod(shape)
+
+
+def check_declared(name: str, shape: Sequence[int], spec: TensorSpec | None, max_rows: int) -> int:
+    """A tensor's declared shape against the request limits, before its elements are read:
+    413 for more rows than BNFOLD_MAX_IMAGES_PER_REQUEST, 400 for a shape the model does not
+    take (when `spec` is known). Returns the element count the shape implies."""
+    if len(shape) > MAX_RANK or any(not isinstance(d, int) or d < 0 for d in shape):
+        raise BadInput(f"input {shown(name)}: shape {dims(shape)} is not a list of sizes >= 0")
+    if shape and shape[0] > max_rows:
+        raise too_many_images(max_rows, shape[0])
+    if spec is not None and (error := shape_error(spec, shape)):
+        raise BadInput(error)
     return math.prod(shape)
 
 

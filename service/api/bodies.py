@@ -15,7 +15,8 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, MultipartState, parse_options_header
 
-from bnfold.errors import BadInput, UnsupportedMediaType
+from bnfold.errors import BadInput, BnfoldError, UnsupportedMediaType
+from service import v2codec
 from service.errors import shown
 from service.images import Upload, check_image_count, too_many_images
 from service.threads import INLINE_BYTES, CpuThreads
@@ -299,4 +300,28 @@ async def read_json_or_binary(request: Request) -> bytes:
             f"unsupported Content-Type {shown_type(ctype)}: send application/json, or "
             "application/octet-stream with Inference-Header-Content-Length for binary tensors"
         )
-    return await request.body()
+    body = await request.body()
+    _check_declared_shapes(request, body)
+    return body
+
+
+def _check_declared_shapes(request: Request, body: bytes) -> None:
+    """A large JSON body's declared shapes against the model and the row limit before it is
+    parsed (v2codec.check_declared_shapes): its parse's memory stays bounded."""
+    if len(body) < v2codec.CHECK_FROM:
+        return
+    core = getattr(request.app.state, "core", None)
+    if core is None:
+        return
+    header = request.headers.get(v2codec.HEADER_LENGTH)
+    header_length = int(header) if header and header.isdigit() else None
+    if header_length is not None and not 0 < header_length <= len(body):
+        return  # the decoder says what is wrong with it
+    spec = None
+    try:
+        model = core.registry.get(request.path_params.get("model", ""),
+                                  request.path_params.get("version"))  # fmt: skip
+        spec = model.manifest.input if model.manifest is not None else None
+    except BnfoldError:
+        pass  # unknown: the route says so
+    v2codec.check_declared_shapes(body, header_length, spec, core.settings.max_images_per_request)
