@@ -1,9 +1,12 @@
 """Admission: who gets into the server, for how long, and the drain flag.
 
 Protocol-free. Every inference request (REST or gRPC) holds one of its model's
-`max_queue_size` slots while it is served (`Admission.admit`), under the request timeout or the
-client's own deadline when that is shorter: the model it is given is the one it runs on, even
-if the registry replaces it meanwhile. A full queue is refused at once (503 / UNAVAILABLE with
+`max_queue_size` slots while it is served (`Admission.admit`), from the moment its body has
+arrived: REST bodies are read whole before the route runs (service/api/middleware.py, with a
+minimum rate), gRPC messages are whole when a call starts, so a client that trickles its body
+holds a connection, never a slot. The slot is held under the request timeout, or the client's
+own deadline when that is shorter; the model a request is given is the one it runs on, even if
+the registry replaces it meanwhile. A full queue is refused at once (503 / UNAVAILABLE with
 Retry-After), a request past its time is cancelled (504 / DEADLINE_EXCEEDED).
 """
 
