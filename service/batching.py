@@ -24,6 +24,7 @@ import contextlib
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -91,13 +92,16 @@ class BatchingRunner:
         max_delay_s: float = 0.002,
         metrics: Metrics | None = None,
         inline_run_s: float = 0.0,
+        on_run: Callable[[LoadedModel, int, int, float], None] | None = None,
     ) -> None:
+        """`on_run(model, requests, rows, seconds)` hears of every run (the statistics)."""
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be at least 1, got {max_batch_size}")
         self.max_batch_size = max_batch_size
         self.max_delay_s = max_delay_s
         self.inline_run_s = inline_run_s  # cheaper runs are done on the event loop
         self.metrics = metrics or Metrics()
+        self.on_run = on_run
         self.lanes: dict[tuple[str, str], _Lane] = {}
         self.closed = False
 
@@ -242,6 +246,8 @@ class BatchingRunner:
         engine = model.engines.get(lane.variant)
         if engine is not None:
             m.child(m.engine_runs, *labels, engine.engine, engine.precision).inc()
+        if self.on_run is not None:
+            self.on_run(model, requests, rows, seconds)
 
 
 def _timed_run(model: LoadedModel, variant: str, x: np.ndarray) -> tuple[np.ndarray, float]:

@@ -21,13 +21,14 @@ import numpy as np
 from bnfold.bundle import INT8, TensorSpec
 from bnfold.equivalence import diff_stats, is_equivalent, layer_diffs
 from bnfold.errors import BadInput
+from service.batching import BatchingRunner
 from service.config import Settings
 from service.images import predictions, preprocess_uploads, too_many_images
 from service.metrics import Metrics
 from service.registry import PROBED, LoadedModel
 from service.request import InferRequest, InferResponse, answered_outputs, output_array
 from service.schemas import CompareResponse, Int8Comparison, PredictResponse
-from service.statistics import Call, CountingRunner, Statistics
+from service.statistics import Call, Statistics
 from service.tensors import input_array, shape_error
 from service.threads import CpuThreads
 
@@ -82,13 +83,16 @@ class DataPlane:
         self.settings = settings
         self.threads = threads
         self.statistics = Statistics()  # the statistics extension's counts, this process's
-        self.runner: Runner = runner or CountingRunner(
-            self.statistics,
-            settings.max_batch_size,
-            settings.max_delay_ms / 1000,
-            metrics,
-            settings.inline_run_us / 1e6,
-        )
+        if runner is None:
+            self.statistics.runs_counted = True  # the batcher reports each run
+            runner = BatchingRunner(
+                settings.max_batch_size,
+                settings.max_delay_ms / 1000,
+                metrics,
+                settings.inline_run_us / 1e6,
+                on_run=self.statistics.executed,
+            )
+        self.runner: Runner = runner
 
     async def aclose(self) -> None:
         await self.runner.aclose()

@@ -3,7 +3,7 @@ it (GET /v2/models[/{model}[/versions/{version}]]/stats, gRPC ModelStatistics).
 
 Kept by the data plane (service/dataplane.py) for every infer, predict and compare call it
 answers, whichever protocol carried it, and by the batcher for each run it makes
-(`CountingRunner`):
+(the batcher's `on_run`):
 
 - `inference_count`: rows (images) of the successful requests; `execution_count`: runs of the
   model's sessions (one run may serve several requests: dynamic batching);
@@ -27,8 +27,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
-
-from service.batching import BatchingRunner
 
 if TYPE_CHECKING:
     from service.registry import LoadedModel, ModelRegistry
@@ -169,7 +167,7 @@ class Statistics:
 
     def __init__(self) -> None:
         self.models: dict[tuple[str, str], ModelStatistics] = {}
-        self.runs_counted = False  # set by CountingRunner: it reports each run
+        self.runs_counted = False  # set when the batcher reports each run
 
     def of(self, name: str, version: str | None) -> ModelStatistics:
         key = (name, version or "")
@@ -201,16 +199,3 @@ class Statistics:
             model = registry.get_ready(name, version or None)
             return self.report([(model.name, model.version)])
         return self.report([(row.name, row.version) for row in registry.index(ready_only=True)])
-
-
-class CountingRunner(BatchingRunner):
-    """The batcher, reporting each run it makes to the statistics."""
-
-    def __init__(self, statistics: Statistics, *args: object, **kwargs: object) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-        self.statistics = statistics
-        statistics.runs_counted = True
-
-    def _record(self, lane, model, requests: int, rows: int, seconds: float) -> None:  # noqa: ANN001
-        super()._record(lane, model, requests, rows, seconds)
-        self.statistics.executed(model, requests, rows, seconds)
