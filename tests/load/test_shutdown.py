@@ -35,6 +35,12 @@ def queue_depth(metrics_text: str) -> float:
     return float(match.group(1)) if match else 0.0
 
 
+def in_flight(metrics_text: str) -> float:
+    """Requests being answered, the /metrics request that reads it included."""
+    match = re.search(r"^bnfold_requests_in_flight (\S+)$", metrics_text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
 def predict_request(png: bytes, request_id: str, host: str) -> tuple[bytes, bytes]:
     """(head, body) of a multipart predict of one PNG, as raw HTTP/1.1 bytes."""
     body = (
@@ -90,18 +96,20 @@ def test_sigterm_serves_every_request_on_open_connections_then_exits_0(start_ser
         response = conn.getresponse()
         assert response.status == 200 and response.getheader("connection") != "close"
         response.read()
-    # Slow bodies first (admitted, then waiting for the rest of the body), then ordinary ones.
+    # Slow bodies first (in flight, waiting for the rest of the body: admitted only once it has
+    # arrived), then ordinary ones (admitted, queued behind the slow runs).
     slow = {}
     for i in range(ORDINARY, ORDINARY + SLOW):
         head, body = predict_request(png[i], f"req-{i}", host)
         slow[i] = (connected(port), body[len(body) // 2 :])
         slow[i][0].sendall(head + body[: len(body) // 2])
-    wait_for(lambda: queue_depth(server.metrics()) == SLOW)
+    wait_for(lambda: in_flight(server.metrics()) == SLOW + 1)
     ordinary = {}
     for i in range(ORDINARY):
         ordinary[i] = connected(port)
         ordinary[i].sendall(b"".join(predict_request(png[i], f"req-{i}", host)))
-    wait_for(lambda: queue_depth(server.metrics()) == ORDINARY + SLOW)
+    wait_for(lambda: queue_depth(server.metrics()) == ORDINARY)
+    assert in_flight(server.metrics()) == ORDINARY + SLOW + 1
 
     sent = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
