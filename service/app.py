@@ -23,7 +23,7 @@ from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
 from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
 from service.dataplane import Runner
-from service.errors import wire_error
+from service.errors import MAX_SHOWN, wire_error
 from service.metadata import server_version
 from service.process import Core
 
@@ -111,7 +111,10 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
     message = str(exc.detail)
     if exc.status_code == 404 and message == "Not Found":
-        message = f"no route {request.method} {request.url.path}; the API is listed at /docs"
+        path = request.url.path
+        if len(path) > MAX_SHOWN:  # a 50 KB unknown path is not echoed whole
+            path = f"{path[:MAX_SHOWN]}... ({len(path)} characters)"
+        message = f"no route {request.method} {path}; the API is listed at /docs"
     elif exc.status_code == 405:
         message = f"method {request.method} not allowed on {request.url.path}"
     return error_response(exc.status_code, message, exc.headers)

@@ -66,7 +66,7 @@ def variant_of(parameters: Mapping[str, object] | None) -> str:
     model's to say (LoadedModel.check_variant, in the data plane)."""
     variant = (parameters or {}).get("variant", DEFAULT_VARIANT)
     if not isinstance(variant, str):
-        raise BadInput(f"parameters.variant must be a string, got {variant!r}")
+        raise BadInput(f"parameters.variant must be a string, got {shown(variant)}")
     return variant
 
 

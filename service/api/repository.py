@@ -64,7 +64,7 @@ async def index(request: Request, body: IndexRequest | None = None) -> list[Inde
 @router.post(
     "/models/{model}/load",
     response_model=RepositoryChange,
-    responses={**errors(400, 404), **ADMIN_ERRORS},
+    responses={**errors(400, 404, 503), **ADMIN_ERRORS},
 )
 async def load(model: ModelName, request: Request) -> RepositoryChange:
     """Verify the bundle on disk, then serve it in place of the loaded one (if any); a bundle
