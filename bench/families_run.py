@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import shutil
 import subprocess
@@ -307,9 +308,10 @@ def markdown(results: dict) -> str:
     lines += ["", "Refused rows, with the reason bnfold gives:", ""]
     for row in results["rows"]:
         reasons = row.get("import", {}).get("refused_reasons") or []
-        if reasons:
+        if reasons:  # node names left out: one line per kind of reason
+            kinds = sorted({re.sub(r"'[^']*'", "'…'", r.replace("\n", " ")) for r in reasons})
             label = row.get("display", row["family"])
-            lines.append(f"- {label}: " + "; ".join(r.replace("\n", " ") for r in reasons))
+            lines.append(f"- {label}: " + "; ".join(kinds))
     lines += ["", "## Goals", "", "| goal | family | measured | |", "|---|---|---|---|"]
     for g in results["goals"]:
         m = g["measured"]
