@@ -239,12 +239,12 @@ def goals(rows: list[dict]) -> list[dict]:
 
 
 def environment(argv: list[str]) -> dict:
-    from bench.run import _cpu_count, _mem_gib, cpu_model, git_commit
+    from bench.provenance import cpu_count, cpu_model, git_commit, mem_gib
 
     return {
         "command": " ".join(["python -m bench.families_run", *argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()}, {_cpu_count()} cores, {_mem_gib():.0f} GiB",
+        "machine": f"{cpu_model()}, {cpu_count()} cores, {mem_gib():.0f} GiB",
         "python": sys.version.split()[0],
         "bnfold": f"commit {git_commit()}",
         "load average at start": " ".join(f"{v:.2f}" for v in os.getloadavg()),

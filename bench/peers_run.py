@@ -548,23 +548,23 @@ def markdown(result: dict) -> str:
 
 
 def environment(command: str, bnfold_env: dict) -> dict:
-    from bench.run import _cpu_count, _mem_gib, bnfold_settings, cpu_model, git_commit
+    from bench.provenance import bnfold_settings, cpu_count, cpu_model, git_commit, mem_gib
 
     return {
         "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()}, {_cpu_count()} cores, {_mem_gib():.0f} GiB, "
+        "machine": f"{cpu_model()}, {cpu_count()} cores, {mem_gib():.0f} GiB, "
         f"Python {platform.python_version()}, {platform.libc_ver()[0]} {platform.libc_ver()[1]}",
         "bnfold": f"commit {git_commit()}; settings: {bnfold_settings(bnfold_env)}",
     }
 
 
 def write(result: dict, out: Path) -> list[Path]:
-    from bench.report import _finite
+    from bench.provenance import finite
 
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "peers.json", out / "peers.md"]
-    paths[0].write_text(json.dumps(_finite(result), indent=1, default=str) + "\n")
+    paths[0].write_text(json.dumps(finite(result), indent=1, default=str) + "\n")
     paths[1].write_text(markdown(result))
     return paths
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from bench.plots import plot_model_exec, plot_serving
+from bench.provenance import finite
 
 PEER_COLUMNS = (
     ("bare", "x bare"),
@@ -30,7 +31,7 @@ def write(results: dict, out: Path, docs: Path | None = None) -> list[Path]:
     """Write every artefact; returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
     paths = [out / "results.json", out / "results.md"]
-    paths[0].write_text(json.dumps(_finite(results), indent=2, default=str) + "\n")
+    paths[0].write_text(json.dumps(finite(results), indent=2, default=str) + "\n")
     plots = plot_serving(results, out / "serving.png")
     plots += plot_model_exec(results, out / "model_exec.png")
     results_md = "# bnfold benchmark results\n\n" + markdown(results, [p.name for p in plots])
@@ -64,17 +65,6 @@ def main(argv: list[str] | None = None) -> int:
     for path in write(results, args.results.parent, args.docs):
         print(f"wrote {path}")
     return 0
-
-
-def _finite(value):
-    """A copy with NaN and infinities as None: results.json stays strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _relative(path: Path, start: Path) -> str:

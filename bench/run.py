@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.plan import FULL, QUICK, Plan
+from bench.provenance import bnfold_settings, cpu_count, cpu_model, git_commit, mem_gib
 
 REPO = Path(__file__).resolve().parent.parent
 INSTALL_HINT = "install them with: bash scripts/install_bench_deps.sh"
@@ -170,7 +171,7 @@ def environment(argv: list[str], plan: Plan) -> dict:
     return {
         "command": " ".join(["python -m bench.run", *argv]),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{cpu_model()}, {_cpu_count()} cores, {_mem_gib():.0f} GiB",
+        "machine": f"{cpu_model()}, {cpu_count()} cores, {mem_gib():.0f} GiB",
         "python": platform.python_version(),
         "packages": ", ".join(
             f"{p} {version(p)}"
@@ -179,44 +180,6 @@ def environment(argv: list[str], plan: Plan) -> dict:
         "load generator": wrk.split(" Copyright")[0],
         "bnfold": f"commit {git_commit()}; settings: {bnfold_settings(plan.bnfold_env)}",
     }
-
-
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
-        return proc.stdout.strip()
-
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
-    return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
-
-
-def bnfold_settings(env: dict[str, str]) -> str:
-    """The served settings that shape performance (threads, provider, batching when present)."""
-    from service.config import Settings
-
-    wanted = ("threads", "provider", "batch", "delay", "queue", "timeout")
-    values = Settings(**{k.removeprefix("BNFOLD_").lower(): v for k, v in env.items()}).model_dump()
-    return ", ".join(f"{k}={v}" for k, v in values.items() if any(w in k for w in wanted))
-
-
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
-
-
-def _cpu_count() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
-
-
-def _mem_gib() -> float:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith("MemTotal"):
-            return int(line.split()[1]) / 2**20
-    return 0.0
 
 
 def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bool) -> dict:
