@@ -7,6 +7,7 @@ flags the user gave, and refuse with one actionable sentence what does not fit.
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,7 +84,7 @@ def _pick_input(model: onnx.ModelProto, path: Path, input_name: str | None):
         if len(inputs) != 1:
             raise ModelImportError(
                 f"{path}: the model has {len(inputs)} inputs ({', '.join(names) or 'none'}); "
-                "name the image input with --input NAME"
+                f"name the image input with --input NAME{_constants_hint(inputs)}"
             )
         return inputs[0]
     if input_name not in names:
@@ -95,9 +96,27 @@ def _pick_input(model: onnx.ModelProto, path: Path, input_name: str | None):
         raise ModelImportError(
             f"{path}: the model's other input(s) {', '.join(others)} would have no value: the "
             f"server feeds only the image {input_name!r}; export a model whose only input is "
-            "the image"
+            f"the image{_constants_hint([i for i in inputs if i.name in others])}"
         )
     return inputs[names.index(input_name)]
+
+
+def _constants_hint(inputs: list[onnx.ValueInfoProto]) -> str:
+    """Inputs of a fixed shape are often constants an exporter turned into inputs (Keras 3's
+    Normalization layer exports its mean and variance so): say so, and what to do."""
+
+    def small_and_fixed(vi: onnx.ValueInfoProto) -> bool:
+        d = dims(vi)
+        return d is not None and all(isinstance(v, int) for v in d) and math.prod(d) <= 4096
+
+    fixed = [i.name for i in inputs if small_and_fixed(i)]
+    if not fixed:
+        return ""
+    return (
+        f" ({', '.join(fixed)}: a fixed shape and no value in the file, as when an exporter makes "
+        "a constant an input, e.g. a Keras Normalization layer's mean and variance: export the "
+        "model without that layer and give --mean/--std instead)"
+    )
 
 
 def _infer_layout(shape: list, name: str, path: Path) -> str:

@@ -750,3 +750,24 @@ def test_models_over_the_budget_are_refused_at_once(tmp_path, models, build, fra
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
         assert fragment in proc.stderr and proc.stdout == ""
     assert not (tmp_path / "f.onnx").exists() and not models.exists()
+
+
+def test_constants_exported_as_inputs_are_named_with_what_to_do(tmp_path, models):
+    """Keras 3's Normalization layer exports its mean and variance as graph inputs with no value:
+    the refusal says so instead of only asking for --input (which would be refused next)."""
+    m = classifier("NCHW", "bn", batch="N")
+    m.graph.input.append(
+        onnx.helper.make_tensor_value_info("norm/Sub/y:0", onnx.TensorProto.FLOAT, [1, 3, 1, 1])
+    )
+    m.graph.node.insert(0, onnx.helper.make_node("Sub", ["x", "norm/Sub/y:0"], ["xs"]))
+    for node in m.graph.node[1:]:
+        node.input[:] = ["xs" if v == "x" else v for v in node.input]
+    src = save(m, tmp_path / "k.onnx")
+    for extra in ([], ["--input", "x"]):
+        proc = subprocess.run(
+            [BNFOLD, "import", str(src), "--name", "k", "--models-dir", str(models), *extra],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1
+        assert "Keras Normalization layer's mean and variance" in proc.stderr
+        assert "--mean/--std" in proc.stderr
