@@ -85,9 +85,21 @@ def markdown(results: dict, plots: list[str]) -> str:
         _fold_cost(results),
         _model_exec(results),
         _int8(results),
+        _engines(results),
         f"## Plots\n\n{images}\n",
     ]
     return "\n".join(p for p in parts if p)
+
+
+def _engines(results: dict) -> str:
+    engines = results.get("engines")
+    if not engines:
+        return ""
+    if "error" in engines:
+        return f"## Engines and precisions (in process)\n\nNot measured: {engines['error']}\n"
+    from bench.engines import markdown as engines_markdown
+
+    return engines_markdown(engines)
 
 
 def _workers(results: dict) -> str:

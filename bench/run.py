@@ -74,6 +74,16 @@ def int8_section(models: dict, plan: Plan, work: Path) -> dict:
     return results
 
 
+def engines_section(models: dict, plan: Plan) -> dict:
+    """onnxruntime and OpenVINO at each precision, in process (bench/engines.py)."""
+    if importlib.util.find_spec("openvino") is None:
+        return {"error": "openvino is not installed (pip install 'bnfold[openvino]')"}
+    from bench import engines
+
+    batches = sorted({1, min(16, max(plan.batch_sizes))})
+    return engines.measure(models, batches, plan.point_seconds * 4)
+
+
 def serve_models(models: dict, limits: dict, plan: Plan, work: Path) -> dict:
     from bench import serving
 
@@ -194,6 +204,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         models = prepare_models(plan, work)
         exec_results = execute_models(models, plan)
         int8 = int8_section(models, plan, work)
+        engines = engines_section(models, plan)
         serving = serve_models(models, exec_results["limits"], plan, work)
         int8["served"] = int8_bench.served(serving["rows"], max(plan.concurrency))
         grpc = grpc_section(plan, out) if "digits" in plan.serve_models else {}
@@ -215,6 +226,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "preprocess_ms": pre,
         "model_exec": exec_results,
         "int8": int8,
+        "engines": engines,
         "serving": serving,
         "grpc_vs_rest": grpc,
         "workers": workers,
