@@ -41,7 +41,6 @@ from bnfold.bundle import (
     verify_checksums,
 )
 from bnfold.errors import BadInput, BnfoldError, BundleError
-from bnfold.preprocess import generated_batch
 from bnfold.toolchain.engines import (
     OpenVinoSession,
     bf16_unavailable_reason,
@@ -57,7 +56,6 @@ log = logging.getLogger(__name__)
 PROBED = ("folded", "unfolded")  # the variants compare's per-layer differences read
 BF16 = "bf16"
 REDUCED = (INT8, BF16)  # variants measured again on this CPU before they are served
-N_GENERATED_CHECKS = 64  # generated check inputs for a bundle that stores none
 
 
 @dataclass(frozen=True)
@@ -296,10 +294,15 @@ def _recheck_reduced(model: LoadedModel) -> None:
         for variant in variants:
             _refuse(model, variant, exc)
         return
-    source = m.check_inputs.source if x is not None and m.check_inputs else None
+    if m.check_inputs is None:  # a bundle made before bundles kept them: served as proved
+        log.info("bundle %s: %s not measured again (no check inputs)", model.name, variants)
+        return
     if x is None:
-        x = generated_batch(m.input.preprocess, N_GENERATED_CHECKS, seed=0)
-        source = f"{N_GENERATED_CHECKS} generated inputs"
+        why = f"{m.check_inputs.path} is missing or its sha256 differs from the manifest"
+        for variant in variants:
+            _refuse(model, variant, f"cannot be checked on this CPU: {why}")
+        return
+    source = m.check_inputs.source
     want = _run_rows(model, "folded", x)
     for variant in variants:
         try:

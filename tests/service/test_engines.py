@@ -168,3 +168,18 @@ def test_check_inputs_stored_with_an_int8_bundle_match_its_manifest(bundle_src, 
     shutil.copytree(bundle_src, tmp_path / "b")
     np.save(tmp_path / "b" / "check_inputs.npy", x[:2])  # tampered: refused, not trusted
     assert load_check_inputs(tmp_path / "b", m) is None
+
+
+def test_check_inputs_decide_whether_int8_is_measured_again(copy_bundle):
+    """Tampered check inputs cannot prove a variant: refused. A bundle made before bundles kept
+    check inputs has none: served as it was proved at export."""
+    bundle = copy_bundle()
+    np.save(bundle / "check_inputs.npy", np.zeros((2, 1, 8, 8), np.float32))
+    model = load_model(bundle, CPU)
+    assert model.ready and "int8" not in model.sessions
+    assert "check_inputs.npy is missing or its sha256 differs" in model.variant_errors["int8"]
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    manifest.pop("check_inputs")
+    (bundle / "bundle.json").write_text(json.dumps(manifest))
+    (bundle / "check_inputs.npy").unlink()
+    assert "int8" in load_model(bundle, CPU).sessions
