@@ -20,7 +20,7 @@ help:
 	@echo "make verify       verify models/digits (checksums, BN counts, equivalence)"
 	@echo "make lint         ruff check + format check + hadolint"
 	@echo "make format       ruff format + ruff check --fix"
-	@echo "make bench        benchmarks into bench/results/ and docs/performance.md (about 15 minutes)"
+	@echo "make bench        benchmarks into bench/results/ and docs/performance.md (long: the model families and the peers are included)"
 	@echo "make proto        regenerate service/grpc/*_pb2*.py from service/grpc/inference.proto"
 	@echo "make system-deps  Chromium, wrk and a Docker engine for the end-to-end tests (make test runs it)"
 	@echo "make docker-deps  only the Docker engine and the local python:3.11-slim stand-in"
@@ -73,7 +73,8 @@ train: $(FAST_STAMP)
 verify: $(FAST_STAMP)
 	$(VENV)/bin/bnfold-train verify models/digits
 
-# Full benchmark (about 10-15 minutes): results in bench/results/, summary in docs/performance.md.
+# Full benchmark, long (the model families and the peer servers are included): results in
+# bench/results/, summary in docs/performance.md.
 # The peers (Triton, KServe, MLServer) go each into its own virtualenv under bench/.peers/, never
 # into .venv; one that fails to install is reported with its reason in bench/results/peers.md.
 bench: $(DEV_STAMP) system-deps
