@@ -26,8 +26,11 @@ PROG = "bnfold"
 class OneLineParser(argparse.ArgumentParser):
     """argparse, but a usage mistake is one line on stderr (exit 2), not usage + error."""
 
+    help_hint = True  # end the line with "(see PROG --help)"
+
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        hint = f" (see {self.prog} --help)" if self.help_hint else ""
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n")
 
 
 def _size(text: str) -> int | tuple[int, int]:
@@ -46,13 +49,9 @@ def _size(text: str) -> int | tuple[int, int]:
 
 def _count(text: str) -> int:
     """A class count: an integer >= 2 (a classifier has at least two classes)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 2:
-        raise argparse.ArgumentTypeError(f"a classifier has at least 2 classes, got {value}")
-    return value
+    from bnfold.toolchain.int8 import whole_number
+
+    return whole_number(text, 2, "expected an integer", "a classifier has at least 2 classes")
 
 
 def parse_size(values: list | None) -> tuple[int, int] | None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from bnfold.bundle import NAME_PATTERN
+from bnfold.cli import OneLineParser
 from bnfold.errors import BnfoldError
 from bnfold.preprocess import PreprocessSpec
 from bnfold.toolchain.int8 import (
@@ -286,11 +287,10 @@ def verification_split(bundle: Path, manifest, data: str | None):
     return generated_batch(spec, 256, seed), None  # the model's layout (NCHW, or NHWC)
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (no usage block) and exit 2."""
+class _Parser(OneLineParser):
+    """A usage error is one line (no usage block) and exit 2, as for `bnfold`."""
 
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message}\n")
+    help_hint = False
 
 
 def _number(kind: type, low: float, *, inclusive: bool = True):

@@ -116,14 +116,19 @@ def summary_line(r: Int8Report) -> str:
     )
 
 
-def _positive(text: str) -> int:
+def whole_number(text: str, low: int, not_int: str, too_low: str) -> int:
+    """An argparse value: an integer of at least `low`, or one line saying what is wrong."""
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"{not_int}, got {text!r}") from None
+    if value < low:
+        raise argparse.ArgumentTypeError(f"{too_low}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return whole_number(text, 1, "expected a positive integer", "expected a positive integer")
 
 
 def add_int8_variant(

@@ -22,12 +22,7 @@ from bnfold.bundle import (
 )
 from bnfold.equivalence import diff_stats
 from bnfold.toolchain.engines import OpenVinoSession, bf16_unavailable_reason, cpu_flags
-from bnfold.toolchain.quantize import (
-    MAX_ACCURACY_DROP_POINTS,
-    MIN_TOP1_AGREEMENT,
-    accuracies,
-    failure_reason,
-)
+from bnfold.toolchain.quantize import accuracies, failure_reason, verdict
 from bnfold.toolchain.sessions import make_session
 
 CHECK_INPUTS_FILE = "check_inputs.npy"
@@ -60,40 +55,26 @@ def bf16_report(
 ) -> ReducedPrecisionReport | None:
     """bf16 (OpenVINO) vs folded float32 (onnxruntime) on x; not passed, with the reason,
     where this CPU or installation cannot compute it (a server on another CPU may)."""
-    reason = bf16_unavailable_reason()
-    if reason is not None:
-        return ReducedPrecisionReport(
-            precision="bf16",
-            engine="openvino CPU",
-            cpu_features=list(cpu_flags()),
-            split=split,
-            n_images=0,
-            min_top1_agreement=MIN_TOP1_AGREEMENT,
-            max_accuracy_drop_points=MAX_ACCURACY_DROP_POINTS,
-            passed=False,
-            reason=f"not measured where the bundle was made: {reason}",
-        )
+    where = {"precision": "bf16", "cpu_features": list(cpu_flags()), "split": split}
+    unavailable = bf16_unavailable_reason()
+    if unavailable is not None:
+        why = f"not measured where the bundle was made: {unavailable}"
+        return ReducedPrecisionReport(engine="openvino CPU", n_images=0, **where, **verdict(why))
     import openvino
 
     want = run_all(make_session(Path(folded), "folded"), input_name, output, x)
     got = run_all(OpenVinoSession(Path(folded), "bf16"), input_name, output, x)
     stats = diff_stats(got, want)
     acc_f, acc_v, drop = accuracies(got, want, labels)
-    reason = failure_reason(stats, drop, split, "bf16")
     return ReducedPrecisionReport(
-        precision="bf16",
         engine=f"openvino {openvino.__version__} CPU",
-        cpu_features=list(cpu_flags()),
-        split=split,
         n_images=len(x),
         vs_folded=stats,
         accuracy_folded=acc_f,
         accuracy_variant=acc_v,
         accuracy_drop_points=drop,
-        min_top1_agreement=MIN_TOP1_AGREEMENT,
-        max_accuracy_drop_points=MAX_ACCURACY_DROP_POINTS,
-        passed=reason is None,
-        reason=reason,
+        **where,
+        **verdict(failure_reason(stats, drop, split, "bf16")),
     )
 
 

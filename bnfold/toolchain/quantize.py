@@ -318,11 +318,18 @@ def int8_report(
         accuracy_folded=acc_f,
         accuracy_int8=acc_i,
         accuracy_drop_points=drop,
-        min_top1_agreement=MIN_TOP1_AGREEMENT,
-        max_accuracy_drop_points=MAX_ACCURACY_DROP_POINTS,
-        passed=(reason := failure_reason(stats, drop, split)) is None,
-        reason=reason,
+        **verdict(failure_reason(stats, drop, split)),
     )
+
+
+def verdict(reason: str | None) -> dict:
+    """The criterion and the verdict, as every reduced-precision report states them."""
+    return {
+        "min_top1_agreement": MIN_TOP1_AGREEMENT,
+        "max_accuracy_drop_points": MAX_ACCURACY_DROP_POINTS,
+        "passed": reason is None,
+        "reason": reason,
+    }
 
 
 def accuracies(variant: np.ndarray, folded: np.ndarray, labels: np.ndarray | None):

@@ -20,17 +20,14 @@ from tritonclient.utils import InferenceServerException
 
 from bnfold.bundle import INT8_FILE
 from tests.e2e.conftest import serving
-from tests.service.test_int8 import add_int8, without_int8
+from tests.service.test_int8 import int8_copy
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
 def int8_dir(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("int8-e2e")
-    shutil.copytree(bundle_src, root / "digits")
-    without_int8(root / "digits")
-    add_int8(root / "digits")
+    root = int8_copy(bundle_src, tmp_path_factory.mktemp("int8-e2e"))
     shutil.copytree(root / "digits", root / "broken")
     raw = json.loads((root / "broken" / "bundle.json").read_text())
     raw["name"] = "broken"

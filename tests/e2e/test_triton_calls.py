@@ -30,6 +30,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.utils import InferenceServerException
 
 from tests.e2e.conftest import serving
+from tests.e2e.test_grpc import Server
 from tests.pinned import THREADS, pinned_direct
 
 pytestmark = pytest.mark.e2e
@@ -38,11 +39,6 @@ pytestmark = pytest.mark.e2e
 SETTINGS = {"workers": 1, "threads": THREADS, "max_batch_size": 16, "max_delay_ms": 3,
             "max_images_per_request": 48}  # fmt: skip
 PROTOCOLS = ["rest-json", "rest-binary", "grpc"]
-
-
-class Server:
-    def __init__(self, url: str, grpc_url: str) -> None:
-        self.url, self.grpc_url = url, grpc_url
 
 
 @pytest.fixture(scope="module")
@@ -245,11 +241,12 @@ def test_statistics_are_the_same_over_rest_and_grpc(rest, grpc_client, server, d
     assert grpc_client.get_inference_statistics("") == from_grpc
 
 
-def test_statistics_of_an_unknown_model(rest, grpc_client):
+@pytest.mark.parametrize("call", ["get_inference_statistics", "get_model_config"])
+def test_statistics_and_config_of_an_unknown_model(rest, grpc_client, call):
     with pytest.raises(InferenceServerException, match="unknown model 'cats'"):
-        rest.get_inference_statistics("cats")
+        getattr(rest, call)("cats")
     with pytest.raises(InferenceServerException, match="unknown model 'cats'") as caught:
-        grpc_client.get_inference_statistics("cats")
+        getattr(grpc_client, call)("cats")
     assert caught.value.status() == "StatusCode.NOT_FOUND"
 
 
@@ -278,11 +275,3 @@ def test_model_config_as_triton_reports_it(rest, grpc_client):
     assert got.input[0].format == mc.ModelInput.FORMAT_NCHW
     assert got.dynamic_batching.max_queue_delay_microseconds == 3000
     assert got.instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
-
-
-def test_model_config_of_an_unknown_model(rest, grpc_client):
-    with pytest.raises(InferenceServerException, match="unknown model 'cats'"):
-        rest.get_model_config("cats")
-    with pytest.raises(InferenceServerException, match="unknown model 'cats'") as caught:
-        grpc_client.get_model_config("cats")
-    assert caught.value.status() == "StatusCode.NOT_FOUND"

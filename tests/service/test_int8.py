@@ -38,13 +38,17 @@ def without_int8(bundle: Path) -> None:
     (bundle / INT8_FILE).unlink(missing_ok=True)
 
 
-@pytest.fixture(scope="module")
-def int8_models(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("int8-models")
+def int8_copy(bundle_src: Path, root: Path) -> Path:
+    """root/digits: the shipped bundle with an int8 variant made here, from these tests' data."""
     shutil.copytree(bundle_src, root / "digits")
     without_int8(root / "digits")
     add_int8(root / "digits")
     return root
+
+
+@pytest.fixture(scope="module")
+def int8_models(bundle_src: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return int8_copy(bundle_src, tmp_path_factory.mktemp("int8-models"))
 
 
 @pytest.fixture(scope="module")

@@ -30,17 +30,22 @@ def small_model(small_run):
     return model_from_checkpoint(load_checkpoint(small_run / "checkpoint.pt"))
 
 
-@pytest.fixture(scope="session")
-def small_bundle(small_model, digits_splits, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("models")
+def export_small(model, splits, out: Path, int8=None) -> Path:
+    """`model` exported as out/small, measured on the digits test split."""
     export_bundle(
-        small_model,
+        model,
         name="small",
-        classes=digits_splits.test.classes,
-        spec=digits_splits.test.spec,
-        eval_x=digits_splits.test.x,
+        classes=splits.test.classes,
+        spec=splits.test.spec,
+        eval_x=splits.test.x,
         split="test",
         out_dir=out,
         training_metrics={"data": "digits", "seed": 0},
+        int8=int8,
     )
     return out / "small"
+
+
+@pytest.fixture(scope="session")
+def small_bundle(small_model, digits_splits, tmp_path_factory) -> Path:
+    return export_small(small_model, digits_splits, tmp_path_factory.mktemp("models"))

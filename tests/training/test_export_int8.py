@@ -13,7 +13,7 @@ import pytest
 from bnfold.bundle import INT8_FILE, read_manifest, sha256_file
 from bnfold.toolchain.int8 import Int8Options, Int8Request
 from bnfold.toolchain.verify import verify_bundle
-from training.export import export_bundle
+from tests.training.conftest import export_small
 
 
 def logits(path, x: np.ndarray) -> np.ndarray:
@@ -25,18 +25,7 @@ def logits(path, x: np.ndarray) -> np.ndarray:
 
 def export(model, splits, out, calibration: np.ndarray):
     request = Int8Request(Int8Options(), calibration, "digits train split", splits.test.y)
-    export_bundle(
-        model,
-        name="small",
-        classes=splits.test.classes,
-        spec=splits.test.spec,
-        eval_x=splits.test.x,
-        split="test",
-        out_dir=out,
-        training_metrics={"data": "digits", "seed": 0},
-        int8=request,
-    )
-    return out / "small"
+    return export_small(model, splits, out, request)
 
 
 @pytest.fixture(scope="module")
