@@ -48,7 +48,13 @@ from bnfold.toolchain.engines import (
     openvino_capabilities,
 )
 from bnfold.toolchain.precision import load_check_inputs, recheck
-from bnfold.toolchain.sessions import CPU, make_probe_session, make_session, resolve_providers
+from bnfold.toolchain.sessions import (
+    CPU,
+    make_probe_session,
+    make_session,
+    resolve_providers,
+    run_logits,
+)
 from service.config import Settings
 from service.errors import NotFound, ServiceUnavailable, shown, shown_list
 
@@ -288,14 +294,14 @@ def _recheck_reduced(model: LoadedModel) -> None:
         return
     m = model.manifest
     assert m is not None
+    if m.check_inputs is None:  # a bundle made before bundles kept them: served as proved
+        log.info("bundle %s: %s not measured again (no check inputs)", model.name, variants)
+        return
     try:
         x = load_check_inputs(model.path, m)
     except BnfoldError as exc:  # read_manifest refuses this already; the files may have changed
         for variant in variants:
             _refuse(model, variant, exc)
-        return
-    if m.check_inputs is None:  # a bundle made before bundles kept them: served as proved
-        log.info("bundle %s: %s not measured again (no check inputs)", model.name, variants)
         return
     if x is None:
         why = f"{m.check_inputs.path} is missing or its sha256 differs from the manifest"
@@ -303,18 +309,15 @@ def _recheck_reduced(model: LoadedModel) -> None:
             _refuse(model, variant, f"cannot be checked on this CPU: {why}")
         return
     source = m.check_inputs.source
-    want = _run_rows(model, "folded", x)
+    names = m.input.name, m.output.name
+    want = run_logits(model.sessions["folded"], *names, x)
     for variant in variants:
         try:
-            reason = recheck(variant, _run_rows(model, variant, x), want, source)
+            reason = recheck(variant, run_logits(model.sessions[variant], *names, x), want, source)
         except Exception as exc:
             reason = f"its check on this CPU failed to run: {type(exc).__name__}: {exc}"
         if reason is not None:
             _refuse(model, variant, reason)
-
-
-def _run_rows(model: LoadedModel, variant: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    return np.concatenate([model.run(variant, x[i : i + batch]) for i in range(0, len(x), batch)])
 
 
 def _check_name(manifest: Manifest, path: Path) -> None:

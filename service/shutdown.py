@@ -108,13 +108,17 @@ class DrainingHttpProtocol(HttpToolsProtocol):
 
     def refuse_busy(self, message: str) -> None:
         """Answer 503 before any request was read, and close."""
+        self._answer_and_close(b"503 Service Unavailable", message, [b"retry-after: 1\r\n"])
+
+    def _answer_and_close(self, status: bytes, message: str, extra: list[bytes]) -> None:
+        """Write {"error": message} with `status` outside any request cycle, then close."""
         body = json.dumps({"error": message}).encode()
-        head = [b"HTTP/1.1 503 Service Unavailable\r\n"]
+        head = [b"HTTP/1.1 " + status + b"\r\n"]
         head += [k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers]
         head += [
             b"content-type: application/json\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",
-            b"retry-after: 1\r\n",
+            *extra,
             b"connection: close\r\n\r\n",
         ]
         self.transport.write(b"".join(head) + body)
@@ -169,16 +173,7 @@ class DrainingHttpProtocol(HttpToolsProtocol):
 
     def send_400_response(self, msg: str) -> None:
         """The request line or a header could not be parsed: {"error"} like every other 4xx."""
-        body = json.dumps({"error": MALFORMED}).encode()
-        head = [b"HTTP/1.1 400 Bad Request\r\n"]
-        head += [k + b": " + v + b"\r\n" for k, v in self.server_state.default_headers]
-        head += [
-            b"content-type: application/json\r\n",
-            b"content-length: " + str(len(body)).encode() + b"\r\n",
-            b"connection: close\r\n\r\n",
-        ]
-        self.transport.write(b"".join(head) + body)
-        self.transport.close()
+        self._answer_and_close(b"400 Bad Request", MALFORMED, [])
 
     def eof_received(self) -> bool | None:
         """The client closed its sending side. With a whole request received and not yet

@@ -35,7 +35,7 @@ from onnx import numpy_helper
 
 from bnfold.bundle import BnLayerCheck, BnStatisticsCheck
 from bnfold.errors import BnfoldError
-from bnfold.toolchain.sessions import make_session
+from bnfold.toolchain.sessions import make_session, within_budget
 
 MIN_IMAGES = 32
 MEAN_SHIFT_FLOOR = 0.5  # running stds
@@ -86,7 +86,7 @@ def batchnorm_nodes(model: onnx.ModelProto) -> list[BnNode]:
 
 
 def _chunks(x: np.ndarray):
-    step = max(1, CHUNK_VALUES // max(1, x[0].size))
+    step = within_budget(x[0].size, len(x), CHUNK_VALUES)
     for i in range(0, len(x), step):
         yield x[i : i + step]
 

@@ -292,9 +292,9 @@ def recalibrated(
     unfolded: onnx.ModelProto,
     image: ImageInput,
     output: str,
-    samples: Path | None,
-    classes: list[str],
+    samples: Path,
     x: np.ndarray,
+    labels: np.ndarray | None,
 ) -> tuple[onnx.ModelProto, Recalibration]:
     """--recalibrate: the served model with its BN statistics re-estimated on the samples, and
     what changed (top-1 agreement with the original; accuracy before and after when labeled)."""
@@ -303,7 +303,6 @@ def recalibrated(
         run_logits(make_session(m.SerializeToString(), "unfolded"), image.name, output, x)
         for m in (unfolded, new)
     )
-    labels = sample_labels(Path(samples), len(x), classes)
     record = Recalibration(
         inputs=f"{len(x)} sample images from {samples}",
         n_images=len(x),
@@ -331,22 +330,22 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
         classes = check_classes(opts.classes, opts.num_classes, n_out, output)
         x, split, inputs = equivalence_inputs(spec, opts)
         int8 = int8_request(spec, opts)  # calibration images read now: a bad folder, no work
+        labels = sample_labels(Path(opts.samples), len(x), classes) if opts.samples else None
         if opts.recalibrate:
             check_recalibration(unfolded, loaded.path, opts.samples, len(x))
-    original = loaded.model
-    with stage("BN statistics"):
-        extra: dict = {"bn_statistics": statistics_check(unfolded, image, x, split, inputs)}
+    original, extra = loaded.model, {}
     if opts.recalibrate:
         with stage("recalibrate"):
             unfolded, extra["recalibration"] = recalibrated(
-                loaded, unfolded, image, output, opts.samples, classes, x
+                loaded, unfolded, image, output, opts.samples, x, labels
             )
             changes.append(
                 "BatchNormalization running statistics re-estimated on the sample images "
                 "(--recalibrate); the original's sha256 is in `recalibration`"
             )
-            extra["bn_statistics"] = statistics_check(unfolded, image, x, split, inputs)
             original, image = unfolded, dataclasses.replace(image, batch="batch")
+    with stage("BN statistics"):  # of the model served: the recalibrated one when asked
+        extra["bn_statistics"] = statistics_check(unfolded, image, x, split, inputs)
     with stage("fold"):
         fold = fold_model(unfolded, str(loaded.path))
     with stage("float64 reference"):
@@ -371,9 +370,9 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
         versions=toolchain_versions(loaded.model),
         extra=extra,
     )
-    # measured on the same inputs as the fold, int8 included; an import has no labels
+    # measured on the same inputs as the fold, int8 and bf16 included; labeled when the samples
+    # sit in class folders
     with stage("measure and write"):
-        labels = sample_labels(Path(opts.samples), len(x), classes) if opts.samples else None
         measure = Measurement(x, split, ref64, inputs, note, labels)
         return write_bundle(target, fold, bundle, measure, int8, opts.bf16)
 

@@ -23,7 +23,7 @@ from bnfold.bundle import (
 from bnfold.equivalence import diff_stats
 from bnfold.toolchain.engines import OpenVinoSession, bf16_unavailable_reason, cpu_flags
 from bnfold.toolchain.quantize import accuracies, failure_reason, verdict
-from bnfold.toolchain.sessions import make_session
+from bnfold.toolchain.sessions import make_session, run_logits
 
 CHECK_INPUTS_FILE = "check_inputs.npy"
 CHECK_INPUT_BYTES = 8 * 2**20  # stored inputs at most: 64 digits images, ~13 at 3x224x224
@@ -62,8 +62,8 @@ def bf16_report(
         return ReducedPrecisionReport(engine="openvino CPU", n_images=0, **where, **verdict(why))
     import openvino
 
-    want = run_all(make_session(Path(folded), "folded"), input_name, output, x)
-    got = run_all(OpenVinoSession(Path(folded), "bf16"), input_name, output, x)
+    want = run_logits(make_session(Path(folded), "folded"), input_name, output, x)
+    got = run_logits(OpenVinoSession(Path(folded), "bf16"), input_name, output, x)
     stats = diff_stats(got, want)
     acc_f, acc_v, drop = accuracies(got, want, labels)
     return ReducedPrecisionReport(
@@ -83,13 +83,6 @@ def recheck(variant: str, got: np.ndarray, want: np.ndarray, source: str) -> str
     else why it is not served."""
     reason = failure_reason(diff_stats(got, want), None, f"{len(got)} check", variant)
     return None if reason is None else f"failed its check on this CPU ({source}): {reason}"
-
-
-def run_all(session, input_name: str, output: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
-    """One output for every row of x, in chunks."""
-    return np.concatenate(
-        [session.run([output], {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    )
 
 
 def summary_line(r: ReducedPrecisionReport) -> str:

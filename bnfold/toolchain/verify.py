@@ -39,20 +39,17 @@ from bnfold.equivalence import (
 from bnfold.errors import BnfoldError
 from bnfold.preprocess import generated_batch
 from bnfold.toolchain.int8 import check_int8
-from bnfold.toolchain.sessions import make_probe_session, make_session
+from bnfold.toolchain.sessions import (
+    INPUT_BUDGET,
+    RUN_BUDGET,
+    make_probe_session,
+    make_session,
+    run_logits,
+    within_budget,
+)
 
 N_VERIFY = 64  # generated inputs when the caller gives none
-# Memory bounds, in float32 input values: the inputs held at once (64 MiB) and those fed to one
-# onnxruntime run (16 MiB; its intermediate tensors grow with it). A 4096x4096 RGB model gets
-# one input at a time instead of 64 (12.9 GB).
-INPUT_BUDGET = 2**24
-RUN_BUDGET = 2**22
 PROBE_BUDGET = 2**20  # input values whose per-layer probes are compared (6 images at 3x224x224)
-
-
-def within_budget(per_input: int, wanted: int, budget: int = INPUT_BUDGET) -> int:
-    """How many of `wanted` inputs of `per_input` values each fit in `budget` (at least 1)."""
-    return max(1, min(wanted, budget // max(1, per_input)))
 
 
 def count_bn_nodes(proto: onnx.ModelProto) -> int:
@@ -65,15 +62,6 @@ def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
     bn_rows = [r for r in rows if r.op == "BatchNormalization"]
     folded = sum(not r.folded for r in bn_rows)
     return {"unfolded": len(bn_rows), "folded": folded, "int8": folded}  # int8: from folded
-
-
-def run_logits(session, input_name: str, output: str, x: np.ndarray, batch: int = 256):
-    """One output for x, in chunks of `batch` rows (fewer for large inputs, RUN_BUDGET)."""
-    batch = within_budget(x[0].size, batch, RUN_BUDGET) if len(x) else batch
-    outs = [
-        session.run([output], {input_name: x[i : i + batch]})[0] for i in range(0, len(x), batch)
-    ]
-    return np.concatenate(outs)
 
 
 def per_layer_diffs(
