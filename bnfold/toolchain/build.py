@@ -35,6 +35,7 @@ from bnfold.bundle import (
 from bnfold.errors import BnfoldError
 from bnfold.foldreport import FoldReport
 from bnfold.toolchain.fold import FoldError, fold_onnx
+from bnfold.toolchain.graph import infer_shapes_light
 from bnfold.toolchain.int8 import Int8Request, add_int8_variant
 from bnfold.toolchain.load import ModelImportError, default_opset, ort_session
 from bnfold.toolchain.precision import bf16_report, save_check_inputs
@@ -183,7 +184,7 @@ def layer_probes(report_rows, unfolded: onnx.ModelProto, folded: onnx.ModelProto
 def _float32_tensors(model: onnx.ModelProto) -> set[str]:
     """Node outputs that shape inference types as float32."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = infer_shapes_light(model)
     except Exception:  # onnx raises several types; no types known, no probes
         return set()
     g = inferred.graph

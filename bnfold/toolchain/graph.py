@@ -327,10 +327,34 @@ def _prod(dims: list[Dim]) -> tuple[int, tuple[str, ...]] | None:
     return known, tuple(sorted(symbols))
 
 
+LIGHT_KEEP = 1024  # initializers up to this many values keep their values for shape inference
+
+
+def infer_shapes_light(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto:
+    """onnx's shape inference on a copy whose large initializers are graph inputs of the same
+    type and shape: the shapes and types it infers are the same (only small tensors, such as a
+    Reshape's target or a Resize's scales, decide shapes by their values), and the weights are
+    not serialized into and parsed out of the C++ inference (seconds for a 100 MB model). Its
+    exceptions are onnx's."""
+    light = onnx.ModelProto()
+    light.CopyFrom(model)
+    g = light.graph
+    inputs = {i.name for i in g.input}
+    kept = []
+    for t in g.initializer:
+        if int(np.prod(t.dims, dtype=np.int64)) <= LIGHT_KEEP:
+            kept.append(t)
+        elif t.name not in inputs:
+            g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return onnx.shape_inference.infer_shapes(light, data_prop=data_prop)
+
+
 def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[Dim]], dict[str, int]]:
     """Dims and element types of every tensor shape inference can see."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = infer_shapes_light(model, data_prop=True)
     except Exception:  # onnx raises InferenceError and others: fall back to declared shapes
         inferred = model
     dims: dict[str, list[Dim]] = {}

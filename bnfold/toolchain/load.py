@@ -19,6 +19,7 @@ from onnx import external_data_helper as ext
 
 from bnfold.bundle import sha256_file
 from bnfold.errors import BnfoldError
+from bnfold.toolchain.graph import infer_shapes_light
 
 MAX_PROTO_BYTES = 2**31 - 1  # protobuf's limit for one serialized ModelProto
 
@@ -126,7 +127,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
     1), make a tensor of more than MAX_TENSOR_VALUES values: the reference and onnxruntime would
     allocate it for every input."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        inferred = infer_shapes_light(model, data_prop=True)
     except Exception:  # the checker passed; shapes it cannot infer stay unknown
         return
     for vi in (*inferred.graph.value_info, *inferred.graph.output):

@@ -16,8 +16,10 @@ node it cannot evaluate raises ReferenceUnavailable naming the node: never the u
 from __future__ import annotations
 
 import math
+import os
 import re
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnx
@@ -223,11 +225,7 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
     taps = int(np.prod(kernel))
     if cg == 1 and groups > 1:  # depthwise (times a channel multiplier)
         xr = np.repeat(xp, mg, axis=1) if mg > 1 else xp
-        wk = w.reshape(m, taps)
-        y = np.zeros((n, m, *out_sizes), dtype=np.float64)
-        for t, offsets in enumerate(np.ndindex(*kernel)):
-            view = _tap(xr, offsets, strides, dilations, out_sizes)
-            y += view * wk[:, t].reshape((1, m) + (1,) * nd)
+        y = _depthwise(xr, w.reshape(m, taps), kernel, strides, dilations, out_sizes)
     else:
         wg = w.reshape(groups, mg, cg * taps)
         if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
@@ -250,6 +248,26 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
                 y[i : i + k] = np.matmul(wg, cols).reshape(k, m, *out_sizes)
     if b is not None:
         y += b.reshape((1, m) + (1,) * nd)
+    return y
+
+
+def _depthwise(xp, wk, kernel, strides, dilations, out_sizes) -> np.ndarray:
+    """A depthwise conv as a sum over its taps, one image at a time so that the running sum
+    and the product stay in cache (a whole-batch sum reads and writes memory at every tap), the
+    images split over two threads (numpy releases the GIL in these loops)."""
+    n, m = xp.shape[:2]
+    y = np.zeros((n, m, *out_sizes), dtype=np.float64)
+    w_taps = [wk[:, t].reshape((m,) + (1,) * len(kernel)) for t in range(wk.shape[1])]
+    offsets = list(np.ndindex(*kernel))
+
+    def image(i: int) -> None:
+        yi, tmp = y[i], np.empty(y.shape[1:])
+        for w_t, o in zip(w_taps, offsets, strict=True):
+            np.multiply(_tap(xp[i : i + 1], o, strides, dilations, out_sizes)[0], w_t, out=tmp)
+            yi += tmp
+
+    with ThreadPoolExecutor(max(1, min(len(os.sched_getaffinity(0)), n))) as pool:
+        list(pool.map(image, range(n)))
     return y
 
 

@@ -24,7 +24,6 @@ from bnfold.bundle import (
     VARIANTS,
     EquivalenceReport,
     FoldRow,
-    LayerDiff,
     LayerProbe,
     Manifest,
     load_bundle,
@@ -44,6 +43,7 @@ from bnfold.toolchain.sessions import (
     RUN_BUDGET,
     make_probe_session,
     make_session,
+    probe_model_bytes,
     run_logits,
     within_budget,
 )
@@ -64,20 +64,6 @@ def expected_bn_nodes(rows: list[FoldRow]) -> dict[str, int]:
     return {"unfolded": len(bn_rows), "folded": folded, "int8": folded}  # int8: from folded
 
 
-def per_layer_diffs(
-    bundle_dir: Path, input_name: str, probes: list[LayerProbe], x: np.ndarray
-) -> list[LayerDiff]:
-    """Each probe's tensor in the folded vs the unfolded graph (both run unoptimized)."""
-    if not probes:
-        return []
-    out = {}
-    for variant, attr in (("folded", "folded_tensor"), ("unfolded", "unfolded_tensor")):
-        names = [getattr(p, attr) for p in probes]
-        session = make_probe_session(Path(bundle_dir) / f"{variant}.onnx", names)
-        out[variant] = session.run(names, {input_name: x})
-    return layer_diffs(probes, out["folded"], out["unfolded"])
-
-
 def measure_equivalence(
     bundle_dir: Path,
     input_name: str,
@@ -89,17 +75,28 @@ def measure_equivalence(
     inputs: str | None = None,
     reference_note: str | None = None,
 ) -> EquivalenceReport:
-    """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, each vs float64."""
+    """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, each vs float64,
+    and each probe's tensor in the folded vs the unfolded graph (both unoptimized) on the first
+    few inputs: every probe tensor of both graphs is held at once. The unfolded session carries
+    the probe outputs itself, so its first run gives the probes and logits together."""
     d = Path(bundle_dir)
     folded = run_logits(make_session(d / "folded.onnx", "folded"), input_name, output, x)
-    unfolded = run_logits(make_session(d / "unfolded.onnx", "unfolded"), input_name, output, x)
-    # every probe tensor of both graphs is held at once: a few images of a large model
-    per_layer = per_layer_diffs(
-        d, input_name, probes, x[: within_budget(x[0].size, 256, PROBE_BUDGET)]
-    )
+    names = [p.unfolded_tensor for p in probes]
+    path = d / "unfolded.onnx"
+    unfolded_session = make_session(probe_model_bytes(path, names) if probes else path, "unfolded")
+    k = within_budget(x[0].size, 256, PROBE_BUDGET) if probes else 0
+    per_layer, head = [], []
+    if k:
+        first = unfolded_session.run([output, *names], {input_name: x[:k]})
+        head = [first[0]]
+        folded_names = [p.folded_tensor for p in probes]
+        folded_probe = make_probe_session(d / "folded.onnx", folded_names)
+        folded_layers = folded_probe.run(folded_names, {input_name: x[:k]})
+        per_layer = layer_diffs(probes, folded_layers, first[1:])
+    rest = [run_logits(unfolded_session, input_name, output, x[k:])] if len(x) > k else []
     return equivalence_report(
         folded,
-        unfolded,
+        np.concatenate(head + rest),
         ref64,
         split=split,
         per_layer=per_layer,
