@@ -755,6 +755,20 @@ def build_keras(name: str, size: int, tiny: bool = False):
     raise KeyError(name)
 
 
+def embed_normalization_statistics(model) -> None:
+    """Keras's Normalization layer (EfficientNet's stem) keeps its mean and variance as tensors
+    computed at build time, which the ONNX export captures as two more graph inputs with no
+    value in the file. As variables they are exported as weights: the file is self-contained.
+    (object.__setattr__: Keras's own refuses new state on a built layer.)"""
+    import keras
+
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.Normalization):
+            for attr in ("mean", "variance"):
+                value = keras.Variable(np.asarray(getattr(layer, attr)), trainable=False)
+                object.__setattr__(layer, attr, value)
+
+
 def export_keras(name: str, out: Path, size: int, tiny: bool) -> str:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import keras
@@ -781,6 +795,7 @@ def export_keras(name: str, out: Path, size: int, tiny: bool) -> str:
         std = np.sqrt(var)
         mean = mean + rng.uniform(-0.1, 0.1, mean.shape) * std
         bn.set_weights([gamma, beta, mean, var * rng.uniform(0.8, 1.25, var.shape)])
+    embed_normalization_statistics(model)
     x = rng.uniform(-2, 2, (4, side, side, 3)).astype(np.float32)
     ref = np.asarray(model(x, training=False), dtype=np.float64)
     model.export(str(out), format="onnx", verbose=False)

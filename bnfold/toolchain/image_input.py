@@ -114,8 +114,9 @@ def _constants_hint(inputs: list[onnx.ValueInfoProto]) -> str:
         return ""
     return (
         f" ({', '.join(fixed)}: a fixed shape and no value in the file, as when an exporter makes "
-        "a constant an input, e.g. a Keras Normalization layer's mean and variance: export the "
-        "model without that layer and give --mean/--std instead)"
+        "a constant an input, e.g. a Keras Normalization layer's mean and variance: make them "
+        "keras.Variable before exporting, or export the model without that layer and give "
+        "--mean/--std instead)"
     )
 
 

@@ -36,7 +36,9 @@ from onnx.reference.ops.op_batch_normalization import (
 from onnx.reference.ops.op_conv import Conv as _RefConv
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 from onnx.reference.ops.op_erf import Erf as _RefErf
+from onnx.reference.ops.op_matmul import MatMul as _RefMatMul
 from onnx.reference.ops.op_max_pool import MaxPool as _RefMaxPool
+from scipy.special import erf
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -406,31 +408,57 @@ class FastAdd(_RefAdd):
 FastAdd.__name__ = "Add"
 
 
-def _vector_erf():
-    """scipy's erf (float64 ulps) where scipy is installed, else math.erf element by element:
-    both float64 (onnx.reference's Erf rounds every value to float32)."""
-    try:
-        from scipy.special import erf  # noqa: PLC0415 - optional, not a bnfold dependency
-    except ImportError:
-        return np.vectorize(math.erf, otypes=[np.float64])
-    return erf
-
-
 class Float64Erf(_RefErf):
-    """Erf in float64 (PyTorch's GELU export): onnx.reference's returns float32 values."""
+    """Erf in float64 (scipy's, to float64 ulps): onnx.reference's returns float32 values."""
 
     op_domain = ""
-    _vector = None
 
     def _run(self, x):
         if x.dtype != np.float64:
             return super()._run(x)
-        if Float64Erf._vector is None:
-            Float64Erf._vector = _vector_erf()
-        return (np.asarray(Float64Erf._vector(x), dtype=np.float64),)
+        return (erf(x),)
 
 
 Float64Erf.__name__ = "Erf"
+
+
+class Float64Gelu(OpRun):
+    """Gelu (opset 20) in float64 and whole-tensor numpy: onnx.reference expands it into its
+    function body, whose Erf is float32 and element by element (minutes for a ConvNeXt)."""
+
+    op_domain = ""
+
+    def _run(self, x, approximate=None):
+        mode = _attr_str(approximate)
+        if mode == "tanh":  # 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            inner = math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)
+            return (0.5 * x * (1 + np.tanh(inner)),)
+        if mode not in ("none", "NOTSET"):
+            raise ValueError(f"Gelu: unknown approximate={mode!r}")
+        y = erf(x * (1 / math.sqrt(2)))  # four passes over x in place, not seven
+        y += 1
+        y *= x
+        y *= 0.5
+        return (y,)
+
+
+Float64Gelu.__name__ = "Gelu"
+
+
+class FastMatMul(_RefMatMul):
+    """MatMul of a stack (N, ..., K) by one matrix (K, M) as a single (N*..., K) x (K, M) BLAS
+    call (a ConvNeXt's channels-last Linear): numpy loops over the stack one small matrix at a
+    time."""
+
+    op_domain = ""
+
+    def _run(self, a, b):
+        if a.ndim > 2 and b.ndim == 2 and a.dtype == b.dtype == np.float64:
+            return (np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[1]),)
+        return super()._run(a, b)
+
+
+FastMatMul.__name__ = "MatMul"
 
 FRESH_PRODUCERS = {"Conv", "BatchNormalization", "Relu", "Add"}  # each returns new memory
 FAST_OPS = [
@@ -441,6 +469,8 @@ FAST_OPS = [
     FastRelu,
     FastAdd,
     Float64Erf,
+    Float64Gelu,
+    FastMatMul,
 ]
 
 

@@ -38,10 +38,6 @@ TINY_KERAS = ["--size", "32", "--tiny"]
 # float32 through ~50 layers against float64 (torch) or float32 (Keras); the bundle's own
 # tolerance for folded vs unfolded is 2e-5 of that scale.
 REL_TOLERANCE = 1e-4
-# Keras's EfficientNet exports its Normalization layer's mean and variance as two more graph
-# inputs (tensors Keras computes at build time, captured by the export): bnfold refuses the file,
-# rightly (the server feeds only the image); checked to be refused with that reason.
-REFUSED_KERAS = {"EfficientNetB0": "normalization_1/Sub/y:0"}
 # Xception has no width knob and needs 71x71 at least (22M parameters): benchmark only.
 KERAS_TINY = [n for n in KERAS_FAMILIES if n != "Xception"]
 EXPORT_TIMEOUT_S = 600  # a cold export of all families on 2 busy cores; cached after
@@ -204,11 +200,6 @@ def test_keras_families_import_fold_and_serve(keras_families):
     root, imported = keras_families
     failures = []
     for name in KERAS_TINY:
-        if name in REFUSED_KERAS:
-            got = imported[name]
-            if not (isinstance(got, Exception) and REFUSED_KERAS[name] in str(got)):
-                failures.append(f"{name}: expected a refusal ({REFUSED_KERAS[name]}), got {got}")
-            continue
         try:
             m = _manifest(imported, name)
             _check_fold(root, name, m, refused=0)

@@ -1,8 +1,9 @@
 """The float64 reference's own kernels (Conv, MaxPool, AveragePool, GlobalAveragePool, Relu,
-Add) against onnx.reference's numpy kernels on the same float64 graph (float64 rounding apart,
-where onnx.reference computes the spec's function) and against onnxruntime in float32 (float32
-rounding apart, including the ceil_mode pool sizes onnx.reference gets wrong), on small random
-single-node graphs drawn over every attribute the kernels implement."""
+Add, Erf, Gelu, MatMul) against onnx.reference's numpy kernels on the same float64 graph
+(float64 rounding apart, where onnx.reference computes the spec's function) and against
+onnxruntime in float32 (float32 rounding apart, including the ceil_mode pool sizes
+onnx.reference gets wrong), on small random single-node graphs drawn over every attribute the
+kernels implement."""
 
 from __future__ import annotations
 
@@ -225,18 +226,44 @@ def test_global_average_pool_relu_add():
         _f32_close(got, _onnxruntime(model, x), 20)
 
 
-@pytest.mark.parametrize("scipy", [True, False])
-def test_erf_of_a_gelu_is_float64(scipy, monkeypatch):
+def test_erf_of_a_gelu_is_float64():
     """PyTorch exports GELU as x / 2 (1 + Erf(x / sqrt 2)): onnx.reference's Erf rounded every
-    value to float32. Ours is math.erf's float64, with or without scipy."""
-    import bnfold.toolchain.reference as reference
-
-    if not scipy:
-        monkeypatch.setattr(reference, "_vector_erf", lambda: np.vectorize(math.erf, otypes=["d"]))
-    monkeypatch.setattr(reference.Float64Erf, "_vector", None)
+    value to float32. Ours is float64, as math.erf computes it."""
     x = np.random.default_rng(4).standard_normal((3, 50)).astype(np.float32) * 3
     model = _single_node("Erf", list(x.shape), {})
     got = _ours(model, x)
     want = np.vectorize(math.erf)(x.astype(np.float64))
     np.testing.assert_allclose(got, want, rtol=1e-15, atol=1e-16)
     assert np.abs(_onnx_reference(model, x) - want).max() > 1e-10  # onnx.reference: float32
+
+
+@pytest.mark.parametrize("approximate", [None, "none", "tanh"])
+def test_gelu_is_the_spec_function_in_float64(approximate):
+    """Gelu (opset 20): the spec's formula, element by element with math.erf / math.tanh in
+    float64 (onnx.reference expands it into its float32-Erf function body), and onnxruntime's
+    float32 Gelu within float32 rounding."""
+    x = np.random.default_rng(5).standard_normal((2, 3, 40)).astype(np.float32) * 3
+    attrs = {} if approximate is None else {"approximate": approximate}
+    model = _single_node("Gelu", list(x.shape), {}, opset=20, **attrs)
+    got = _ours(model, x)
+    v = x.astype(np.float64).ravel()
+    if approximate == "tanh":
+        c = math.sqrt(2 / math.pi)
+        want = [0.5 * t * (1 + math.tanh(c * (t + 0.044715 * t**3))) for t in v]
+    else:
+        want = [0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in v]
+    np.testing.assert_allclose(got.ravel(), want, rtol=1e-14, atol=1e-15)
+    _f32_close(got, _onnxruntime(model, x), 4)
+
+
+@pytest.mark.parametrize("a_shape", [(2, 5, 7, 6), (3, 6), (4, 2, 6)])
+def test_matmul_of_a_stack_by_a_matrix(a_shape):
+    """A channels-last Linear ((N, H, W, K) x (K, M)) as one BLAS call: onnx.reference's
+    MatMul on the same float64 values, and onnxruntime's float32."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal(a_shape).astype(np.float32)
+    w = rng.standard_normal((a_shape[-1], 9)).astype(np.float32)
+    model = _single_node("MatMul", list(x.shape), {"w": w})
+    got = _ours(model, x)
+    np.testing.assert_allclose(got, _onnx_reference(model, x), rtol=1e-13, atol=1e-14)
+    _f32_close(got, _onnxruntime(model, x), a_shape[-1])
