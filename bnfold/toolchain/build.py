@@ -59,6 +59,8 @@ class Folded:
     report: FoldReport
     probes: list[LayerProbe]
     probes_note: str | None
+    session: Any = None  # onnxruntime's session of `folded` (the check), reused to measure it
+    folded_bytes: bytes | None = None  # `folded` serialized once, for the session and the file
 
 
 @dataclass
@@ -92,9 +94,10 @@ def fold_model(unfolded: onnx.ModelProto, source: str) -> Folded:
         folded, report = fold_onnx(unfolded)
     except FoldError as exc:
         raise ModelImportError(f"{source}: cannot fold: {exc}") from None
-    ort_session(folded, Path(source), "folded")
+    data = folded.SerializeToString()
+    session = ort_session(data, Path(source), "folded")
     probes, note = layer_probes(report.rows, unfolded, folded)
-    return Folded(unfolded, folded, report, probes, note)
+    return Folded(unfolded, folded, report, probes, note, session, data)
 
 
 def write_bundle(
@@ -111,8 +114,10 @@ def write_bundle(
     holder: list[Manifest] = []
 
     def fill(tmp: Path) -> None:
-        variants = (("folded", fold.folded), ("unfolded", fold.unfolded))
-        files = {variant: _save(tmp, variant, model) for variant, model in variants}
+        files = {
+            "folded": _save(tmp, "folded", fold.folded, fold.folded_bytes),
+            "unfolded": _save(tmp, "unfolded", fold.unfolded),
+        }
         eq = measure_equivalence(
             tmp,
             spec.input.name,
@@ -123,6 +128,7 @@ def write_bundle(
             ref64=measure.ref64,
             inputs=measure.inputs,
             reference_note=measure.reference_note,
+            folded_session=fold.session,
         )
         if not eq.passed:
             raise NotEquivalentError(not_equivalent_message(eq, fold.unfolded), eq)
@@ -199,9 +205,12 @@ def op_counts(model: onnx.ModelProto) -> dict[str, int]:
     return dict(sorted(Counter(n.op_type for n in model.graph.node).items()))
 
 
-def _save(folder: Path, variant: str, model: onnx.ModelProto) -> OnnxFile:
+def _save(
+    folder: Path, variant: str, model: onnx.ModelProto, data: bytes | None = None
+) -> OnnxFile:
+    """`data`: the model already serialized (the same bytes onnx.save_model would write)."""
     path = folder / f"{variant}.onnx"
-    onnx.save_model(model, str(path))
+    path.write_bytes(model.SerializeToString() if data is None else data)
     return OnnxFile(
         path=path.name,
         sha256=sha256_file(path),

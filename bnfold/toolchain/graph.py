@@ -330,12 +330,16 @@ def _prod(dims: list[Dim]) -> tuple[int, tuple[str, ...]] | None:
 LIGHT_KEEP = 1024  # initializers up to this many values keep their values for shape inference
 
 
-def infer_shapes_light(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto:
-    """onnx's shape inference on a copy whose large initializers are graph inputs of the same
-    type and shape: the shapes and types it infers are the same (only small tensors, such as a
-    Reshape's target or a Resize's scales, decide shapes by their values), and the weights are
-    not serialized into and parsed out of the C++ inference (seconds for a 100 MB model). Its
-    exceptions are onnx's."""
+def check_light(model: onnx.ModelProto) -> None:
+    """onnx.checker's full check (structure, then strict shape inference) of the weightless
+    copy: for a graph whose initializers are known good (this tool made them, or the file's
+    own check passed), without serializing the weights into the C++ checker."""
+    onnx.checker.check_model(_weightless(model), full_check=True)
+
+
+def _weightless(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy whose initializers of more than LIGHT_KEEP values are graph inputs of the same
+    type and shape (the small ones keep their values: they may decide shapes)."""
     light = onnx.ModelProto()
     light.CopyFrom(model)
     g = light.graph
@@ -348,7 +352,16 @@ def infer_shapes_light(model: onnx.ModelProto, data_prop: bool = False) -> onnx.
             g.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
     del g.initializer[:]
     g.initializer.extend(kept)
-    return onnx.shape_inference.infer_shapes(light, data_prop=data_prop)
+    return light
+
+
+def infer_shapes_light(model: onnx.ModelProto, data_prop: bool = False) -> onnx.ModelProto:
+    """onnx's shape inference on a copy whose large initializers are graph inputs of the same
+    type and shape: the shapes and types it infers are the same (only small tensors, such as a
+    Reshape's target or a Resize's scales, decide shapes by their values), and the weights are
+    not serialized into and parsed out of the C++ inference (seconds for a 100 MB model). Its
+    exceptions are onnx's."""
+    return onnx.shape_inference.infer_shapes(_weightless(model), data_prop=data_prop)
 
 
 def _infer_shapes(model: onnx.ModelProto) -> tuple[dict[str, list[Dim]], dict[str, int]]:

@@ -57,7 +57,7 @@ from bnfold.toolchain.image_input import (
     resolve_image_input,
 )
 from bnfold.toolchain.int8 import Int8Options, Int8Request
-from bnfold.toolchain.load import LoadedOnnx, ModelImportError, load_onnx, ort_session
+from bnfold.toolchain.load import LoadedOnnx, ModelImportError, load_onnx
 from bnfold.toolchain.progress import stage
 from bnfold.toolchain.quantize import calibration_images
 from bnfold.toolchain.reference import ReferenceUnavailable, evaluate_float64
@@ -320,12 +320,12 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     target = check_target(opts)
     with stage("load and check"):
         loaded = load_onnx(Path(path))
-        ort_session(loaded.model, loaded.path)  # an op onnxruntime cannot run: refuse now
         image = resolve_image_input(
             loaded.model, loaded.path, opts.input_name, opts.layout, opts.size
         )
         spec = preprocess_spec(image, opts)
         unfolded, changes = prepare_for_serving(loaded, image)
+        # the first onnxruntime session: an op it cannot run is refused here
         output, n_out = logits_output(unfolded, loaded.path, image, opts.output_name)
         classes = check_classes(opts.classes, opts.num_classes, n_out, output)
         x, split, inputs = equivalence_inputs(spec, opts)

@@ -67,21 +67,17 @@ def make_session(
 
 
 def probe_model_bytes(model_path: Path, tensor_names: Sequence[str]) -> bytes:
-    """The same ONNX graph with extra graph outputs for the named intermediate tensors."""
-    import onnx
+    """The same ONNX graph with extra graph outputs for the named intermediate tensors.
 
-    proto = onnx.load(str(model_path))
-    existing = {o.name for o in proto.graph.output}
-    known = {out for node in proto.graph.node for out in node.output}
-    for name in tensor_names:
-        if name not in known:
-            raise ValueError(f"{model_path.name}: no tensor named {name!r} in the graph")
-        if name not in existing:
-            proto.graph.output.append(
-                onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)
-            )
-            existing.add(name)
-    return proto.SerializeToString()
+    The file's bytes followed by a message holding only those outputs: protobuf merges a
+    repeated message field, so onnxruntime parses one graph with the outputs appended, and the
+    model is neither parsed nor serialized here (seconds for a 500 MB VGG). A name the graph
+    does not compute fails the session, with onnxruntime's message naming it."""
+    from onnx import GraphProto, ModelProto, TensorProto, helper
+
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in tensor_names]
+    suffix = ModelProto(graph=GraphProto(output=outputs)).SerializeToString()
+    return Path(model_path).read_bytes() + suffix
 
 
 def make_probe_session(

@@ -43,7 +43,6 @@ from bnfold.toolchain.sessions import (
     RUN_BUDGET,
     make_probe_session,
     make_session,
-    probe_model_bytes,
     run_logits,
     within_budget,
 )
@@ -74,25 +73,29 @@ def measure_equivalence(
     ref64: np.ndarray | None,
     inputs: str | None = None,
     reference_note: str | None = None,
+    folded_session=None,
 ) -> EquivalenceReport:
     """Folded (full optimization) vs unfolded (BN executed) in onnxruntime, each vs float64,
     and each probe's tensor in the folded vs the unfolded graph (both unoptimized) on the first
-    few inputs: every probe tensor of both graphs is held at once. The unfolded session carries
-    the probe outputs itself, so its first run gives the probes and logits together."""
+    few inputs: every probe tensor of both graphs is held at once. The unfolded probe run gives
+    those inputs' logits too; the plain unfolded session runs the rest (a session with every
+    probe as an output runs slower: their buffers cannot be reused).
+    `folded_session`: the caller's session of this folded.onnx, made as a folded one is."""
     d = Path(bundle_dir)
-    folded = run_logits(make_session(d / "folded.onnx", "folded"), input_name, output, x)
-    names = [p.unfolded_tensor for p in probes]
-    path = d / "unfolded.onnx"
-    unfolded_session = make_session(probe_model_bytes(path, names) if probes else path, "unfolded")
+    folded_session = folded_session or make_session(d / "folded.onnx", "folded")
+    folded = run_logits(folded_session, input_name, output, x)
     k = within_budget(x[0].size, 256, PROBE_BUDGET) if probes else 0
     per_layer, head = [], []
     if k:
-        first = unfolded_session.run([output, *names], {input_name: x[:k]})
-        head = [first[0]]
-        folded_names = [p.folded_tensor for p in probes]
-        folded_probe = make_probe_session(d / "folded.onnx", folded_names)
-        folded_layers = folded_probe.run(folded_names, {input_name: x[:k]})
-        per_layer = layer_diffs(probes, folded_layers, first[1:])
+        names = {v: [getattr(p, f"{v}_tensor") for p in probes] for v in ("folded", "unfolded")}
+        fetch = {"folded": names["folded"], "unfolded": [output, *names["unfolded"]]}
+        got = {
+            v: make_probe_session(d / f"{v}.onnx", names[v]).run(fetch[v], {input_name: x[:k]})
+            for v in ("folded", "unfolded")
+        }
+        head = [got["unfolded"][0]]
+        per_layer = layer_diffs(probes, got["folded"], got["unfolded"][1:])
+    unfolded_session = make_session(d / "unfolded.onnx", "unfolded")
     rest = [run_logits(unfolded_session, input_name, output, x[k:])] if len(x) > k else []
     return equivalence_report(
         folded,
