@@ -39,6 +39,7 @@ from bnfold.toolchain.graph import infer_shapes_light
 from bnfold.toolchain.int8 import Int8Request, add_int8_variant
 from bnfold.toolchain.load import ModelImportError, default_opset, ort_session
 from bnfold.toolchain.precision import bf16_report, save_check_inputs
+from bnfold.toolchain.progress import stage
 from bnfold.toolchain.verify import count_bn_nodes, measure_equivalence
 
 
@@ -114,33 +115,37 @@ def write_bundle(
     holder: list[Manifest] = []
 
     def fill(tmp: Path) -> None:
-        files = {
-            "folded": _save(tmp, "folded", fold.folded, fold.folded_bytes),
-            "unfolded": _save(tmp, "unfolded", fold.unfolded),
-        }
-        eq = measure_equivalence(
-            tmp,
-            spec.input.name,
-            spec.output.name,
-            fold.probes,
-            measure.x,
-            measure.split,
-            ref64=measure.ref64,
-            inputs=measure.inputs,
-            reference_note=measure.reference_note,
-            folded_session=fold.session,
-        )
+        with stage("write"):
+            files = {
+                "folded": _save(tmp, "folded", fold.folded, fold.folded_bytes),
+                "unfolded": _save(tmp, "unfolded", fold.unfolded),
+            }
+        with stage("measure"):
+            eq = measure_equivalence(
+                tmp,
+                spec.input.name,
+                spec.output.name,
+                fold.probes,
+                measure.x,
+                measure.split,
+                ref64=measure.ref64,
+                inputs=measure.inputs,
+                reference_note=measure.reference_note,
+                folded_session=fold.session,
+            )
         if not eq.passed:
             raise NotEquivalentError(not_equivalent_message(eq, fold.unfolded), eq)
         if int8 is not None:
-            entry, int8_report = add_int8_variant(tmp, int8, measure.x, measure.split)
+            with stage("int8 variant"):
+                entry, int8_report = add_int8_variant(tmp, int8, measure.x, measure.split)
             if entry is not None:
                 files[INT8] = entry
             eq = eq.model_copy(update={"int8": int8_report})
         if bf16:
             folded = tmp / "folded.onnx"
             names = (spec.input.name, spec.output.name)
-            report = bf16_report(folded, *names, measure.x, measure.labels, measure.split)
+            with stage("bf16 variant"):
+                report = bf16_report(folded, *names, measure.x, measure.labels, measure.split)
             eq = eq.model_copy(update={"bf16": report})
         checks = None
         if int8 is not None or bf16:

@@ -372,9 +372,8 @@ def import_model(path: Path, opts: ImportOptions) -> Manifest:
     )
     # measured on the same inputs as the fold, int8 and bf16 included; labeled when the samples
     # sit in class folders
-    with stage("measure and write"):
-        measure = Measurement(x, split, ref64, inputs, note, labels)
-        return write_bundle(target, fold, bundle, measure, int8, opts.bf16)
+    measure = Measurement(x, split, ref64, inputs, note, labels)  # stages: write, measure, ...
+    return write_bundle(target, fold, bundle, measure, int8, opts.bf16)
 
 
 def int8_request(spec: PreprocessSpec, opts: ImportOptions) -> Int8Request | None:

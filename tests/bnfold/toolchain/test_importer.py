@@ -642,7 +642,7 @@ def test_a_successful_import_prints_each_stage_with_its_time(tmp_path, models):
         line.split(":")[1].strip() for line in proc.stdout.splitlines() if line.startswith("time:")
     ]
     assert stages == [
-        "load and check", "BN statistics", "fold", "float64 reference", "measure and write"
+        "load and check", "BN statistics", "fold", "float64 reference", "write", "measure"
     ]  # fmt: skip
 
 
