@@ -1,6 +1,6 @@
-"""`python -m bench.peers_run`: bnfold beside Triton, KServe and MLServer on the digits model.
+"""`python -m bench.peers_run`: bnfold beside Triton, KServe and MLServer, one bundle at a time.
 
-Every server runs models/digits' folded.onnx with onnxruntime on CPU and binds 127.0.0.1:
+Every server runs the bundle's folded.onnx with onnxruntime on CPU and binds 127.0.0.1:
   bnfold       `python -m service`, its defaults (one worker per usable core)
   triton       Triton Inference Server from the nvidia-pytriton wheel: Triton's C++ REST and
                gRPC front ends and dynamic batcher (max batch 64, no queue delay), onnxruntime in
@@ -10,10 +10,24 @@ Every server runs models/digits' folded.onnx with onnxruntime on CPU and binds 1
 Each peer runs from its own virtualenv under bench/.peers/ (scripts/install_peers.sh); a peer
 that is not installed or cannot start is reported with its reason, never dropped silently.
 
-The load is the SAME bytes for every server: V2 JSON over REST with wrk (one thread, one call in
-flight per connection), and one length-prefixed gRPC `ModelInfer` message (typed fp32
-contents) with h2load (one stream per connection, `-m 1`). Before and after the measurements
-every server's answer to those very bytes is checked against onnxruntime in this process.
+The bundles: models/digits by default (`--model DIR`, more than once for several); `--model
+heavy` is `make bench`'s heavy bundle (bench/models.py `prepare_heavy`: ResNet-18-like, random
+weights, 3x128x128), built in a temporary folder. `bench.run` measures digits and heavy.
+The input: for digits examples/digit-3.png through its preprocessing; for any other bundle
+seeded random 8-bit pixels through the bundle's scale and normalization (one image).
+
+The load is the SAME bytes for every server, three protocols:
+  rest         V2 JSON over REST with wrk (one thread, one call in flight per connection)
+  rest-binary  the V2 binary tensor extension (what `tritonclient.http` sends by default): a
+               JSON header asking for the output as binary data, then the raw little-endian
+               float32 input; Content-Type application/octet-stream and the header
+               Inference-Header-Content-Length, with wrk
+  grpc         one length-prefixed gRPC `ModelInfer` message (typed fp32 contents) with h2load
+               (one stream per connection, `-m 1`)
+Before and after the measurements every server's answer to those very bytes is checked against
+onnxruntime in this process. A server that does not take a protocol (it answers an error
+status, or JSON without binary data to the binary request) is reported as unavailable for that
+protocol with its answer's status and start, and measured on the others.
 Targets alternate (the order rotates each round) and only the one measured runs: the others are
 paused (SIGSTOP to their process group, see bench/servers.py). bnfold's figures become ratios
 to each peer per round, then the median over rounds. Server CPU is summed over the server's
@@ -36,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -48,12 +63,20 @@ from bench import servers
 from bench.wrk_load import run_wrk
 
 REPO = Path(__file__).resolve().parent.parent
-MODEL_DIR = REPO / "models" / "digits"
+DIGITS_DIR = REPO / "models" / "digits"
+HEAVY = "heavy"  # --model's word for make bench's heavy bundle, built here
 PEERS_DIR = REPO / "bench" / ".peers"
 RESULTS = REPO / "bench" / "results"
 GRPC_PATH = "/inference.GRPCInferenceService/ModelInfer"
 PEERS = ("triton", "kserve-1", "kserve-2", "mlserver-0", "mlserver-2")
-PROTOCOLS = ("rest", "grpc")
+PROTOCOLS = ("rest", "rest-binary", "grpc")
+PROTOCOL_NAMES = {
+    "rest": "REST, V2 JSON",
+    "rest-binary": "REST, V2 binary tensors",
+    "grpc": "gRPC ModelInfer",
+}
+HEADER_LENGTH = "Inference-Header-Content-Length"  # the binary extension's JSON header size
+INPUT_SEED = 0  # the random pixels of a bundle other than digits
 START_TIMEOUT_S = 240.0  # a loaded 2-core machine starting six servers at once
 LABELS = {
     "bnfold": "bnfold (defaults)",
@@ -74,44 +97,185 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-# --- the request bytes, the same for every server -----------------------------------------
+# --- the bundle and the request bytes, the same for every server ----------------------------
+class Unsupported(Exception):
+    """The server does not take a protocol: the message is its answer's status and start."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """One bundle folder, as its bundle.json names and shapes the served model."""
+
+    path: Path
+    name: str
+    input_name: str
+    output_name: str
+    input_shape: tuple[int, ...]  # one image: the manifest's input shape with a batch of 1
+    preprocess: dict
+    folded: Path
+
+    @classmethod
+    def read(cls, path: Path) -> Bundle:
+        manifest = json.loads((path / "bundle.json").read_text())
+        shape = (1, *manifest["input"]["shape"][1:])
+        if any(not isinstance(d, int) or d < 1 for d in shape):
+            raise ValueError(f"{path}: input shape {manifest['input']['shape']} has free sizes")
+        return cls(
+            path=path,
+            name=manifest["name"],
+            input_name=manifest["input"]["name"],
+            output_name=manifest["output"]["name"],
+            input_shape=shape,
+            preprocess=manifest["input"].get("preprocess") or {},
+            folded=path / manifest["files"]["folded"]["path"],
+        )
+
+    def describe(self) -> str:
+        return f"{self.name} ({'x'.join(map(str, self.input_shape[1:]))} input)"
+
+
+def model_input(bundle: Bundle) -> np.ndarray:
+    """The one image every request carries: digits' held-out digit, else `synthetic_input`."""
+    if bundle.path.resolve() == DIGITS_DIR.resolve():
+        from bench.grpc_vs_rest import digit
+
+        return digit()  # (1, 1, 8, 8): examples/digit-3.png through the bundle's preprocessing
+    return synthetic_input(bundle)
+
+
+def synthetic_input(bundle: Bundle, seed: int = INPUT_SEED) -> np.ndarray:
+    """Seeded random 8-bit pixels through the bundle's scale and per-channel normalization, in
+    the bundle's layout: values in the range its preprocessing gives real images."""
+    spec = bundle.preprocess
+    pixels = np.random.default_rng(seed).integers(0, 256, size=bundle.input_shape)
+    stat_shape = [1] * len(bundle.input_shape)
+    stat_shape[-1 if spec.get("layout") == "NHWC" else min(1, len(stat_shape) - 1)] = -1
+    mean = np.asarray(spec.get("mean", [0.0]), np.float32).reshape(stat_shape)
+    std = np.asarray(spec.get("std", [1.0]), np.float32).reshape(stat_shape)
+    scale = np.float32(spec.get("scale", 1.0 / 255.0))
+    return ((pixels.astype(np.float32) * scale - mean) / std).astype(np.float32)
+
+
+def v2_json(bundle: Bundle, x: np.ndarray) -> bytes:
+    """The V2 JSON infer request: the tensor's values as a JSON list."""
+    tensor = {"name": bundle.input_name, "shape": list(x.shape), "datatype": "FP32",
+              "data": x.ravel().tolist()}  # fmt: skip
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def v2_binary(bundle: Bundle, x: np.ndarray) -> tuple[bytes, int]:
+    """The V2 binary tensor request (tritonclient.http's default): the JSON header, which asks
+    for the output as binary data too, then the raw little-endian float32 input; the body and
+    the header's length (Inference-Header-Content-Length)."""
+    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    header = json.dumps({
+        "inputs": [{"name": bundle.input_name, "shape": list(x.shape), "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)}}],
+        "outputs": [{"name": bundle.output_name, "parameters": {"binary_data": True}}],
+    }).encode()  # fmt: skip
+    return header + raw, len(header)
+
+
+def model_infer(bundle: Bundle, x: np.ndarray) -> bytes:
+    """One gRPC message on the wire: 5-byte prefix + ModelInferRequest (typed fp32 contents)."""
+    from service.grpc import inference_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name=bundle.name)
+    grpc_input = request.inputs.add(name=bundle.input_name, datatype="FP32", shape=list(x.shape))
+    grpc_input.contents.fp32_contents.extend(x.ravel().tolist())
+    message = request.SerializeToString()
+    return b"\x00" + struct.pack(">I", len(message)) + message
+
+
+def parse_binary_response(body: bytes, header_length: str | None, output: str) -> np.ndarray:
+    """The float32 values of `output` in a binary-extension answer: a JSON header of
+    `header_length` bytes, then each binary output's raw bytes in the header's order.
+    Unsupported when the answer carries no binary data for `output`."""
+    if header_length is None:
+        raise Unsupported(f"HTTP 200 without {HEADER_LENGTH} (no binary data): {_start(body)}")
+    size = int(header_length)
+    header = json.loads(body[:size])
+    offset = size
+    for tensor in header.get("outputs", []):
+        length = (tensor.get("parameters") or {}).get("binary_data_size")
+        if tensor.get("name") == output and length is not None:
+            if tensor.get("datatype", "FP32") != "FP32":
+                raise Unsupported(f"HTTP 200, output {output} as {tensor.get('datatype')}")
+            return np.frombuffer(body[offset : offset + int(length)], dtype="<f4")
+        offset += int(length or 0)
+    raise Unsupported(f"HTTP 200 without binary data for {output}: {_start(body[:size])}")
+
+
+def _start(body: bytes, chars: int = 200) -> str:
+    """The start of an answer's body, on one line."""
+    return " ".join(body[:chars].decode("utf-8", "replace").split())
+
+
 @dataclass
 class Payloads:
+    bundle: Bundle
     rest: Path  # V2 JSON body
+    rest_binary: Path  # V2 binary tensor body: JSON header, then the raw input
+    binary_header_length: int  # bytes of that JSON header
     grpc: Path  # 5-byte gRPC prefix + serialized ModelInferRequest
-    expected: np.ndarray  # onnxruntime's logits for the input, here in this process
+    expected: np.ndarray  # onnxruntime's output for the input, here in this process
+
+    def body(self, protocol: str) -> Path:
+        return {"rest": self.rest, "rest-binary": self.rest_binary, "grpc": self.grpc}[protocol]
+
+    def headers(self, protocol: str) -> dict[str, str]:
+        """The HTTP headers a REST protocol's request carries."""
+        if protocol == "rest-binary":
+            return {"Content-Type": "application/octet-stream",
+                    HEADER_LENGTH: str(self.binary_header_length)}  # fmt: skip
+        return {"Content-Type": "application/json"}
 
     def describe(self) -> dict:
         def info(path: Path) -> str:
             data = path.read_bytes()
             return f"{len(data)} bytes, sha256 {hashlib.sha256(data).hexdigest()[:16]}"
 
-        return {"rest": f"V2 JSON: {info(self.rest)}", "grpc": f"ModelInfer: {info(self.grpc)}"}
+        return {"rest": f"V2 JSON: {info(self.rest)}",
+                "rest-binary": f"V2 binary: {info(self.rest_binary)}",
+                "grpc": f"ModelInfer: {info(self.grpc)}"}  # fmt: skip
 
 
-def write_payloads(folder: Path) -> Payloads:
+def write_payloads(folder: Path, bundle: Bundle) -> Payloads:
     import onnxruntime as ort
 
-    from bench.grpc_vs_rest import digit
-    from service.grpc import inference_pb2 as pb
+    folder.mkdir(parents=True, exist_ok=True)
+    x = model_input(bundle)
+    rest, rest_binary, grpc = folder / "v2.json", folder / "v2.bin", folder / "modelinfer.bin"
+    rest.write_bytes(v2_json(bundle, x))
+    binary, header_length = v2_binary(bundle, x)
+    rest_binary.write_bytes(binary)
+    grpc.write_bytes(model_infer(bundle, x))
+    session = ort.InferenceSession(str(bundle.folded), providers=["CPUExecutionProvider"])
+    expected = session.run([bundle.output_name], {bundle.input_name: x})[0]
+    return Payloads(bundle, rest, rest_binary, header_length, grpc, expected)
 
-    manifest = json.loads((MODEL_DIR / "bundle.json").read_text())
-    x = digit()  # (1, 1, 8, 8) float32: examples/digit-3.png through the bundle's preprocessing
-    name, input_name = manifest["name"], manifest["input"]["name"]
-    rest = folder / "v2.json"
-    tensor = {"name": input_name, "shape": list(x.shape), "datatype": "FP32",
-              "data": x.ravel().tolist()}  # fmt: skip
-    rest.write_text(json.dumps({"inputs": [tensor]}))
-    request = pb.ModelInferRequest(model_name=name)
-    grpc_input = request.inputs.add(name=input_name, datatype="FP32", shape=list(x.shape))
-    grpc_input.contents.fp32_contents.extend(x.ravel().tolist())
-    message = request.SerializeToString()
-    grpc = folder / "modelinfer.bin"
-    grpc.write_bytes(b"\x00" + struct.pack(">I", len(message)) + message)
-    path = MODEL_DIR / manifest["files"]["folded"]["path"]
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    expected = session.run(None, {input_name: x})[0]
-    return Payloads(rest, grpc, expected)
+
+def prepare_bundle(model: str | Path, work: Path) -> Bundle:
+    """A bundle folder as it is, or HEAVY: make bench's heavy bundle (bench/models.py
+    `prepare_heavy` with the full plan's size and evaluation images), built under `work`."""
+    if str(model) != HEAVY:
+        return Bundle.read(Path(model))
+    from bench.models import prepare_heavy
+    from bench.plan import FULL
+
+    started = time.perf_counter()
+    built = prepare_heavy(work / "heavy-build", FULL.heavy_size, FULL.eval_images)
+    log(f"built the heavy bundle in {time.perf_counter() - started:.0f} s")
+    return Bundle.read(built.serve_dir / built.name)
+
+
+def served_folder(bundle: Bundle, work: Path) -> Path:
+    """A models folder for bnfold holding this bundle alone, under its manifest's name (bnfold
+    serves every bundle of its folder, each under its folder's name)."""
+    folder = work / "bnfold-models"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / bundle.name).symlink_to(bundle.path.resolve(), target_is_directory=True)
+    return folder
 
 
 # --- the servers ----------------------------------------------------------------------------
@@ -122,6 +286,7 @@ class Running:
     grpc_port: int
     metadata: dict = field(default_factory=dict)  # GET /v2: the server's name and version
     grpc_frame: int = 0  # bytes of one framed ModelInfer response (h2load's data check)
+    protocols: tuple[str, ...] = PROTOCOLS  # those whose answers passed the check
 
 
 def peer_python(name: str) -> Path:
@@ -160,15 +325,15 @@ def peer_env(name: str) -> dict:
     return env
 
 
-def start(name: str, logs: Path, bnfold_env: dict) -> Running:
+def start(name: str, bundle: Bundle, logs: Path, bnfold_env: dict) -> Running:
     http, grpc_port = servers.free_port(), servers.free_port()
-    ready = f"/v2/models/{MODEL_DIR.name}/ready"  # /v2/health/ready can precede the model
+    ready = f"/v2/models/{bundle.name}/ready"  # /v2/health/ready can precede the model
     if name == "bnfold":
         settings = {**bnfold_env, "BNFOLD_GRPC_PORT": str(grpc_port)}
-        server = servers.bnfold_server(MODEL_DIR.parent, logs, settings)
+        server = servers.bnfold_server(served_folder(bundle, logs), logs, settings)
         server.ready_path = ready
         return Running(name, server, grpc_port)
-    python, model = str(peer_python(name)), str(MODEL_DIR)
+    python, model = str(peer_python(name)), str(bundle.path.resolve())
     env = peer_env(name)
     if name == "triton":
         cmd = [python, "bench/peers/triton_server.py", "--model-dir", model,
@@ -187,7 +352,7 @@ def start(name: str, logs: Path, bnfold_env: dict) -> Running:
     return Running(name, server, grpc_port)
 
 
-def start_all(names: list[str], logs: Path, bnfold_env: dict) -> tuple[dict, dict]:
+def start_all(names: list[str], bundle: Bundle, logs: Path, bnfold_env: dict) -> tuple[dict, dict]:
     """Start every server at once, wait for each; (running, {name: reason it is not})."""
     running, unavailable = {}, {}
     for name in names:
@@ -196,7 +361,7 @@ def start_all(names: list[str], logs: Path, bnfold_env: dict) -> tuple[dict, dic
             unavailable[name] = reason
             continue
         try:
-            running[name] = start(name, logs, bnfold_env)
+            running[name] = start(name, bundle, logs, bnfold_env)
         except Exception as exc:  # noqa: BLE001 (reported in the results)
             unavailable[name] = f"did not start: {exc}"
     for name, r in list(running.items()):
@@ -215,16 +380,36 @@ def stop_all(running: dict) -> None:
 
 
 # --- checking the answers -------------------------------------------------------------------
+def infer_url(r: Running, payloads: Payloads) -> str:
+    return r.server.url(f"/v2/models/{payloads.bundle.name}/infer")
+
+
 def check_rest(r: Running, payloads: Payloads) -> None:
     request = urllib.request.Request(
-        r.server.url(f"/v2/models/{MODEL_DIR.name}/infer"),
-        data=payloads.rest.read_bytes(),
-        headers={"Content-Type": "application/json"},
+        infer_url(r, payloads), data=payloads.rest.read_bytes(), headers=payloads.headers("rest")
     )
     with urllib.request.urlopen(request, timeout=30) as resp:
         answer = json.loads(resp.read())
-    got = np.asarray(answer["outputs"][0]["data"], dtype=np.float32)
+    output = next(o for o in answer["outputs"] if o["name"] == payloads.bundle.output_name)
+    got = np.asarray(output["data"], dtype=np.float32)
     _compare(r.name, "REST", got, payloads.expected)
+
+
+def check_rest_binary(r: Running, payloads: Payloads) -> None:
+    """The binary-extension body; Unsupported when the answer is an error or has no binary
+    data."""
+    request = urllib.request.Request(
+        infer_url(r, payloads),
+        data=payloads.rest_binary.read_bytes(),
+        headers=payloads.headers("rest-binary"),
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            body, header_length = resp.read(), resp.headers.get(HEADER_LENGTH)
+    except urllib.error.HTTPError as exc:
+        raise Unsupported(f"HTTP {exc.code}: {_start(exc.read())}") from exc
+    got = parse_binary_response(body, header_length, payloads.bundle.output_name)
+    _compare(r.name, "REST binary", got, payloads.expected)
 
 
 def check_grpc(r: Running, payloads: Payloads) -> int:
@@ -248,16 +433,28 @@ def check_grpc(r: Running, payloads: Payloads) -> int:
 
 def _compare(name: str, protocol: str, got: np.ndarray, expected: np.ndarray) -> None:
     if got.size != expected.size or not np.allclose(got, expected.ravel(), atol=1e-4):
-        raise RuntimeError(f"{name} {protocol}: logits {got[:10]} != {expected.ravel()}")
+        raise RuntimeError(f"{name} {protocol}: output {got[:10]} != {expected.ravel()[:10]}")
 
 
-def check(r: Running, payloads: Payloads) -> None:
+def check(r: Running, payloads: Payloads, protocols: tuple[str, ...] = PROTOCOLS) -> dict:
+    """Each protocol's answer to the load's bytes against onnxruntime's; {protocol: reason} for
+    those the server does not take. A wrong answer raises."""
+    unsupported = {}
     servers.resume(r.server)
     try:
-        check_rest(r, payloads)
-        r.grpc_frame = check_grpc(r, payloads)
+        for protocol in protocols:
+            try:
+                if protocol == "rest":
+                    check_rest(r, payloads)
+                elif protocol == "rest-binary":
+                    check_rest_binary(r, payloads)
+                else:
+                    r.grpc_frame = check_grpc(r, payloads)
+            except Unsupported as exc:
+                unsupported[protocol] = str(exc)
     finally:
         servers.pause(r.server)
+    return unsupported
 
 
 def metadata(r: Running) -> dict:
@@ -323,11 +520,13 @@ def measure_point(
     servers.resume(r.server)
     try:
         cpu = servers.group_cpu_seconds(r.server.proc.pid)
-        if protocol == "rest":
-            url = r.server.url(f"/v2/models/{MODEL_DIR.name}/infer")
-            row = run_wrk(url, payloads.rest, "application/json", c, seconds)
-        else:
+        if protocol == "grpc":
             row = run_h2load(r, payloads.grpc, c, seconds, work)
+        else:
+            headers = payloads.headers(protocol)
+            content_type = headers.pop("Content-Type")
+            row = run_wrk(infer_url(r, payloads), payloads.body(protocol), content_type, c,
+                          seconds, headers=headers)  # fmt: skip
         cpu = servers.group_cpu_seconds(r.server.proc.pid) - cpu
     finally:
         servers.settle(r.server)
@@ -350,77 +549,133 @@ def missing_tools() -> list[str]:
     return [f"{tool} (Debian package {pkg})" for tool, pkg in tools if shutil.which(tool) is None]
 
 
-def measure(
-    settings: Settings, peers: tuple[str, ...] = PEERS, bnfold_env: dict | None = None
+def prepare_servers(running: dict, payloads: Payloads, warmup_s: int, work: Path) -> tuple:
+    """Metadata, the answers checked, one warm-up run per protocol taken (sessions, pools,
+    connections); ({name: reason} of servers dropped, {name: {protocol: reason}} not taken)."""
+    failed, unsupported = {}, {}
+    for name, r in list(running.items()):
+        try:
+            r.metadata = metadata(r)
+            refused = check(r, payloads)
+            r.protocols = tuple(p for p in PROTOCOLS if p not in refused)
+            if refused:
+                unsupported[name] = refused
+                log(f"{name}: {'; '.join(f'{p} unavailable: {why}' for p, why in refused.items())}")
+            for protocol in r.protocols:
+                measure_point(r, protocol, payloads, 16, warmup_s, work)
+        except Exception as exc:  # noqa: BLE001 (reported in the results)
+            failed[name] = f"failed its check: {str(exc)[-600:]}"
+            servers.stop(running.pop(name).server)
+    return failed, unsupported
+
+
+def check_after(running: dict, payloads: Payloads) -> dict:
+    """The answers still right after the load, on every protocol measured: {name: verdict}."""
+    verdicts = {}
+    for name, r in running.items():
+        try:
+            refused = check(r, payloads, r.protocols)
+            verdicts[name] = "ok" if not refused else f"FAILED: {refused}"
+        except Exception as exc:  # noqa: BLE001
+            verdicts[name] = f"FAILED: {str(exc)[-300:]}"
+    return verdicts
+
+
+def measure_model(
+    settings: Settings, bundle: Bundle, peers: tuple[str, ...], bnfold_env: dict, work: Path
 ) -> dict:
+    """Every server on one bundle, every protocol it takes, the rounds alternating."""
+    load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
+    started = time.perf_counter()
+    payloads = write_payloads(work, bundle)
+    running, unavailable = start_all(["bnfold", *peers], bundle, work, bnfold_env)
+    if "bnfold" not in running:
+        stop_all(running)
+        raise RuntimeError(f"bnfold did not start: {unavailable.get('bnfold')}")
+    try:
+        failed, unsupported = prepare_servers(running, payloads, settings.warmup_seconds, work)
+        unavailable |= failed
+        if "bnfold" not in running:
+            raise RuntimeError(f"bnfold failed its check: {unavailable['bnfold']}")
+        targets = list(running)
+        runs = {n: {p: {c: [] for c in settings.concurrency} for p in running[n].protocols}
+                for n in targets}  # fmt: skip
+        for rnd in range(settings.rounds):
+            for protocol in PROTOCOLS:
+                takers = [n for n in targets if protocol in running[n].protocols]
+                for i, c in enumerate(settings.concurrency):
+                    shift = (rnd + i) % max(1, len(takers))
+                    for name in takers[shift:] + takers[:shift]:
+                        row = measure_point(
+                            running[name], protocol, payloads, c, settings.seconds, work
+                        )
+                        runs[name][protocol][c].append(row)
+                        log(f"{bundle.name} round {rnd + 1} {protocol} c={c} {name}: "
+                            f"{row['rps']:.0f}/s p99 {_fmt(row['p99_ms'], '.1f')} ms, "
+                            f"{row['errors']} errors")  # fmt: skip
+        checked_after = check_after(running, payloads)
+        meta = {n: r.metadata for n, r in running.items()}
+    finally:
+        stop_all(running)
+    return {
+        "model": bundle.describe(),
+        "bundle": str(bundle.path),
+        "targets": targets,
+        "labels": {n: LABELS[n] for n in targets},
+        "unavailable": unavailable,
+        "unsupported": unsupported,
+        "server_metadata": meta,
+        "checked_after": checked_after,
+        "payloads": payloads.describe(),
+        "load_average": f"{load_start} at start, "
+        + " ".join(f"{v:.2f}" for v in os.getloadavg())
+        + " at end",
+        "elapsed_s": time.perf_counter() - started,
+        "runs": runs,
+        "table": summarize(runs),
+        "ratios": ratios(runs),
+    }
+
+
+def measure(
+    settings: Settings,
+    peers: tuple[str, ...] = PEERS,
+    bnfold_env: dict | None = None,
+    models: tuple[str | Path, ...] = (DIGITS_DIR,),
+) -> dict:
+    """Each bundle in turn, its servers started for it and stopped after it. A bundle that
+    cannot be measured (bnfold fails on it) is reported with its reason; the others stand."""
     if missing_tools():
         raise RuntimeError(f"missing {', '.join(missing_tools())}: bash scripts/install_peers.sh")
     load_start = " ".join(f"{v:.2f}" for v in os.getloadavg())
     started = time.perf_counter()
+    results = {}
     with tempfile.TemporaryDirectory(prefix="bnfold-peers-") as tmp:
-        work = Path(tmp)
-        payloads = write_payloads(work)
-        running, unavailable = start_all(["bnfold", *peers], work, bnfold_env or {})
-        if "bnfold" not in running:
-            stop_all(running)
-            raise RuntimeError(f"bnfold did not start: {unavailable.get('bnfold')}")
-        try:
-            for name, r in list(running.items()):
-                try:
-                    r.metadata = metadata(r)
-                    check(r, payloads)
-                    for protocol in PROTOCOLS:  # first calls: sessions, pools, connections
-                        measure_point(r, protocol, payloads, 16, settings.warmup_seconds, work)
-                except Exception as exc:  # noqa: BLE001 (reported in the results)
-                    unavailable[name] = f"failed its check: {str(exc)[-600:]}"
-                    servers.stop(running.pop(name).server)
-            if "bnfold" not in running:
-                raise RuntimeError(f"bnfold failed its check: {unavailable['bnfold']}")
-            targets = list(running)
-            runs = {n: {p: {c: [] for c in settings.concurrency} for p in PROTOCOLS}
-                    for n in targets}  # fmt: skip
-            for rnd in range(settings.rounds):
-                for protocol in PROTOCOLS:
-                    for i, c in enumerate(settings.concurrency):
-                        shift = (rnd + i) % len(targets)
-                        for name in targets[shift:] + targets[:shift]:
-                            row = measure_point(
-                                running[name], protocol, payloads, c, settings.seconds, work
-                            )
-                            runs[name][protocol][c].append(row)
-                            log(f"round {rnd + 1} {protocol} c={c} {name}: {row['rps']:.0f}/s "
-                                f"p99 {_fmt(row['p99_ms'], '.1f')} ms, "
-                                f"{row['errors']} errors")  # fmt: skip
-            checked_after = {}
-            for name, r in running.items():  # the answers still right after the load
-                try:
-                    check(r, payloads)
-                    checked_after[name] = "ok"
-                except Exception as exc:  # noqa: BLE001
-                    checked_after[name] = f"FAILED: {str(exc)[-300:]}"
-            meta = {n: r.metadata for n, r in running.items()}
-            described = payloads.describe()
-        finally:
-            stop_all(running)
+        for i, model in enumerate(models):
+            work = Path(tmp) / str(i)
+            work.mkdir()
+            try:
+                bundle = prepare_bundle(model, work)
+                results[bundle.name] = measure_model(
+                    settings, bundle, peers, bnfold_env or {}, work
+                )
+            except Exception as exc:  # noqa: BLE001 (reported in the results)
+                log(f"{model}: not measured: {exc}")
+                results[Path(str(model)).name] = {"error": str(exc)[-1000:]}
+    if all("error" in m for m in results.values()):
+        raise RuntimeError("; ".join(f"{n}: {m['error']}" for n, m in results.items()))
+    measured = {t for m in results.values() for t in m.get("targets", ())}
     return {
         "settings": {**settings.__dict__, "concurrency": list(settings.concurrency)},
-        "targets": targets,
-        "labels": {n: LABELS[n] for n in targets},
-        "unavailable": unavailable,
-        "server_metadata": meta,
-        "checked_after": checked_after,
-        "payloads": described,
+        "models": results,
         "peer_versions": {
-            f: peer_versions(f) for f in VERSIONS if any(t.startswith(f) for t in targets)
+            f: peer_versions(f) for f in VERSIONS if any(t.startswith(f) for t in measured)
         },  # fmt: skip
         "load_average": f"{load_start} at start, "
         + " ".join(f"{v:.2f}" for v in os.getloadavg())
         + " at end",
         "loaded": _loaded(load_start),
         "elapsed_s": time.perf_counter() - started,
-        "runs": runs,
-        "table": summarize(runs),
-        "ratios": ratios(runs),
     }
 
 
@@ -454,10 +709,13 @@ def summarize(runs: dict) -> dict:
 
 def ratios(runs: dict) -> dict:
     """bnfold / peer, per round (neighbours in time), then the median over rounds: req/s (> 1:
-    bnfold serves more), p99 (< 1: bnfold's tail is shorter), calls per server CPU-second."""
+    bnfold serves more), p99 (< 1: bnfold's tail is shorter), calls per server CPU-second; for
+    the protocols both take."""
     out = {}
     for peer in (n for n in runs if n != "bnfold"):
         for protocol, by_c in runs["bnfold"].items():
+            if protocol not in runs[peer]:
+                continue
             for c, ours in by_c.items():
                 theirs = runs[peer][protocol][c]
                 cell = {}
@@ -480,22 +738,38 @@ def _fmt(x: float | None, spec: str = ".2f") -> str:
 
 
 def ratio_table(result: dict) -> str:
-    """bnfold / peer req/s (p99 ratio in brackets), one row per peer and protocol."""
+    """bnfold / peer req/s (p99 ratio in brackets), one row per model, peer and protocol; then
+    the protocols a server does not take and the servers not measured, each with its reason."""
     levels = result["settings"]["concurrency"]
-    lines = ["| bnfold / peer: req/s (p99) | protocol | "
+    blank = " |" * (len(levels) - 1)
+    lines = ["| model | bnfold / peer: req/s (p99) | protocol | "
              + " | ".join(f"c={c}" for c in levels) + " |",
-             "|---|---|" + "---:|" * len(levels)]  # fmt: skip
-    for peer, by_protocol in result["ratios"].items():
-        for protocol, by_c in by_protocol.items():
-            cells = [f"{_fmt(by_c[_key(by_c, c)]['rps'])} ({_fmt(by_c[_key(by_c, c)]['p99_ms'])})"
-                     for c in levels]  # fmt: skip
-            name = "REST, V2 JSON" if protocol == "rest" else "gRPC ModelInfer"
-            lines.append(f"| {result['labels'][peer]} | {name} | {' | '.join(cells)} |")
-    for peer, reason in result["unavailable"].items():
-        lines.append(
-            f"| {LABELS.get(peer, peer)} | not measured | {reason} |" + " |" * (len(levels) - 1)
-        )
+             "|---|---|---|" + "---:|" * len(levels)]  # fmt: skip
+    for model, m in result["models"].items():
+        if "error" in m:
+            lines.append(f"| {model} | all servers | not measured | {_cell(m['error'])} |{blank}")
+            continue
+        for peer, by_protocol in m["ratios"].items():
+            for protocol in (p for p in PROTOCOLS if p in by_protocol):
+                by_c = by_protocol[protocol]
+                cells = [f"{_fmt(by_c[_key(by_c, c)]['rps'])} "
+                         f"({_fmt(by_c[_key(by_c, c)]['p99_ms'])})" for c in levels]  # fmt: skip
+                lines.append(f"| {model} | {m['labels'][peer]} | {PROTOCOL_NAMES[protocol]} | "
+                             f"{' | '.join(cells)} |")  # fmt: skip
+        for name, refused in m.get("unsupported", {}).items():
+            for protocol, reason in refused.items():
+                lines.append(f"| {model} | {LABELS.get(name, name)} | {PROTOCOL_NAMES[protocol]} "
+                             f"| unavailable: {_cell(reason)} |{blank}")  # fmt: skip
+        for name, reason in m["unavailable"].items():
+            lines.append(
+                f"| {model} | {LABELS.get(name, name)} | not measured | {_cell(reason)} |{blank}"
+            )
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """A reason as one markdown table cell: one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
 
 
 def _key(by_c: dict, c: int):
@@ -504,43 +778,57 @@ def _key(by_c: dict, c: int):
 
 def absolute_table(result: dict) -> str:
     levels = result["settings"]["concurrency"]
-    lines = ["| server | protocol | c | req/s | p50 ms | p99 ms | errors "
-             "| calls per server CPU-s |", "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for name in result["targets"]:
-        for protocol in PROTOCOLS:
-            by_c = result["table"][name][protocol]
-            for c in levels:
-                cell = by_c[_key(by_c, c)]
-                lines.append(
-                    f"| {result['labels'][name]} | {protocol} | {c} | {_fmt(cell['rps'], ',.0f')}"
-                    f" | {_fmt(cell['p50_ms'])} | {_fmt(cell['p99_ms'])} | {cell['errors']} "
-                    f"| {_fmt(cell['calls_per_cpu_s'], ',.0f')} |"
-                )
+    lines = ["| model | server | protocol | c | req/s | p50 ms | p99 ms | errors "
+             "| calls per server CPU-s |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for model, m in result["models"].items():
+        for name in m.get("targets", ()):
+            for protocol in (p for p in PROTOCOLS if p in m["table"][name]):
+                by_c = m["table"][name][protocol]
+                for c in levels:
+                    cell = by_c[_key(by_c, c)]
+                    lines.append(
+                        f"| {model} | {m['labels'][name]} | {protocol} | {c} "
+                        f"| {_fmt(cell['rps'], ',.0f')} | {_fmt(cell['p50_ms'])} "
+                        f"| {_fmt(cell['p99_ms'])} | {cell['errors']} "
+                        f"| {_fmt(cell['calls_per_cpu_s'], ',.0f')} |"
+                    )
     return "\n".join(lines) + "\n"
 
 
 def markdown(result: dict) -> str:
     env, s = result["environment"], result["settings"]
+    measured = {n: m for n, m in result["models"].items() if "error" not in m}
+    reports = {}  # every server reports the same name and version whatever the bundle
+    for m in measured.values():
+        reports |= m["server_metadata"]
     rows = [("command", f"`{env['command']}`"), ("date", env["date"]),
             ("machine", env["machine"]), ("load average (1, 5, 15 min)", result["load_average"]),
             ("bnfold", env["bnfold"]),
             *((f"{f} virtualenv", v) for f, v in result["peer_versions"].items()),
             *((f"{n} reports", f"{m.get('name')} {m.get('version')}")
-              for n, m in result["server_metadata"].items()),
-            ("request bytes (every server)", "; ".join(result["payloads"].values())),
-            ("load", f"wrk -t1 (REST), h2load -t1 -m1 (gRPC); {s['rounds']} round(s) x "
-                     f"{s['seconds']} s per server, protocol and concurrency, order rotating"),
-            ("answers checked after the load", ", ".join(
-                f"{n}: {v}" for n, v in result["checked_after"].items())),
+              for n, m in reports.items()),
+            *((f"{n}: bundle", f"{m['model']}, {m['bundle']}") for n, m in measured.items()),
+            *((f"{n}: request bytes (every server)", "; ".join(m["payloads"].values()))
+              for n, m in measured.items()),
+            ("load", f"wrk -t1 (REST JSON and binary), h2load -t1 -m1 (gRPC); {s['rounds']} "
+                     f"round(s) x {s['seconds']} s per model, server, protocol and concurrency, "
+                     "order rotating"),
+            *((f"{n}: answers checked after the load", ", ".join(
+                f"{k}: {v}" for k, v in m["checked_after"].items())) for n, m in measured.items()),
+            *((f"{n}: elapsed", f"{m['elapsed_s']:.0f} s, load average {m['load_average']}")
+              for n, m in measured.items()),
             ("elapsed", f"{result['elapsed_s']:.0f} s")]  # fmt: skip
-    head = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows) + "\n"
+    head = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {_cell(v)} |" for k, v in rows) + "\n"
     if result.get("loaded"):
         head += f"\n**{result['loaded']}**\n"
     return (
-        "# bnfold beside Triton, KServe and MLServer (digits, CPU)\n\n"
+        f"# bnfold beside Triton, KServe and MLServer ({', '.join(result['models'])}, CPU)\n\n"
         + head
         + "\nbnfold / peer, median over rounds of same-round ratios: req/s (> 1: bnfold serves "
-        "more), in brackets p99 latency (< 1: bnfold's tail is shorter).\n\n"
+        "more), in brackets p99 latency (< 1: bnfold's tail is shorter). REST binary is the V2 "
+        "binary tensor extension (tritonclient.http's default); a server that answers it with "
+        "an error or without binary data is listed as unavailable for it, with its answer.\n\n"
         + ratio_table(result)
         + "\nMedians over rounds. Calls per server CPU-second: successful calls over the CPU "
         "time of the server's whole process group during the run.\n\n" + absolute_table(result)
@@ -570,8 +858,11 @@ def write(result: dict, out: Path) -> list[Path]:
 
 
 def run(settings: Settings, out: Path, command: str, peers: tuple[str, ...] = PEERS,
-        bnfold_env: dict | None = None) -> dict:  # fmt: skip
-    result = measure(settings, peers, bnfold_env)
+        bnfold_env: dict | None = None,
+        models: tuple[str | Path, ...] = (DIGITS_DIR, HEAVY)) -> dict:  # fmt: skip
+    """Measure `models` (bundle folders, or HEAVY), write peers.json and peers.md into `out`.
+    The default, digits and heavy, is what `make bench` (bench/run.py) measures."""
+    result = measure(settings, peers, bnfold_env, models)
     result["environment"] = environment(command, bnfold_env or {})
     for path in write(result, out):
         log(f"wrote {path}")
@@ -585,8 +876,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=Settings.rounds)
     parser.add_argument("--concurrency", default="1,16,64", help="comma-separated")
     parser.add_argument("--peers", default=",".join(PEERS), help="comma-separated subset")
+    parser.add_argument(
+        "--model",
+        action="append",
+        help=f"a bundle folder, or '{HEAVY}' for make bench's heavy bundle (built in a temporary "
+        "folder); repeat for several, measured one after the other (default models/digits)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    models = tuple(m if m == HEAVY else Path(m) for m in args.model or [DIGITS_DIR])
+    for model in models:
+        if model != HEAVY and not (model / "bundle.json").is_file():
+            parser.error(f"--model {model}: no bundle.json there (or '{HEAVY}')")
     peers = tuple(p for p in args.peers.split(",") if p)
     unknown = set(peers) - set(PEERS)
     if unknown:
@@ -596,7 +897,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     levels = tuple(int(c) for c in args.concurrency.split(","))
     command = " ".join(["python -m bench.peers_run", *argv])
-    result = run(Settings(args.seconds, args.rounds, levels), args.out, command, peers)
+    result = run(Settings(args.seconds, args.rounds, levels), args.out, command, peers,
+                 models=models)  # fmt: skip
     print(ratio_table(result))
     return 0
 

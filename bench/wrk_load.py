@@ -12,9 +12,16 @@ MARK = "BENCH_JSON "
 
 
 def run_wrk(
-    url: str, body: Path, content_type: str, connections: int, seconds: int, timeout_s: int = 30
+    url: str,
+    body: Path,
+    content_type: str,
+    connections: int,
+    seconds: int,
+    timeout_s: int = 30,
+    headers: dict[str, str] | None = None,
 ) -> dict:
-    """POST `body` for `seconds` over `connections` keep-alive connections; one result row."""
+    """POST `body` for `seconds` over `connections` keep-alive connections; one result row.
+    `headers`: more request headers (the V2 binary extension's Inference-Header-Content-Length)."""
     cmd = [
         "wrk",
         "-t1",
@@ -25,11 +32,24 @@ def run_wrk(
         str(SCRIPT),
         url,
     ]
-    env = {**os.environ, "BENCH_BODY": str(body), "BENCH_CONTENT_TYPE": content_type}
+    env = {
+        **os.environ,
+        "BENCH_BODY": str(body),
+        "BENCH_CONTENT_TYPE": content_type,
+        "BENCH_HEADERS": header_lines(headers or {}),
+    }
     proc = subprocess.run(
         cmd, env=env, capture_output=True, text=True, timeout=seconds + timeout_s + 30
     )
     return parse_wrk(proc.stdout, proc.stderr, proc.returncode)
+
+
+def header_lines(headers: dict[str, str]) -> str:
+    """post.lua's BENCH_HEADERS: one "Name: value" line per header."""
+    for name, value in headers.items():
+        if ":" in name or "\n" in name + value:
+            raise ValueError(f"not a header line: {name!r}: {value!r}")
+    return "\n".join(f"{name}: {value}" for name, value in headers.items())
 
 
 def parse_wrk(stdout: str, stderr: str = "", returncode: int = 0) -> dict:

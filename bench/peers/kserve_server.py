@@ -2,7 +2,10 @@
 
 The model is what KServe's custom-model guide has a user write: `load` opens an onnxruntime
 session, `predict` takes the V2 `InferRequest` and returns an `InferResponse`, over REST
-(uvicorn, `--workers` processes) and gRPC (one grpc.aio server in the main process). KServe
+(uvicorn, `--workers` processes) and gRPC (one grpc.aio server in the main process). The
+response holds the outputs the request asks for, as binary data where it asks (the V2 binary
+tensor extension), as KServe's own `kserve.utils.utils.get_predict_response` builds it.
+Input and output names and shapes come from the bundle's model (any bundle folder). KServe
 binds 0.0.0.0 (REST) and [::] (gRPC) with no option to change it: this script rewrites both to
 127.0.0.1 before they bind. With more than one worker each process's onnxruntime gets one
 intra-op thread (a share of the cores), as bnfold's workers do.
@@ -84,10 +87,15 @@ class OnnxModel(kserve.Model):
     ) -> InferResponse:
         x = payload.inputs[0].as_numpy().astype(np.float32, copy=False)
         logits = self.session.run(None, {self.input_name: x})[0]
+        binary = payload.use_binary_outputs
         out = InferOutput(name=self.output_name, shape=list(logits.shape), datatype="FP32")
-        out.set_data_from_numpy(logits, binary_data=False)
+        out.set_data_from_numpy(logits, binary_data=binary)
         return InferResponse(
-            model_name=self.name, infer_outputs=[out], response_id=payload.id or str(uuid.uuid4())
+            model_name=self.name,
+            infer_outputs=[out],
+            response_id=payload.id or str(uuid.uuid4()),
+            use_binary_outputs=binary,
+            requested_outputs=payload.request_outputs,
         )
 
 

@@ -3,7 +3,8 @@
 Triton's own C++ HTTP and gRPC front ends and its dynamic batcher receive the V2 requests; the
 batched tensors cross into this Python process (PyTriton's Python-backend proxy), where
 onnxruntime runs them. `--instances` model instances (one inference callable each, one
-onnxruntime intra-op thread each). Every endpoint binds 127.0.0.1; metrics are off.
+onnxruntime intra-op thread each). Input and output names and shapes come from the bundle's
+bundle.json (any bundle folder). Every endpoint binds 127.0.0.1; metrics are off.
 Runs in its own virtualenv (bench/.peers/triton, scripts/install_peers.sh), imports nothing
 from the project. Ready when GET /v2/models/<name>/ready answers 200 (Triton's
 /v2/health/ready answers before the model is loaded).
@@ -26,17 +27,16 @@ from pytriton.model_config import DynamicBatcher, ModelConfig, Tensor
 from pytriton.triton import Triton, TritonConfig
 
 
-def infer_callable(model: Path, threads: int):
+def infer_callable(model: Path, threads: int, input_name: str, output_name: str):
+    """One model instance: its own onnxruntime session, the bundle's input and output names."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
-    output_name = session.get_outputs()[0].name
 
     @batch
     def infer(**inputs: np.ndarray) -> dict[str, np.ndarray]:
         (x,) = inputs.values()
-        return {output_name: session.run(None, {input_name: x})[0]}
+        return {output_name: session.run([output_name], {input_name: x})[0]}
 
     return infer
 
@@ -52,7 +52,9 @@ def main() -> None:
     args = parser.parse_args()
     manifest = json.loads((args.model_dir / "bundle.json").read_text())
     model = args.model_dir / manifest["files"]["folded"]["path"]
+    input_name, output_name = manifest["input"]["name"], manifest["output"]["name"]
     item_shape = tuple(manifest["input"]["shape"][1:])  # without the batch dimension
+    output_shape = tuple(manifest["output"]["shape"][1:])
     config = TritonConfig(
         http_address="127.0.0.1",
         http_port=args.http_port,
@@ -64,15 +66,11 @@ def main() -> None:
     with Triton(config=config) as triton:
         triton.bind(
             model_name=manifest["name"],
-            infer_func=[infer_callable(model, 1) for _ in range(args.instances)],
-            inputs=[Tensor(name=manifest["input"]["name"], dtype=np.float32, shape=item_shape)],
-            outputs=[
-                Tensor(
-                    name=manifest["output"]["name"],
-                    dtype=np.float32,
-                    shape=(len(manifest["classes"]),),
-                )
+            infer_func=[
+                infer_callable(model, 1, input_name, output_name) for _ in range(args.instances)
             ],
+            inputs=[Tensor(name=input_name, dtype=np.float32, shape=item_shape)],
+            outputs=[Tensor(name=output_name, dtype=np.float32, shape=output_shape)],
             config=ModelConfig(
                 max_batch_size=args.max_batch_size,
                 batcher=DynamicBatcher(max_queue_delay_microseconds=args.max_queue_delay_us),

@@ -1,7 +1,9 @@
 -- POST one fixed body to every request and print the run as one JSON line.
 --
 -- The body and its Content-Type come from the environment (BENCH_BODY: a file path,
--- BENCH_CONTENT_TYPE), so one script serves multipart, raw image and V2 JSON bodies alike.
+-- BENCH_CONTENT_TYPE), so one script serves multipart, raw image, V2 JSON and V2 binary bodies
+-- alike. BENCH_HEADERS, when set, holds more request headers, one "Name: value" per line (the
+-- V2 binary extension's Inference-Header-Content-Length).
 -- wrk counts only socket errors and statuses >= 400 by itself; the response hook counts every
 -- non-2xx status. Latencies are in microseconds.
 
@@ -10,6 +12,11 @@ wrk.method = "POST"
 wrk.body = body_file:read("*a")
 body_file:close()
 wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+    local name, value = line:match("^%s*([^:%s]+)%s*:%s*(.-)%s*$")
+    assert(name, "BENCH_HEADERS: not a 'Name: value' line: " .. line)
+    wrk.headers[name] = value
+end
 
 local threads = {}
 
