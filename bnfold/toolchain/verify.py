@@ -165,8 +165,8 @@ def _check_file(res: VerifyResult, bundle_dir: Path, manifest: Manifest, variant
     except DecodeError:  # its sha256 matched a manifest that was rewritten along with it
         res.fail(f"{f.path}: not a readable ONNX model")
         return None
-    try:
-        onnx.checker.check_model(proto, full_check=True)
+    try:  # the checker reads the file itself: no copy serialized for it
+        onnx.checker.check_model(str(bundle_dir / f.path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         res.fail(f"{f.path}: onnx.checker: {' '.join(str(exc).split())}")
         return proto
