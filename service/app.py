@@ -19,7 +19,8 @@ from starlette.exceptions import HTTPException
 from bnfold.errors import BnfoldError, validation_message
 from service.api import operations, page, repository, v1, v2
 from service.api.access import AccessMiddleware
-from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware
+from service.api.fastpath import V2InferFastPath
+from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware, error_response
 from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
 from service.dataplane import Runner
@@ -77,6 +78,7 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(page.router)
     _add_error_handlers(app)
+    app.add_middleware(V2InferFastPath, routes=v2.router.routes)  # innermost: inside the guards
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(AccessMiddleware, core=core)  # added last: outermost
@@ -89,10 +91,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BnfoldError, _bnfold_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
-
-
-def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def _bnfold_error(request: Request, exc: Exception) -> JSONResponse:

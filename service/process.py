@@ -7,6 +7,7 @@ app reads it from `app.state.core`, the gRPC servicer is given it. Neither proto
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -57,6 +58,7 @@ class Core:
 
     async def start(self) -> None:
         await self.registry.start()
+        settle_heap()
 
     async def aclose(self) -> None:
         await self.plane.aclose()
@@ -69,3 +71,12 @@ class Core:
             return "shutting down: finishing the requests in flight"
         own = self.registry.not_ready_reason()
         return own or (self.peers.others_not_ready() if self.peers else None)
+
+
+def settle_heap() -> None:
+    """Put what start-up built (modules, the app, the loaded models: about a million objects)
+    out of the cyclic garbage collector's reach. Every full collection traversed all of it: under
+    load a worker paused its event loop 45-60 ms about twice a second, the tail of its latency.
+    Objects made later (a reloaded model included) are collected as usual."""
+    gc.collect()
+    gc.freeze()

@@ -12,6 +12,7 @@ import time
 
 import anyio
 from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bnfold.errors import PayloadTooLarge
@@ -33,6 +34,11 @@ async def send_json(
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": payload})
+
+
+def error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """Every error the app answers: {"error": message} (the handlers' and the fast path's)."""
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def too_large(limit: int, size: str) -> str:

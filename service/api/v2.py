@@ -150,7 +150,7 @@ HeaderLength = Header(
 @router.post("/models/{model}/infer", **INFER_DOC)
 async def infer(model: ModelName, request: Request, header_length: int | None = HeaderLength):
     """Run the model on V2 tensors; `parameters.variant` picks folded (default) or unfolded."""
-    return await _infer(request, model, None, header_length)
+    return await infer_response(request, model, None, header_length)
 
 
 @router.post("/models/{model}/versions/{version}/infer", **INFER_DOC)
@@ -160,10 +160,13 @@ async def infer_version(
     request: Request,
     header_length: int | None = HeaderLength,
 ):
-    return await _infer(request, model, version, header_length)
+    return await infer_response(request, model, version, header_length)
 
 
-async def _infer(request: Request, name: str, version: str | None, header_length: int | None):
+async def infer_response(
+    request: Request, name: str, version: str | None, header_length: int | None
+) -> Response:
+    """The answer to a V2 infer call (the routes' and service/api/fastpath.py's)."""
     core = get_core(request)
     async with core.admission.admit(name, version) as model:
         body = await read_json_or_binary(request)
