@@ -10,6 +10,10 @@ The policy, per lane:
   when runs of its size on these sessions measured under `inline_run_s` and no lane's thread
   is running, it runs right there on the event loop, since a trip to the lane's thread and
   back would cost more than the run;
+- a batch whose size measured under `inline_run_s` runs on the event loop too (again only
+  while no lane's thread is running): the trip to
+  the thread and back is two thread wake-ups, and on a CPU shared with other work each waits
+  for the scheduler (a digits worker's p99 under a CPU hog was mostly those waits);
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
@@ -71,7 +75,11 @@ class _Lane:
     def runs_inline(self, model: LoadedModel, rows: int, limit_s: float) -> bool:
         """Nothing queued, and runs of `rows` rows on these sessions measured under `limit_s`
         (the caller checks that no lane's thread is running, this one's included)."""
-        if self.waiting or model is not self.measured_model:
+        return not self.waiting and self.cheap(model, rows, limit_s)
+
+    def cheap(self, model: LoadedModel, rows: int, limit_s: float) -> bool:
+        """Runs of `rows` rows on these sessions measured under `limit_s`."""
+        if model is not self.measured_model:
             return False  # a reloaded model is measured anew, in the thread
         seconds = self.run_seconds.get(rows)
         return seconds is not None and seconds < limit_s
@@ -224,6 +232,11 @@ class BatchingRunner:
             queue_wait.observe(wait)
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
+        busy = any(other.running for other in self.lanes.values())  # as in `logits`
+        if not busy and lane.cheap(model, len(x), self.inline_run_s):
+            logits, seconds = _timed_run(model, lane.variant, x)  # shorter than the hop
+            self._record(lane, model, len(batch), len(x), seconds)
+            return logits
         lane.running = True
         try:
             logits, seconds = await lane.loop.run_in_executor(

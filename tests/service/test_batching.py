@@ -298,6 +298,44 @@ def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
     assert threading.main_thread() not in threads
 
 
+def test_a_queued_batch_of_a_cheap_size_runs_on_the_event_loop(models_dir, digit_batch):
+    """Requests that queued behind a run go together; when runs of that batch's size measured
+    under inline_run_us, the batch runs on the event loop (no trip to the lane's thread and
+    back), each caller still getting its own rows."""
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000, max_batch_size=32)
+        await infer(core, "folded", digit_batch[:1])  # the lane and its measures exist
+        gate = Gate(core.registry.models["digits"])
+        lane = core.plane.runner.lanes[("digits", "folded")]
+        lane.run_seconds.clear()  # unmeasured again: this one goes to the thread and holds it
+        running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
+        while not gate.rows:
+            await asyncio.sleep(0.005)
+        lane.run_seconds[5] = 1e-9  # batches of five: cheap
+        queued = [asyncio.create_task(infer(core, "folded", digit_batch[i : i + 1]))
+                  for i in range(1, 6)]  # fmt: skip
+        await asyncio.sleep(0.05)
+        gate.opened.set()
+        got = await asyncio.gather(running, *queued)
+        await core.aclose()
+        return gate.rows, gate.threads, got
+
+    rows, threads, got = asyncio.run(main())
+    assert rows == [1, 5]
+    assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
+    whole = asyncio.run(_direct_logits(models_dir, digit_batch[1:6]))
+    np.testing.assert_array_equal(np.concatenate(got[1:]), whole)
+
+
+async def _direct_logits(models_dir, x: np.ndarray) -> np.ndarray:
+    """The session's own answer for x, run as one batch (the same rows as the batch above)."""
+    core = await started(models_dir)
+    out = core.registry.get_ready("digits").run("folded", x)
+    await core.aclose()
+    return out
+
+
 def test_inline_needs_runs_of_that_size_measured_on_these_sessions(models_dir, digit_batch):
     """A fixed cost per run makes small runs dear per row, so each row count is measured on
     its own; a reloaded model is measured anew (its first run goes to the thread)."""
