@@ -120,7 +120,7 @@ def _peers(results: dict) -> str:
     peers = results.get("peers")
     if not peers:
         return ""
-    head = "## Beside Triton, KServe and MLServer (digits, V2 REST JSON and gRPC)\n\n"
+    head = "## Beside Triton, KServe and MLServer (V2 REST JSON and binary, gRPC)\n\n"
     if "error" in peers:
         return head + f"Not measured: {peers['error']}\n"
     from bench.peers_run import ratio_table

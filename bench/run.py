@@ -138,15 +138,17 @@ def grpc_section(plan: Plan, out: Path) -> dict:
     return result
 
 
-def peers_section(plan: Plan, out: Path, argv: list[str]) -> dict:
-    """bnfold beside Triton, KServe and MLServer on digits, REST and gRPC (bench/peers_run.py):
-    bench/results/peers.md. A peer not installed or not started is listed with its reason."""
+def peers_section(plan: Plan, out: Path, argv: list[str], models: dict) -> dict:
+    """bnfold beside Triton, KServe and MLServer on digits and heavy (the bundles prepared for
+    this run), V2 REST JSON and binary and gRPC (bench/peers_run.py): bench/results/peers.md.
+    A peer not installed or not started is listed with its reason."""
     from bench import peers_run
 
     settings = peers_run.Settings(plan.peer_seconds, plan.peer_rounds, plan.concurrency)
     command = " ".join(["python -m bench.run", *argv])
+    bundles = tuple(models[n].bundle_dir for n in ("digits", "heavy") if n in models)
     try:
-        return peers_run.run(settings, out, command, plan.peers, plan.bnfold_env)
+        return peers_run.run(settings, out, command, plan.peers, plan.bnfold_env, bundles)
     except Exception as exc:  # noqa: BLE001 (the rest of the run stands; the reason is shown)
         log(f"peers: not measured: {exc}")
         return {"error": str(exc)[-1000:]}
@@ -210,7 +212,9 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         grpc = grpc_section(plan, out) if "digits" in plan.serve_models else {}
         workers = workers_section(models, plan, work)
         peers = (
-            peers_section(plan, out, argv) if plan.peers and "digits" in plan.serve_models else {}
+            peers_section(plan, out, argv, models)
+            if plan.peers and "digits" in plan.serve_models
+            else {}
         )
         pre = preprocess_cost_ms(models)
         families = families_section(plan, out, argv)
