@@ -152,3 +152,36 @@ def test_json_response_round_trips_fp32_exactly():
     out = json.loads(body)["outputs"][0]
     assert out["shape"] == [3, 10]
     assert np.array_equal(np.asarray(out["data"], np.float32).reshape(3, 10), logits)
+
+
+def _large_body(shape: list[int], count: int) -> bytes:
+    values = np.linspace(-2, 2, count, dtype=np.float32).tolist()
+    return json.dumps({"inputs": [{"name": "input", "shape": shape, "datatype": "FP32",
+                                   "data": values}]}).encode()  # fmt: skip
+
+
+def test_a_large_body_holding_more_than_the_model_accepts_is_refused_before_its_parse():
+    """Over what max_rows inputs of the model hold: the declared shape and the data's text are
+    read first (the parse of 200,000 numbers would cost 60-100 times their text)."""
+    from service.v2codec import check_declared_shapes
+
+    digits = TensorSpec(name="input", shape=[-1, 1, 8, 8])
+    body = _large_body([1, 1, 8, 8], 200_000)
+    with pytest.raises(BadInput, match="data holds more than 64 elements"):
+        check_declared_shapes(body, None, digits, 32)
+
+
+def test_a_large_body_within_what_the_model_accepts_is_left_to_the_parse():
+    """Within max_rows inputs' numbers, the careful reading (as dear as the parse itself) is
+    skipped; a wrong element count is still refused, by the decode."""
+    from service.v2codec import check_declared_shapes
+
+    heavy = TensorSpec(name="input", shape=[-1, 3, 128, 128])
+    good = _large_body([1, 3, 128, 128], 3 * 128 * 128)
+    check_declared_shapes(good, None, heavy, 32)
+    spec = TensorSpec(name="input", shape=[-1, 3, 128, 128])
+    assert input_array(decode(good, None, "heavy").inputs, spec).shape == (1, 3, 128, 128)
+    wrong = _large_body([2, 3, 128, 128], 3 * 128 * 128)
+    check_declared_shapes(wrong, None, heavy, 32)  # within the bound: the parse decides
+    with pytest.raises(BadInput, match="98304 elements"):
+        input_array(decode(wrong, None, "heavy").inputs, spec)
