@@ -154,6 +154,19 @@ def peers_section(plan: Plan, out: Path, argv: list[str], models: dict) -> dict:
         return {"error": str(exc)[-1000:]}
 
 
+def contention_section(plan: Plan, out: Path, argv: list[str]) -> dict:
+    """bnfold and the minimal handler quiet and beside two CPU hogs (bench/contention.py):
+    bench/results/contention.md."""
+    from bench import contention
+
+    command = " ".join(["python -m bench.run", *argv])
+    try:
+        return contention.run(plan.peer_seconds, plan.peer_rounds, [0, 2], out, command)
+    except Exception as exc:  # noqa: BLE001 (the rest of the run stands; the reason is shown)
+        log(f"contention: not measured: {exc}")
+        return {"error": str(exc)[-1000:]}
+
+
 def preprocess_cost_ms(models: dict, repeats: int = 200, rounds: int = 5) -> dict[str, float]:
     """Decode + preprocess of the benchmark PNG, in process: the per-image floor of serving.
     The best of `rounds` rounds: one short round on a shared machine can come out 4x slow."""
@@ -216,6 +229,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
             if plan.peers and "digits" in plan.serve_models
             else {}
         )
+        contention = contention_section(plan, out, argv) if plan.peers else {}
         pre = preprocess_cost_ms(models)
         families = families_section(plan, out, argv)
     finally:
@@ -235,6 +249,7 @@ def run(plan: Plan, out: Path, docs: Path | None, argv: list[str], keep_work: bo
         "grpc_vs_rest": grpc,
         "workers": workers,
         "peers": peers,
+        "contention": contention,
         "families": families,
         "goals": goals.check(serving["rows"], pre),
     }
