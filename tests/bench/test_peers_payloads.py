@@ -1,14 +1,21 @@
 """bench/peers_run.py's pure parts: the request bytes of each protocol for any bundle, the
 binary extension's answer read back, a protocol a server refuses kept with its reason, and the
-tables. No server, network or peer virtualenv."""
+tables. No server, network or peer virtualenv.
+
+The gRPC message is built and read in a child process: the server's generated code
+(service/grpc/inference_pb2.py) and tritonclient's (imported by the e2e tests in this pytest
+process) define the same `inference.*` protobuf symbols, and one process holds only one of
+them. Here, write_payloads gets a stand-in gRPC message."""
 
 from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import re
 import struct
 import subprocess
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -16,9 +23,27 @@ import numpy as np
 import pytest
 
 from bench import peers_run, wrk_load
-from service.grpc import inference_pb2 as pb
 
 LEVELS = (1, 16)
+STAND_IN = b"\x00" + struct.pack(">I", 3) + b"abc"  # a framed gRPC message, not decoded here
+
+
+@pytest.fixture(autouse=True)
+def no_generated_grpc_code(monkeypatch):
+    monkeypatch.setattr(peers_run, "model_infer", lambda bundle, x: STAND_IN)
+
+
+def _model_infer_fields(folder: str) -> tuple:
+    """In a child process: the framed ModelInfer of the bundle's input, decoded."""
+    from service.grpc import inference_pb2 as pb
+
+    bundle = peers_run.Bundle.read(Path(folder))
+    framed = peers_run.model_infer(bundle, peers_run.synthetic_input(bundle))
+    assert framed[0] == 0 and struct.unpack(">I", framed[1:5])[0] == len(framed) - 5
+    request = pb.ModelInferRequest.FromString(framed[5:])
+    tensor = request.inputs[0]
+    values = np.asarray(tensor.contents.fp32_contents, "f4")
+    return request.model_name, tensor.name, list(tensor.shape), values
 
 
 @pytest.fixture
@@ -88,13 +113,18 @@ def test_every_protocol_carries_the_same_input(bundle, tmp_path):
     }
     assert payloads.headers("rest") == {"Content-Type": "application/json"}
 
-    framed = payloads.grpc.read_bytes()
-    assert framed[0] == 0 and struct.unpack(">I", framed[1:5])[0] == len(framed) - 5
-    request = pb.ModelInferRequest.FromString(framed[5:])
-    assert request.model_name == "tiny" and request.inputs[0].name == "image"
-    assert list(request.inputs[0].shape) == [1, 3, 4, 4]
-    assert np.array_equal(np.asarray(request.inputs[0].contents.fp32_contents, "f4"), x.ravel())
+    assert payloads.grpc.read_bytes() == STAND_IN
     assert set(payloads.describe()) == set(peers_run.PROTOCOLS)
+
+
+def test_the_grpc_message_carries_the_same_input(bundle):
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=spawn) as child:
+        name, input_name, shape, values = child.submit(
+            _model_infer_fields, str(bundle.path)
+        ).result(timeout=120)
+    assert (name, input_name, shape) == ("tiny", "image", [1, 3, 4, 4])
+    assert np.array_equal(values, peers_run.synthetic_input(bundle).ravel())
 
 
 def test_digits_carries_the_held_out_digit(tmp_path):
