@@ -18,16 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import provenance, servers
+from bench import peers_run, servers
 from bench.serving import BOUNDARY, multipart_body
 from bench.wrk_load import run_wrk
 
@@ -136,17 +134,8 @@ def run(seconds: int, rounds: int, hogs: list[int], out: Path, command: str) -> 
     finally:
         for server in running.values():
             servers.stop(server)
-    cpu, cores = provenance.cpu_model(), provenance.cpu_count()
-    machine = f"{cpu}, {cores} cores, Python {platform.python_version()}"
-    result = {
-        "environment": {
-            "command": command,
-            "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "machine": machine,
-            "bnfold": f"commit {provenance.git_commit()}",
-        },
-        "rows": rows,
-    }
+    # the same lines as peers.md's (bnfold runs with its defaults here too)
+    result = {"environment": peers_run.environment(command, {}), "rows": rows}
     out.mkdir(parents=True, exist_ok=True)
     (out / "contention.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "contention.md").write_text(markdown(result))

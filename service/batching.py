@@ -11,9 +11,8 @@ The policy, per lane:
   is running, it runs right there on the event loop, since a trip to the lane's thread and
   back would cost more than the run;
 - a batch whose size measured under `inline_run_s` runs on the event loop too (again only
-  while no lane's thread is running): the trip to
-  the thread and back is two thread wake-ups, and on a CPU shared with other work each waits
-  for the scheduler (a digits worker's p99 under a CPU hog was mostly those waits);
+  while no lane's thread is running): the trip to the thread and back is two thread
+  wake-ups, and on a CPU shared with other work each waits for the scheduler;
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
@@ -118,10 +117,7 @@ class BatchingRunner:
         if self.closed:
             raise ServiceUnavailable("the server is shutting down")
         lane = self._lane(model.name, variant)
-        # Not while any lane's thread runs: that run holds a core, and a run here would hold up
-        # the event loop behind it.
-        busy = any(other.running for other in self.lanes.values())
-        if not busy and lane.runs_inline(model, len(x), self.inline_run_s):
+        if not self._thread_running() and lane.runs_inline(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, variant, x)
             self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant).observe(0.0)
             self._record(lane, model, 1, len(x), seconds)
@@ -150,6 +146,11 @@ class BatchingRunner:
                     request.future.set_exception(ServiceUnavailable("the server shut down"))
             lane.executor.shutdown(wait=False, cancel_futures=True)
         self.lanes = {}
+
+    def _thread_running(self) -> bool:
+        """A batch is in some lane's thread now: it holds a core, and a run on the event loop
+        would hold up the loop behind it."""
+        return any(lane.running for lane in self.lanes.values())
 
     def _lane(self, name: str, variant: str) -> _Lane:
         loop = asyncio.get_running_loop()
@@ -232,18 +233,16 @@ class BatchingRunner:
             queue_wait.observe(wait)
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
-        busy = any(other.running for other in self.lanes.values())  # as in `logits`
-        if not busy and lane.cheap(model, len(x), self.inline_run_s):
+        if not self._thread_running() and lane.cheap(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, lane.variant, x)  # shorter than the hop
-            self._record(lane, model, len(batch), len(x), seconds)
-            return logits
-        lane.running = True
-        try:
-            logits, seconds = await lane.loop.run_in_executor(
-                lane.executor, _timed_run, model, lane.variant, x
-            )
-        finally:
-            lane.running = False
+        else:
+            lane.running = True
+            try:
+                logits, seconds = await lane.loop.run_in_executor(
+                    lane.executor, _timed_run, model, lane.variant, x
+                )
+            finally:
+                lane.running = False
         self._record(lane, model, len(batch), len(x), seconds)
         return logits  # (B, classes)
 

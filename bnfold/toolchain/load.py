@@ -56,7 +56,7 @@ def load_onnx(path: Path) -> LoadedOnnx:
         raise ModelImportError(f"{path}: not an ONNX model (no graph with nodes in the file)")
     _check_node_count(model, path)
     files = _attach_external_data(model, path)
-    _check(model, path)
+    _check(path)
     _check_tensor_sizes(model, path)
     return LoadedOnnx(path=path, model=model, sha256=sha256_file(path), external_files=files)
 
@@ -143,7 +143,7 @@ def _check_tensor_sizes(model: onnx.ModelProto, path: Path) -> None:
             )
 
 
-def _check(model: onnx.ModelProto, path: Path) -> None:
+def _check(path: Path) -> None:
     """The full check of the file itself (the checker reads it, external data included, with no
     copy serialized here: seconds for a 500 MB model)."""
     try:

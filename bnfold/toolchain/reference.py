@@ -259,7 +259,7 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
 def _depthwise(xp, wk, kernel, strides, dilations, out_sizes) -> np.ndarray:
     """A depthwise conv as a sum over its taps, one image at a time so that the running sum
     and the product stay in cache (a whole-batch sum reads and writes memory at every tap), the
-    images split over two threads (numpy releases the GIL in these loops)."""
+    images split over the usable cores (numpy releases the GIL in these loops)."""
     n, m = xp.shape[:2]
     y = np.zeros((n, m, *out_sizes), dtype=np.float64)
     w_taps = [wk[:, t].reshape((m,) + (1,) * len(kernel)) for t in range(wk.shape[1])]

@@ -4,10 +4,10 @@ Under load the REST worker's event loop is the bottleneck, and a third of its ti
 infer call went to FastAPI and Starlette between our guards and the endpoint (route matching
 over every route, the exception and exit-stack middlewares, parameter solving). This pure-ASGI
 layer sits inside our guards (body limits, access record, last-resort 500) and answers a
-`POST /v2/models/{model}[/versions/{version}]/infer` itself, through the same `_infer` and
-the same error table as the route. Anything it is not sure of (another path or method, a
-malformed or repeated Inference-Header-Content-Length) goes to the app, whose route answers
-it, error messages included, exactly as before.
+`POST /v2/models/{model}[/versions/{version}]/infer` itself, through the same
+`v2.infer_response` and the same error table as the route. Anything it is not sure of
+(another path or method, a malformed or repeated Inference-Header-Content-Length) goes to the
+app, whose route answers it, error messages included, exactly as before.
 """
 
 from __future__ import annotations

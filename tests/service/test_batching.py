@@ -269,39 +269,10 @@ def test_a_run_over_the_inline_limit_goes_to_the_lanes_thread(models_dir, digit_
     assert threading.main_thread() not in asyncio.run(main())
 
 
-def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
-    models_dir, digit_batch
-):
-    """Inline runs only on an idle lane: while a batch is in the lane's thread, requests queue
-    and go together into the next run, as for any model."""
-
-    async def main():
-        core = await started(models_dir, inline_run_us=1_000_000, max_batch_size=32)
-        await infer(core, "folded", digit_batch[:1])  # measured: cheap from now on
-        gate = Gate(core.registry.models["digits"])
-        lane = core.plane.runner.lanes[("digits", "folded")]
-        lane.run_seconds.clear()  # unmeasured again: this one goes to the thread and holds it
-        running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
-        while not gate.rows:
-            await asyncio.sleep(0.005)
-        lane.run_seconds[1] = 1e-9  # cheap, but the lane is busy
-        queued = [asyncio.create_task(infer(core, "folded", digit_batch[i : i + 1]))
-                  for i in range(1, 6)]  # fmt: skip
-        await asyncio.sleep(0.05)
-        gate.opened.set()
-        await asyncio.gather(running, *queued)
-        await core.aclose()
-        return gate.rows, gate.threads
-
-    rows, threads = asyncio.run(main())
-    assert rows == [1, 5]  # the five queued requests shared one run
-    assert threading.main_thread() not in threads
-
-
-def test_a_queued_batch_of_a_cheap_size_runs_on_the_event_loop(models_dir, digit_batch):
-    """Requests that queued behind a run go together; when runs of that batch's size measured
-    under inline_run_us, the batch runs on the event loop (no trip to the lane's thread and
-    back), each caller still getting its own rows."""
+def _five_queued_behind_a_held_run(models_dir, digit_batch, cheap_rows: int):
+    """One request holds the lane's thread (unmeasured, at a closed gate); runs of `cheap_rows`
+    rows are then marked cheap and five one-row requests queue behind it; the gate opens.
+    (the rows of each run, the thread of each run, each caller's logits)."""
 
     async def main():
         core = await started(models_dir, inline_run_us=1_000_000, max_batch_size=32)
@@ -312,7 +283,7 @@ def test_a_queued_batch_of_a_cheap_size_runs_on_the_event_loop(models_dir, digit
         running = asyncio.create_task(infer(core, "folded", digit_batch[:1]))
         while not gate.rows:
             await asyncio.sleep(0.005)
-        lane.run_seconds[5] = 1e-9  # batches of five: cheap
+        lane.run_seconds[cheap_rows] = 1e-9  # cheap, but the lane is busy
         queued = [asyncio.create_task(infer(core, "folded", digit_batch[i : i + 1]))
                   for i in range(1, 6)]  # fmt: skip
         await asyncio.sleep(0.05)
@@ -321,7 +292,25 @@ def test_a_queued_batch_of_a_cheap_size_runs_on_the_event_loop(models_dir, digit
         await core.aclose()
         return gate.rows, gate.threads, got
 
-    rows, threads, got = asyncio.run(main())
+    return asyncio.run(main())
+
+
+def test_cheap_requests_queue_behind_a_running_batch_instead_of_running_inline(
+    models_dir, digit_batch
+):
+    """Inline runs only on an idle lane: while a batch is in the lane's thread, requests queue
+    and go together into the next run, as for any model (a run of one row is cheap, of five
+    is not measured: the batch goes to the thread)."""
+    rows, threads, _ = _five_queued_behind_a_held_run(models_dir, digit_batch, cheap_rows=1)
+    assert rows == [1, 5]  # the five queued requests shared one run
+    assert threading.main_thread() not in threads
+
+
+def test_a_queued_batch_of_a_cheap_size_runs_on_the_event_loop(models_dir, digit_batch):
+    """Requests that queued behind a run go together; when runs of that batch's size measured
+    under inline_run_us, the batch runs on the event loop (no trip to the lane's thread and
+    back), each caller still getting its own rows."""
+    rows, threads, got = _five_queued_behind_a_held_run(models_dir, digit_batch, cheap_rows=5)
     assert rows == [1, 5]
     assert threads[0] is not threading.main_thread() and threads[1] is threading.main_thread()
     whole = asyncio.run(_direct_logits(models_dir, digit_batch[1:6]))
