@@ -15,11 +15,14 @@ node it cannot evaluate raises ReferenceUnavailable naming the node: never the u
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import onnx
@@ -39,6 +42,7 @@ from onnx.reference.ops.op_erf import Erf as _RefErf
 from onnx.reference.ops.op_matmul import MatMul as _RefMatMul
 from onnx.reference.ops.op_max_pool import MaxPool as _RefMaxPool
 from scipy.special import erf
+from threadpoolctl import threadpool_limits
 
 # Float types cast to float64; bfloat16 has no numpy dtype of its own, so it is left alone.
 FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE}
@@ -140,9 +144,16 @@ class InferenceBatchNormalization(OpRun):
             if x.dtype != np.float64 or x.ndim < 2:
                 return (_batchnorm_test_mode(x, scale, bias, mean, var, epsilon=eps),)
             shape = (-1,) + (1,) * (x.ndim - 2)  # (x - mean) * scale / sqrt(var + eps) + bias
-            y = np.subtract(x, mean.reshape(shape), out=x if self.scratch else None)
-            y *= (scale / np.sqrt(var + eps)).reshape(shape)  # three passes over x, not six
-            y += bias.reshape(shape)
+            mean, k = mean.reshape(shape), (scale / np.sqrt(var + eps)).reshape(shape)
+            bias = bias.reshape(shape)
+            y = x if self.scratch else np.empty_like(x)
+
+            def image(i: int) -> None:  # three passes over x, not six; images over the cores
+                np.subtract(x[i], mean, out=y[i])
+                y[i] *= k
+                y[i] += bias
+
+            _over_cores(image, len(x), x.size)
             return (y,)
         m = 0.9 if momentum is None else momentum
         y, saved_mean, saved_var, run_mean, run_var = _batchnorm_training_mode(
@@ -161,7 +172,25 @@ InferenceBatchNormalization.__name__ = "BatchNormalization"  # replaces the buil
 # its pools loop in Python: a 224x224 ResNet-50 took minutes. These compute the same functions
 # with float64 BLAS (Conv) and whole-tensor numpy over the kernel offsets (pools, depthwise).
 
-COLS_BUDGET = 64 * 2**20  # bytes of im2col columns built at once (the batch is cut to fit)
+
+_POOL: list[ThreadPoolExecutor] = []  # one per process, made on first use
+
+
+PARALLEL_WORK = 2**18  # values (or multiply-adds): below this a hand-off costs more than it saves
+
+
+def _over_cores(work: Callable[[int], None], parts: int, size: int) -> None:
+    """work(0) ... work(parts - 1), `size` values of work in all, split over the usable cores
+    (numpy releases the GIL in its loops): the reference's kernels would otherwise use one core
+    of several. One pool serves every kernel; a `work` must not call _over_cores itself."""
+    cores = min(len(os.sched_getaffinity(0)), parts)
+    if cores <= 1 or size < PARALLEL_WORK:
+        for i in range(parts):
+            work(i)
+        return
+    if not _POOL or _POOL[0]._max_workers < cores:
+        _POOL[:] = [ThreadPoolExecutor(len(os.sched_getaffinity(0)), "bnfold-reference")]
+    list(_POOL[0].map(work, range(parts)))
 
 
 def _attr_str(value) -> str:
@@ -190,26 +219,41 @@ def _spatial_pads(auto_pad, sizes, kernel, strides, dilations, pads) -> tuple[li
     return [int(p) for p in pads[:nd]], [int(p) for p in pads[nd:]]
 
 
+def _window(offsets, strides, dilations, out_sizes) -> tuple[slice, ...]:
+    """The spatial slices that kernel tap `offsets` multiplies, one entry per output."""
+    return tuple(
+        slice(o * d, o * d + (n - 1) * s + 1, s)
+        for o, s, d, n in zip(offsets, strides, dilations, out_sizes, strict=True)
+    )
+
+
 def _tap(xp: np.ndarray, offsets, strides, dilations, out_sizes) -> np.ndarray:
-    """The view of padded `xp` that kernel tap `offsets` multiplies, one entry per output."""
-    index = [slice(None), slice(None)]
-    for o, s, d, n in zip(offsets, strides, dilations, out_sizes, strict=True):
-        start = o * d
-        index.append(slice(start, start + (n - 1) * s + 1, s))
-    return xp[tuple(index)]
+    """The view of padded `xp` (N, C, *spatial) that kernel tap `offsets` multiplies."""
+    return xp[(slice(None), slice(None), *_window(offsets, strides, dilations, out_sizes))]
 
 
-def _pad(x: np.ndarray, begin, end, value: float) -> np.ndarray:
-    if not any(begin) and not any(end):
+def _pad(x: np.ndarray, begin, end, value: float, channels_last: bool = False) -> np.ndarray:
+    """x (N, C, *spatial) padded on its spatial axes with `value`; or, channels_last, the
+    padded (N, *spatial, C) copy in the same single pass (np.pad makes several)."""
+    if not any(begin) and not any(end) and not channels_last:
         return x
-    widths = [(0, 0), (0, 0), *zip(begin, end, strict=True)]
-    return np.pad(x, widths, mode="constant", constant_values=value)
+    sizes = x.shape[2:]
+    padded = [n + b_ + e for n, b_, e in zip(sizes, begin, end, strict=True)]
+    inner = tuple(slice(b_, b_ + n) for b_, n in zip(begin, sizes, strict=True))
+    if channels_last:
+        out = np.full((x.shape[0], *padded, x.shape[1]), value, dtype=x.dtype)
+        out[(slice(None), *inner)] = np.moveaxis(x, 1, -1)
+    else:
+        out = np.full((*x.shape[:2], *padded), value, dtype=x.dtype)
+        out[(slice(None), slice(None), *inner)] = x
+    return out
 
 
 def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
                  kernel_shape=None, pads=None, strides=None) -> np.ndarray:  # fmt: skip
     """ONNX Conv, any number of spatial axes: im2col + matmul per group (BLAS), a 1x1 kernel
-    as a plain matmul, a depthwise kernel as a sum over its taps."""
+    as a plain matmul, a depthwise kernel as a sum over its taps; one image at a time (padded
+    there, in cache), the images split over the usable cores with BLAS on one thread each."""
     nd = x.ndim - 2
     kernel = [int(k) for k in (kernel_shape or w.shape[2:])]
     strides = [int(s) for s in (strides or [1] * nd)]
@@ -221,59 +265,70 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
     if cg * groups != c or mg * groups != m or w.shape[1] != cg:
         raise ValueError(f"Conv: input {x.shape}, weight {w.shape} and group={groups} disagree")
     begin, end = _spatial_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    xp = _pad(x, begin, end, 0.0)
+    padded = [n_ + b_ + e for n_, b_, e in zip(x.shape[2:], begin, end, strict=True)]
     eff = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
-    out_sizes = [(p - e) // s + 1 for p, e, s in zip(xp.shape[2:], eff, strides, strict=True)]
+    out_sizes = [(p - e) // s + 1 for p, e, s in zip(padded, eff, strides, strict=True)]
     if min(out_sizes) <= 0:
-        raise ValueError(f"Conv: kernel {kernel} larger than the padded input {xp.shape[2:]}")
+        raise ValueError(f"Conv: kernel {kernel} larger than the padded input {padded}")
     p = int(np.prod(out_sizes))
     taps = int(np.prod(kernel))
+    y = np.empty((n, m, *out_sizes), dtype=np.float64)
+    bias = None if b is None else b.reshape((m,) + (1,) * nd)
     if cg == 1 and groups > 1:  # depthwise (times a channel multiplier)
-        xr = np.repeat(xp, mg, axis=1) if mg > 1 else xp
-        y = _depthwise(xr, w.reshape(m, taps), kernel, strides, dilations, out_sizes)
+        xr = np.repeat(x, mg, axis=1) if mg > 1 else x
+        image = _depthwise(xr, w.reshape(m, taps), kernel, strides, dilations, begin, end, y)
     else:
         wg = w.reshape(groups, mg, cg * taps)
-        if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
-            cols = _tap(xp, [0] * nd, strides, dilations, out_sizes).reshape(n, groups, cg, p)
-            y = np.matmul(wg, cols).reshape(n, m, *out_sizes)
-        else:
-            per_image = c * taps * p * 8
-            step = max(1, COLS_BUDGET // max(per_image, 1))
-            y = np.empty((n, m, *out_sizes), dtype=np.float64)
-            axes = tuple(range(2, 2 + nd))
-            for i in range(0, n, step):
-                win = sliding_window_view(xp[i : i + step], eff, axis=axes)
-                sl = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
-                      *(slice(None, None, d) for d in dilations))  # fmt: skip
-                win = win[sl]  # (n, c, *out, *kernel)
-                k = len(win)
-                perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
-                cols = np.ascontiguousarray(win.transpose(perm))  # (n, c, *kernel, *out)
-                cols = cols.reshape(k, groups, cg * taps, p)
-                y[i : i + k] = np.matmul(wg, cols).reshape(k, m, *out_sizes)
-    if b is not None:
-        y += b.reshape((1, m) + (1,) * nd)
+        axes = tuple(range(2, 2 + nd))
+        sl = (slice(None), slice(None), *(slice(None, None, s) for s in strides),
+              *(slice(None, None, d) for d in dilations))  # fmt: skip
+        perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
+
+        def image(i: int) -> None:  # one BLAS call per group (columns: c * taps x p)
+            xi = _pad(x[i : i + 1], begin, end, 0.0)
+            if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
+                cols = _tap(xi, [0] * nd, strides, dilations, out_sizes)
+            else:
+                win = sliding_window_view(xi, eff, axis=axes)[sl]  # (1, c, *out, *kernel)
+                cols = win.transpose(perm)  # (1, c, *kernel, *out)
+            cols = np.ascontiguousarray(cols).reshape(groups, cg * taps, p)
+            np.matmul(wg, cols, out=y[i].reshape(groups, mg, p))
+
+    def with_bias(i: int) -> None:
+        image(i)
+        if bias is not None:
+            y[i] += bias
+
+    _over_cores(with_bias, n, y.size * cg * taps)
     return y
 
 
-def _depthwise(xp, wk, kernel, strides, dilations, out_sizes) -> np.ndarray:
-    """A depthwise conv as a sum over its taps, one image at a time so that the running sum
-    and the product stay in cache (a whole-batch sum reads and writes memory at every tap), the
-    images split over the usable cores (numpy releases the GIL in these loops)."""
-    n, m = xp.shape[:2]
-    y = np.zeros((n, m, *out_sizes), dtype=np.float64)
-    w_taps = [wk[:, t].reshape((m,) + (1,) * len(kernel)) for t in range(wk.shape[1])]
+def _depthwise(x, wk, kernel, strides, dilations, begin, end, y) -> Callable[[int], None]:
+    """The work for image i of a depthwise conv into y[i]: a sum over its taps, one image at a
+    time so that the running sum and the product stay in cache (a whole-batch sum reads and
+    writes memory at every tap). Each tap is one numpy loop whose innermost run is the longer
+    of an output row and the channels: channels-last when there are more channels than output
+    columns (a 7x7 map of 1152 channels would be 7-element runs)."""
+    m, out_sizes = y.shape[1], y.shape[2:]
     offsets = list(np.ndindex(*kernel))
+    channels_last = m > out_sizes[-1]
+    if channels_last:
+        w_taps = list(np.ascontiguousarray(wk.T))  # (m,) per tap
+    else:
+        w_taps = [wk[:, t].reshape((m,) + (1,) * len(kernel)) for t in range(wk.shape[1])]
 
     def image(i: int) -> None:
-        yi, tmp = y[i], np.empty(y.shape[1:])
+        xi = _pad(x[i : i + 1], begin, end, 0.0, channels_last)[0]
+        acc = np.zeros((*out_sizes, m) if channels_last else (m, *out_sizes))
+        tmp = np.empty_like(acc)
         for w_t, o in zip(w_taps, offsets, strict=True):
-            np.multiply(_tap(xp[i : i + 1], o, strides, dilations, out_sizes)[0], w_t, out=tmp)
-            yi += tmp
+            window = _window(o, strides, dilations, out_sizes)
+            view = xi[window] if channels_last else xi[(slice(None), *window)]
+            np.multiply(view, w_t, out=tmp)
+            acc += tmp
+        y[i] = np.moveaxis(acc, -1, 0) if channels_last else acc
 
-    with ThreadPoolExecutor(max(1, min(len(os.sched_getaffinity(0)), n))) as pool:
-        list(pool.map(image, range(n)))
-    return y
+    return image
 
 
 def pool_float64(x, mode: str, *, kernel_shape, auto_pad=None, ceil_mode=None, dilations=None,
@@ -448,6 +503,34 @@ class Float64Gelu(OpRun):
 Float64Gelu.__name__ = "Gelu"
 
 
+class Float64Sigmoid(OpRun):
+    """Sigmoid as 1 / (1 + exp(-x)) in float64, in place, split over the usable cores:
+    onnx.reference's evaluates both branches of a stable formula (three exponentials and a
+    select), most of an EfficientNet's reference time (its SiLU is x * Sigmoid(x)). Below
+    x = -709 exp(-x) overflows to inf and the result is 0, where sigmoid is under 1e-307."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        y = np.negative(x, dtype=np.float64)
+        flat = y.reshape(-1)
+        parts = max(1, min(len(os.sched_getaffinity(0)), flat.size // 2**16))
+        bounds = np.linspace(0, flat.size, parts + 1).astype(int)
+
+        def part(i: int) -> None:
+            v = flat[bounds[i] : bounds[i + 1]]
+            with np.errstate(over="ignore"):
+                np.exp(v, out=v)
+            v += 1
+            np.reciprocal(v, out=v)
+
+        _over_cores(part, parts, y.size)
+        return (y if x.dtype == np.float64 else y.astype(x.dtype),)
+
+
+Float64Sigmoid.__name__ = "Sigmoid"
+
+
 class FastMatMul(_RefMatMul):
     """MatMul of a stack (N, ..., K) by one matrix (K, M) as a single (N*..., K) x (K, M) BLAS
     call (a ConvNeXt's channels-last Linear): numpy loops over the stack one small matrix at a
@@ -457,7 +540,16 @@ class FastMatMul(_RefMatMul):
 
     def _run(self, a, b):
         if a.ndim > 2 and b.ndim == 2 and a.dtype == b.dtype == np.float64:
-            return (np.matmul(a.reshape(-1, a.shape[-1]), b).reshape(*a.shape[:-1], b.shape[1]),)
+            rows = a.reshape(-1, a.shape[-1])
+            y = np.empty((len(rows), b.shape[1]))
+            parts = min(len(os.sched_getaffinity(0)), len(rows))
+            bounds = np.linspace(0, len(rows), parts + 1).astype(int)
+
+            def part(i: int) -> None:  # the rows split over the cores, as Conv splits images
+                np.matmul(rows[bounds[i] : bounds[i + 1]], b, out=y[bounds[i] : bounds[i + 1]])
+
+            _over_cores(part, parts, y.size * rows.shape[1])
+            return (y.reshape(*a.shape[:-1], b.shape[1]),)
         return super()._run(a, b)
 
 
@@ -473,6 +565,7 @@ FAST_OPS = [
     FastAdd,
     Float64Erf,
     Float64Gelu,
+    Float64Sigmoid,
     FastMatMul,
 ]
 
@@ -559,6 +652,11 @@ class Float64Reference:
         for name, i in last.items():
             if name and name not in keep and name not in inits:
                 self._drop[i].append(name)
+        self._static = _feed_independent(nodes, inits)
+        self._static_names = {o for n, st in zip(nodes, self._static, strict=True) if st
+                              for o in n.output if o}  # fmt: skip
+        self._cache_key: tuple = ()
+        self._cache: dict[str, object] = {}
 
     def run(
         self, feeds: dict[str, np.ndarray], outputs: Sequence[str] | None = None
@@ -570,31 +668,72 @@ class Float64Reference:
             (k, v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v)
             for k, v in feeds.items()
         )
-        protected = set(feeds) | set(names)
+        protected = set(feeds) | set(names) | self._static_names
         fresh = self._fresh
-        for node, drop in zip(self.evaluator.rt_nodes_, self._drop, strict=True):
-            try:
-                inputs = [results[i] for i in node.input]
-                if hasattr(node, "scratch"):
-                    node.scratch = node.input[0] in fresh and _may_overwrite(
-                        node.input, drop, results, protected
-                    )
-                if node.need_context():
-                    values = node.run(*inputs, context=results)
-                else:
-                    values = node.run(*inputs)
-            except Exception as exc:  # MemoryError included: the reference's, not the user's
-                raise ReferenceUnavailable(
-                    node.onnx_node.op_type, node.onnx_node.name, _reason(exc)
-                ) from exc
-            results.update((k, v) for k, v in zip(node.output, values, strict=False) if k)
+        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in results.items() if k in feeds))
+        reuse, self._cache_key = key == self._cache_key, ()
+        if not reuse:
+            self._cache = {}
+        steps = zip(self.evaluator.rt_nodes_, self._drop, self._static, strict=True)
+        for node, drop, static in steps:
+            if static and reuse:  # computed by the last run, on feeds of the same shapes
+                results.update((k, self._cache[k]) for k in node.output if k)
+                values = None
+            else:
+                values = self._run_node(node, results, drop, protected, fresh)
+                results.update((k, v) for k, v in zip(node.output, values, strict=False) if k)
+                if static:
+                    self._cache.update((k, results[k]) for k in node.output if k)
             for name in drop:
                 if name not in names:
                     results.pop(name, None)
+        self._cache_key = key
         missing = [n for n in names if n not in results]
         if missing:
             raise ReferenceUnavailable("model", "", f"no value computed for {missing}")
         return [np.asarray(results[n], dtype=np.float64) for n in names]
+
+    @staticmethod
+    def _run_node(node, results: dict, drop, protected: set[str], fresh: set[str]):
+        """One node's outputs; any failure is the reference's, named by the node."""
+        try:
+            inputs = [results[i] for i in node.input]
+            if hasattr(node, "scratch"):
+                node.scratch = node.input[0] in fresh and _may_overwrite(
+                    node.input, drop, results, protected
+                )
+            if node.need_context():
+                return node.run(*inputs, context=results)
+            return node.run(*inputs)
+        except Exception as exc:  # MemoryError included: the reference's, not the user's
+            raise ReferenceUnavailable(
+                node.onnx_node.op_type, node.onnx_node.name, _reason(exc)
+            ) from exc
+
+
+# Ops whose output is not a function of their inputs' values, and ops that see only their
+# input's shape.
+VOLATILE_OPS = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                "Multinomial", "Bernoulli"}  # fmt: skip
+SHAPE_OPS = {"Shape", "Size"}
+
+
+def _feed_independent(nodes, inits: set[str]) -> list[bool]:
+    """Per node: whether its outputs depend on the feeds' shapes alone (Constants, weight
+    arithmetic, Shape and what is computed from it), so a run on feeds of the same shapes can
+    take them from the last run: a dynamo export has several such nodes per layer."""
+    known = set(inits) | {""}
+    static = []
+    for n in nodes:
+        op = n.onnx_node
+        ok = op.op_type not in VOLATILE_OPS and not any(
+            a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in op.attribute
+        )
+        ok = ok and (op.op_type in SHAPE_OPS or all(i in known for i in op.input))
+        if ok:
+            known.update(op.output)
+        static.append(ok)
+    return static
 
 
 def _may_overwrite(inputs, drop, results: dict, protected: set[str]) -> bool:
@@ -628,6 +767,39 @@ def _unloadable_node(model: onnx.ModelProto, exc: Exception) -> onnx.NodeProto |
     return None
 
 
+# glibc's mallopt parameters, and where its dynamic mmap threshold settles on 64-bit (32 MiB;
+# the trim threshold follows at twice that).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+SETTLED_MMAP, SETTLED_TRIM = 32 << 20, 64 << 20
+
+
+@contextmanager
+def reused_heap() -> Iterator[None]:
+    """Large arrays from malloc's heap, reused, for the reference's duration.
+
+    glibc serves each block over its mmap threshold (32 MiB at most) with fresh pages from the
+    kernel and unmaps it when freed, so every large intermediate of a 224x224 batch faults its
+    pages in anew: about half the time of an elementwise kernel. Inside, such blocks stay in
+    the heap and are reused; on exit the heap's free memory goes back to the system
+    (malloc_trim), so the peak is still the live activations of one batch. Elsewhere than
+    glibc (no mallopt) this does nothing."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt, trim = libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        mallopt = trim = None
+    if mallopt is None or not mallopt(M_MMAP_THRESHOLD, 1 << 30):
+        yield
+        return
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+    try:
+        yield
+    finally:
+        trim(0)
+        mallopt(M_MMAP_THRESHOLD, SETTLED_MMAP)
+        mallopt(M_TRIM_THRESHOLD, SETTLED_TRIM)
+
+
 def evaluate_float64(
     model: onnx.ModelProto,
     input_name: str,
@@ -638,5 +810,9 @@ def evaluate_float64(
     """The model's `output` (default: its first) in float64 for x, in chunks of `batch` rows."""
     ref = Float64Reference(model)
     name = output or model.graph.output[0].name
-    chunks = [ref.run({input_name: x[i : i + batch]}, [name])[0] for i in range(0, len(x), batch)]
+    one_blas_thread = threadpool_limits(1, user_api="blas") if batch > 1 else nullcontext()
+    with reused_heap(), one_blas_thread:
+        chunks = [
+            ref.run({input_name: x[i : i + batch]}, [name])[0] for i in range(0, len(x), batch)
+        ]
     return np.concatenate(chunks)

@@ -101,17 +101,19 @@ def test_conv_matches_onnx_reference_and_onnxruntime(case):
     _f32_close(got, _onnxruntime(model, x), terms)
 
 
-def test_conv_cuts_a_large_batch_into_column_chunks(monkeypatch):
-    """Over the im2col budget the batch is evaluated a few images at a time: same result."""
-    import bnfold.toolchain.reference as reference
-
+@pytest.mark.parametrize("group", [1, 3])
+def test_conv_batch_is_each_image_alone(group):
+    """Conv splits a batch's images over the cores: each image's result is the one it gets
+    alone, bit for bit, whatever the core count, and so is the batch's."""
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((5, 3, 9, 9)).astype(np.float32)
-    model = _single_node("Conv", list(x.shape), {"w": rng.standard_normal((4, 3, 3, 3)).astype(
-        np.float32)}, pads=[1, 1, 1, 1])  # fmt: skip
+    x = rng.standard_normal((5, 3, 40, 40)).astype(np.float32)  # over PARALLEL_WORK
+    w = rng.standard_normal((6, 3 // group, 3, 3)).astype(np.float32)
+    model = _single_node("Conv", list(x.shape), {"w": w}, pads=[1, 1, 1, 1], group=group)
     whole = _ours(model, x)
-    monkeypatch.setattr(reference, "COLS_BUDGET", 3 * 9 * 81 * 8 * 2)  # two images at a time
-    np.testing.assert_array_equal(_ours(model, x), whole)
+    one = _single_node("Conv", [1, 3, 40, 40], {"w": w}, pads=[1, 1, 1, 1], group=group)
+    alone = np.concatenate([_ours(one, x[i : i + 1]) for i in range(5)])
+    np.testing.assert_array_equal(whole, alone)
+    np.testing.assert_allclose(whole, _onnx_reference(model, x), rtol=1e-12, atol=1e-12)
 
 
 # ------------------------------------------------------------------------------------ pools
@@ -254,6 +256,39 @@ def test_gelu_is_the_spec_function_in_float64(approximate):
         want = [0.5 * t * (1 + math.erf(t / math.sqrt(2))) for t in v]
     np.testing.assert_allclose(got.ravel(), want, rtol=1e-14, atol=1e-15)
     _f32_close(got, _onnxruntime(model, x), 4)
+
+
+def test_sigmoid_is_the_float64_function_everywhere():
+    """Sigmoid in float64, from x = -800 to 800: within 2 ulps of the stable formula
+    onnx.reference uses, or 0 where sigmoid is under 1e-307 (x < -709, exp(-x) overflows),
+    0 and 1 at the ends, and onnxruntime's float32 within float32 rounding; a batch large
+    enough to be split over the cores included."""
+    rng = np.random.default_rng(8)
+    ends = np.float32([-800, -710, -40, -1e-8, 0, 1e-8, 40, 710, 800])
+    for x in (ends.reshape(1, -1), (rng.standard_normal((4, 8, 96, 96)) * 12).astype(np.float32)):
+        model = _single_node("Sigmoid", list(x.shape), {})
+        got = _ours(model, x)
+        want = _onnx_reference(model, x)
+        np.testing.assert_allclose(got, want, rtol=4.5e-16, atol=1e-307)
+        _f32_close(got, _onnxruntime(model, x), 1)
+    got = _ours(_single_node("Sigmoid", [1, 9], {}), ends.reshape(1, -1))[0]
+    assert got[0] == 0.0 and got[-1] == 1.0 and got[4] == 0.5
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 16, 96, 96)])
+def test_batch_normalization_over_the_cores_is_the_formula(shape):
+    """Inference BatchNormalization, small and split over the cores: (x - mean) * scale /
+    sqrt(var + eps) + bias in float64, written out by hand."""
+    rng = np.random.default_rng(9)
+    c = shape[1]
+    stats = {"g": rng.uniform(-2, 2, c), "b": rng.normal(size=c), "m": rng.normal(size=c),
+             "v": rng.uniform(0.1, 3, c)}  # fmt: skip
+    x = rng.standard_normal(shape).astype(np.float32)
+    inits = {k: v.astype(np.float32) for k, v in stats.items()}
+    model = _single_node("BatchNormalization", list(shape), inits, epsilon=1e-3)
+    g, b, m, v = (inits[k].astype(np.float64).reshape(1, c, 1, 1) for k in "gbmv")
+    want = (x.astype(np.float64) - m) * (g / np.sqrt(v + np.float64(np.float32(1e-3)))) + b
+    np.testing.assert_allclose(_ours(model, x), want, rtol=1e-14, atol=1e-14)
 
 
 @pytest.mark.parametrize("a_shape", [(2, 5, 7, 6), (3, 6), (4, 2, 6)])
