@@ -20,6 +20,7 @@ import ctypes.util
 import math
 import os
 import re
+from collections import ChainMap
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, nullcontext
@@ -177,6 +178,7 @@ _POOL: list[ThreadPoolExecutor] = []  # one per process, made on first use
 
 
 PARALLEL_WORK = 2**18  # values (or multiply-adds): below this a hand-off costs more than it saves
+DEPTHWISE_BLOCK = 2**18  # output values a depthwise piece of work gathers from several images
 
 
 def _over_cores(work: Callable[[int], None], parts: int, size: int) -> None:
@@ -274,9 +276,12 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
     taps = int(np.prod(kernel))
     y = np.empty((n, m, *out_sizes), dtype=np.float64)
     bias = None if b is None else b.reshape((m,) + (1,) * nd)
+    block = 1  # images per piece of work
     if cg == 1 and groups > 1:  # depthwise (times a channel multiplier)
         xr = np.repeat(x, mg, axis=1) if mg > 1 else x
-        image = _depthwise(xr, w.reshape(m, taps), kernel, strides, dilations, begin, end, y)
+        images = _depthwise(xr, w.reshape(m, taps), kernel, strides, dilations, begin, end, y)
+        cores = len(os.sched_getaffinity(0))  # small maps: fewer, larger numpy calls
+        block = max(1, min(-(-n // cores), DEPTHWISE_BLOCK // (m * p)))
     else:
         wg = w.reshape(groups, mg, cg * taps)
         axes = tuple(range(2, 2 + nd))
@@ -284,31 +289,33 @@ def conv_float64(x, w, b=None, *, auto_pad=None, dilations=None, group=None,
               *(slice(None, None, d) for d in dilations))  # fmt: skip
         perm = (0, 1, *range(2 + nd, 2 + 2 * nd), *range(2, 2 + nd))
 
-        def image(i: int) -> None:  # one BLAS call per group (columns: c * taps x p)
-            xi = _pad(x[i : i + 1], begin, end, 0.0)
-            if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
-                cols = _tap(xi, [0] * nd, strides, dilations, out_sizes)
-            else:
-                win = sliding_window_view(xi, eff, axis=axes)[sl]  # (1, c, *out, *kernel)
-                cols = win.transpose(perm)  # (1, c, *kernel, *out)
-            cols = np.ascontiguousarray(cols).reshape(groups, cg * taps, p)
-            np.matmul(wg, cols, out=y[i].reshape(groups, mg, p))
+        def images(lo: int, hi: int) -> None:  # per image, one BLAS call per group
+            for i in range(lo, hi):
+                xi = _pad(x[i : i + 1], begin, end, 0.0)
+                if taps == 1:  # 1x1: the input's own (strided) pixels are the columns
+                    cols = _tap(xi, [0] * nd, strides, dilations, out_sizes)
+                else:
+                    win = sliding_window_view(xi, eff, axis=axes)[sl]  # (1, c, *out, *kernel)
+                    cols = win.transpose(perm)  # (1, c, *kernel, *out)
+                cols = np.ascontiguousarray(cols).reshape(groups, cg * taps, p)
+                np.matmul(wg, cols, out=y[i].reshape(groups, mg, p))
 
-    def with_bias(i: int) -> None:
-        image(i)
+    def piece(j: int) -> None:
+        lo, hi = j * block, min(n, (j + 1) * block)
+        images(lo, hi)
         if bias is not None:
-            y[i] += bias
+            y[lo:hi] += bias
 
-    _over_cores(with_bias, n, y.size * cg * taps)
+    _over_cores(piece, -(-n // block), y.size * cg * taps)
     return y
 
 
-def _depthwise(x, wk, kernel, strides, dilations, begin, end, y) -> Callable[[int], None]:
-    """The work for image i of a depthwise conv into y[i]: a sum over its taps, one image at a
-    time so that the running sum and the product stay in cache (a whole-batch sum reads and
-    writes memory at every tap). Each tap is one numpy loop whose innermost run is the longer
-    of an output row and the channels: channels-last when there are more channels than output
-    columns (a 7x7 map of 1152 channels would be 7-element runs)."""
+def _depthwise(x, wk, kernel, strides, dilations, begin, end, y) -> Callable[[int, int], None]:
+    """The work for images lo..hi-1 of a depthwise conv into y[lo:hi]: a sum over its taps, a
+    few images at a time so that the running sum and the product stay in cache (a whole-batch
+    sum reads and writes memory at every tap). Each tap is one numpy loop whose innermost run
+    is the longer of an output row and the channels: channels-last when there are more
+    channels than output columns (a 7x7 map of 1152 channels would be 7-element runs)."""
     m, out_sizes = y.shape[1], y.shape[2:]
     offsets = list(np.ndindex(*kernel))
     channels_last = m > out_sizes[-1]
@@ -317,18 +324,23 @@ def _depthwise(x, wk, kernel, strides, dilations, begin, end, y) -> Callable[[in
     else:
         w_taps = [wk[:, t].reshape((m,) + (1,) * len(kernel)) for t in range(wk.shape[1])]
 
-    def image(i: int) -> None:
-        xi = _pad(x[i : i + 1], begin, end, 0.0, channels_last)[0]
-        acc = np.zeros((*out_sizes, m) if channels_last else (m, *out_sizes))
-        tmp = np.empty_like(acc)
-        for w_t, o in zip(w_taps, offsets, strict=True):
+    def images(lo: int, hi: int) -> None:
+        xs = _pad(x[lo:hi], begin, end, 0.0, channels_last)
+        shape = (hi - lo, *out_sizes, m) if channels_last else (hi - lo, m, *out_sizes)
+        acc, tmp = np.empty(shape), np.empty(shape)
+        for t, (w_t, o) in enumerate(zip(w_taps, offsets, strict=True)):
             window = _window(o, strides, dilations, out_sizes)
-            view = xi[window] if channels_last else xi[(slice(None), *window)]
-            np.multiply(view, w_t, out=tmp)
-            acc += tmp
-        y[i] = np.moveaxis(acc, -1, 0) if channels_last else acc
+            view = (
+                xs[(slice(None), *window)]
+                if channels_last
+                else xs[(slice(None), slice(None), *window)]
+            )
+            np.multiply(view, w_t, out=acc if t == 0 else tmp)
+            if t:
+                acc += tmp
+        y[lo:hi] = np.moveaxis(acc, -1, 1) if channels_last else acc
 
-    return image
+    return images
 
 
 def pool_float64(x, mode: str, *, kernel_shape, auto_pad=None, ceil_mode=None, dilations=None,
@@ -361,23 +373,29 @@ def pool_float64(x, mode: str, *, kernel_shape, auto_pad=None, ceil_mode=None, d
     extra = [max(0, (o - 1) * s + k - (n + b + e)) for o, s, k, n, b, e in spans]
     tail = [e + x_ for e, x_ in zip(end, extra, strict=True)]
     taps = list(np.ndindex(*kernel))
+    y = np.empty((*x.shape[:2], *out_sizes), dtype=x.dtype)
     if mode == "MAX":
-        xp = _pad(x, begin, tail, -np.inf)
-        y = _tap(xp, taps[0], strides, dilations, out_sizes).copy()
-        for offsets in taps[1:]:
-            np.maximum(y, _tap(xp, offsets, strides, dilations, out_sizes), out=y)
-        return y
-    xp = _pad(x, begin, tail, 0.0)
-    y = _tap(xp, taps[0], strides, dilations, out_sizes).copy()
-    for offsets in taps[1:]:
-        y += _tap(xp, offsets, strides, dilations, out_sizes)
-    ones = np.ones((1, 1, *sizes))
-    if count_include_pad:  # padded region counts, the ceil_mode tail does not
-        mask = _pad(_pad(ones, begin, end, 1.0), [0] * nd, extra, 0.0)
+        fill, combine, count = -np.inf, np.maximum, None
     else:
-        mask = _pad(ones, begin, tail, 0.0)
-    count = sum(_tap(mask, o, strides, dilations, out_sizes) for o in taps)
-    return y / count
+        fill, combine = 0.0, np.add
+        ones = np.ones((1, 1, *sizes))
+        if count_include_pad:  # padded region counts, the ceil_mode tail does not
+            mask = _pad(_pad(ones, begin, end, 1.0), [0] * nd, extra, 0.0)
+        else:
+            mask = _pad(ones, begin, tail, 0.0)
+        count = sum(_tap(mask, o, strides, dilations, out_sizes) for o in taps)[0]
+
+    def image(i: int) -> None:  # over the taps, one image at a time (in cache)
+        xp = _pad(x[i : i + 1], begin, tail, fill)
+        yi = y[i]
+        yi[...] = _tap(xp, taps[0], strides, dilations, out_sizes)[0]
+        for offsets in taps[1:]:
+            combine(yi, _tap(xp, offsets, strides, dilations, out_sizes)[0], out=yi)
+        if count is not None:
+            yi /= count
+
+    _over_cores(image, len(x), y.size * len(taps))
+    return y
 
 
 class FastConv(_RefConv):
@@ -503,6 +521,23 @@ class Float64Gelu(OpRun):
 Float64Gelu.__name__ = "Gelu"
 
 
+def _elementwise(x: np.ndarray, passes: Callable[[np.ndarray, np.ndarray], None]) -> np.ndarray:
+    """A new float64 array: passes(x_part, y_part) fills y from x, in equal flat parts over the
+    usable cores."""
+    xf = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    y = np.empty(x.shape, dtype=np.float64)
+    yf = y.reshape(-1)
+    parts = max(1, min(len(os.sched_getaffinity(0)), yf.size // 2**16))
+    bounds = np.linspace(0, yf.size, parts + 1).astype(int)
+
+    def part(i: int) -> None:
+        lo, hi = bounds[i], bounds[i + 1]
+        passes(xf[lo:hi], yf[lo:hi])
+
+    _over_cores(part, parts, yf.size)
+    return y
+
+
 class Float64Sigmoid(OpRun):
     """Sigmoid as 1 / (1 + exp(-x)) in float64, in place, split over the usable cores:
     onnx.reference's evaluates both branches of a stable formula (three exponentials and a
@@ -512,23 +547,39 @@ class Float64Sigmoid(OpRun):
     op_domain = ""
 
     def _run(self, x):
-        y = np.negative(x, dtype=np.float64)
-        flat = y.reshape(-1)
-        parts = max(1, min(len(os.sched_getaffinity(0)), flat.size // 2**16))
-        bounds = np.linspace(0, flat.size, parts + 1).astype(int)
-
-        def part(i: int) -> None:
-            v = flat[bounds[i] : bounds[i + 1]]
+        def passes(v: np.ndarray, y: np.ndarray) -> None:
+            np.negative(v, out=y)
             with np.errstate(over="ignore"):
-                np.exp(v, out=v)
-            v += 1
-            np.reciprocal(v, out=v)
+                np.exp(y, out=y)
+            y += 1
+            np.reciprocal(y, out=y)
 
-        _over_cores(part, parts, y.size)
+        y = _elementwise(x, passes)
         return (y if x.dtype == np.float64 else y.astype(x.dtype),)
 
 
 Float64Sigmoid.__name__ = "Sigmoid"
+
+
+class Float64HardSwish(OpRun):
+    """HardSwish, x * max(0, min(1, x / 6 + 1/2)) with the spec's 1/6 in float64, over the
+    usable cores: onnx.reference expands it into its function body, whose HardSigmoid takes
+    alpha as a float32 attribute (1/6 to 8 digits) and makes several more passes."""
+
+    op_domain = ""
+
+    def _run(self, x):
+        def passes(v: np.ndarray, y: np.ndarray) -> None:
+            np.divide(v, 6.0, out=y)
+            y += 0.5
+            np.clip(y, 0.0, 1.0, out=y)
+            y *= v
+
+        y = _elementwise(x, passes)
+        return (y if x.dtype == np.float64 else y.astype(x.dtype),)
+
+
+Float64HardSwish.__name__ = "HardSwish"
 
 
 class FastMatMul(_RefMatMul):
@@ -566,6 +617,7 @@ FAST_OPS = [
     Float64Erf,
     Float64Gelu,
     Float64Sigmoid,
+    Float64HardSwish,
     FastMatMul,
 ]
 
@@ -663,14 +715,15 @@ class Float64Reference:
     ) -> list[np.ndarray]:
         """The named outputs (default: the graph's outputs) as float64 arrays."""
         names = list(outputs) if outputs else list(self.evaluator.output_names)
-        results: dict[str, object] = {"": None, **self.evaluator.rt_inits_}
-        results.update(
+        live: dict[str, object] = {"": None}  # feeds and intermediates; then the weights
+        results = ChainMap(live, self.evaluator.rt_inits_)
+        live.update(
             (k, v.astype(np.float64) if np.issubdtype(v.dtype, np.floating) else v)
             for k, v in feeds.items()
         )
         protected = set(feeds) | set(names) | self._static_names
         fresh = self._fresh
-        key = tuple(sorted((k, v.shape, v.dtype.str) for k, v in results.items() if k in feeds))
+        key = tuple(sorted((k, live[k].shape, live[k].dtype.str) for k in feeds))
         reuse, self._cache_key = key == self._cache_key, ()
         if not reuse:
             self._cache = {}
@@ -694,13 +747,13 @@ class Float64Reference:
         return [np.asarray(results[n], dtype=np.float64) for n in names]
 
     @staticmethod
-    def _run_node(node, results: dict, drop, protected: set[str], fresh: set[str]):
+    def _run_node(node, results: ChainMap, drop, protected: set[str], fresh: set[str]):
         """One node's outputs; any failure is the reference's, named by the node."""
         try:
             inputs = [results[i] for i in node.input]
             if hasattr(node, "scratch"):
                 node.scratch = node.input[0] in fresh and _may_overwrite(
-                    node.input, drop, results, protected
+                    node.input, drop, results.maps[0], protected
                 )
             if node.need_context():
                 return node.run(*inputs, context=results)
@@ -736,14 +789,15 @@ def _feed_independent(nodes, inits: set[str]) -> list[bool]:
     return static
 
 
-def _may_overwrite(inputs, drop, results: dict, protected: set[str]) -> bool:
+def _may_overwrite(inputs, drop, live: dict, protected: set[str]) -> bool:
     """Whether a kernel may write into its first input (one a FRESH_PRODUCERS kernel made): a
     float64 array this node is the last to read, not a feed or a requested output, whose
-    memory no other live value shares (Identity or Reshape may have handed it on)."""
+    memory no other live value shares (Identity or Reshape may have handed it on; `live` holds
+    every value but the weights, which never share an intermediate's memory)."""
     name = inputs[0] if inputs else ""
     if not name or name not in drop or name in protected or list(inputs).count(name) > 1:
         return False
-    a = results[name]
+    a = live[name]
     if not isinstance(a, np.ndarray) or a.dtype != np.float64 or not a.flags.writeable:
         return False
     owner = a if a.base is None else a.base
@@ -751,7 +805,7 @@ def _may_overwrite(inputs, drop, results: dict, protected: set[str]) -> bool:
         return False
     return not any(
         v is owner or (isinstance(v, np.ndarray) and v.base is owner)
-        for k, v in results.items()
+        for k, v in live.items()
         if k != name
     )
 

@@ -276,6 +276,20 @@ def test_sigmoid_is_the_float64_function_everywhere():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 16, 96, 96)])
+def test_hard_swish_is_the_spec_function_in_float64(shape):
+    """HardSwish, x * max(0, min(1, x / 6 + 1/2)) element by element in Python floats (the
+    spec's 1/6, not onnx.reference's float32 attribute), small and split over the cores, and
+    onnxruntime's float32 within float32 rounding."""
+    x = (np.random.default_rng(10).standard_normal(shape) * 5).astype(np.float32)
+    model = _single_node("HardSwish", list(shape), {}, opset=14)
+    got = _ours(model, x)
+    v = x.astype(np.float64).ravel()
+    want = [t * max(0.0, min(1.0, t / 6 + 0.5)) for t in v.tolist()]
+    np.testing.assert_allclose(got.ravel(), want, rtol=1e-15, atol=0)
+    _f32_close(got, _onnxruntime(model, x), 2)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4, 4), (4, 16, 96, 96)])
 def test_batch_normalization_over_the_cores_is_the_formula(shape):
     """Inference BatchNormalization, small and split over the cores: (x - mean) * scale /
     sqrt(var + eps) + bias in float64, written out by hand."""
