@@ -15,6 +15,10 @@ The policy, per lane:
   wake-ups, and on a CPU shared with other work each waits for the scheduler;
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
+- a run in the lane's thread that measured `WIDE_RUN_S` or more, on a model with a wide
+  session for the variant (service.registry), runs there when the rest of the machine has been
+  quiet lately (service.cpus.OthersLoad) and no other lane runs: a lone heavy request on an
+  idle server takes every core, while under load each worker keeps to its share;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
 - rows are concatenated in queue order and each caller gets exactly its own slice back;
 - a caller that gives up (timeout) while queued is dropped before its batch is formed.
@@ -34,6 +38,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from service.cpus import OthersLoad
 from service.errors import ServiceUnavailable
 from service.metrics import Metrics
 
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SMOOTHING = 0.2  # weight of the newest run in a lane's running mean of a run's seconds
+WIDE_RUN_S = 0.002  # shorter runs gain less from more threads than waking them costs
+QUIET_CORES = 0.5  # the rest of the machine used less than this lately: it is idle
 
 
 @dataclass(eq=False)
@@ -83,6 +90,14 @@ class _Lane:
         seconds = self.run_seconds.get(rows)
         return seconds is not None and seconds < limit_s
 
+    def worth_wide(self, model: LoadedModel, rows: int) -> bool:
+        """A wide session for this variant, and runs of `rows` rows measured at WIDE_RUN_S or
+        more."""
+        if self.variant not in model.wide_sessions or model is not self.measured_model:
+            return False
+        seconds = self.run_seconds.get(rows)
+        return seconds is not None and seconds >= WIDE_RUN_S
+
     def measured(self, model: LoadedModel, rows: int, seconds: float) -> None:
         if model is not self.measured_model:
             self.measured_model, self.run_seconds = model, {}
@@ -110,6 +125,7 @@ class BatchingRunner:
         self.metrics = metrics or Metrics()
         self.on_run = on_run
         self.lanes: dict[tuple[str, str], _Lane] = {}
+        self.others_load = OthersLoad()
         self.closed = False
 
     async def logits(self, model: LoadedModel, variant: str, x: np.ndarray) -> np.ndarray:
@@ -146,6 +162,12 @@ class BatchingRunner:
                     request.future.set_exception(ServiceUnavailable("the server shut down"))
             lane.executor.shutdown(wait=False, cancel_futures=True)
         self.lanes = {}
+
+    def _machine_quiet(self) -> bool:
+        """The other processes (this server's other workers included) used less than
+        QUIET_CORES lately, and no other lane of this worker is running."""
+        others = self.others_load.others()
+        return others is not None and others < QUIET_CORES and not self._thread_running()
 
     def _thread_running(self) -> bool:
         """A batch is in some lane's thread now: it holds a core, and a run on the event loop
@@ -236,10 +258,11 @@ class BatchingRunner:
         if not self._thread_running() and lane.cheap(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, lane.variant, x)  # shorter than the hop
         else:
+            wide = lane.worth_wide(model, len(x)) and self._machine_quiet()
             lane.running = True
             try:
                 logits, seconds = await lane.loop.run_in_executor(
-                    lane.executor, _timed_run, model, lane.variant, x
+                    lane.executor, _timed_run, model, lane.variant, x, wide
                 )
             finally:
                 lane.running = False
@@ -262,8 +285,10 @@ class BatchingRunner:
             self.on_run(model, requests, rows, seconds)
 
 
-def _timed_run(model: LoadedModel, variant: str, x: np.ndarray) -> tuple[np.ndarray, float]:
-    """model.run(variant, x) and the seconds it took, measured where it ran."""
+def _timed_run(
+    model: LoadedModel, variant: str, x: np.ndarray, wide: bool = False
+) -> tuple[np.ndarray, float]:
+    """model.run(variant, x, wide) and the seconds it took, measured where it ran."""
     started = time.perf_counter()
-    logits = model.run(variant, x)
+    logits = model.run(variant, x, wide)
     return logits, time.perf_counter() - started

@@ -69,6 +69,15 @@ class Settings(BaseSettings):
         description="Intra-op threads per onnxruntime session; 0: this worker's share of the "
         "cores (usable cores // workers, at least 1), so workers never oversubscribe them.",
     )
+    idle_threads: int = Field(
+        0,
+        ge=0,
+        description="Intra-op threads of a run measured at 2 ms or more when the machine is "
+        "otherwise idle (the other processes, this server's other workers included, used under "
+        "half a core over the last 0.1 s): 0: every usable core; 1: off. Each worker then "
+        "holds a second onnxruntime session of the folded and int8 variants (their weights "
+        "twice in memory); with one worker on every core none is needed.",
+    )
     thread_spinning: bool = Field(
         False,
         description="Let onnxruntime's intra-op threads spin-wait for work between runs "

@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import math
 import os
+import resource
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 PROC_CGROUP = Path("/proc/self/cgroup")
+PROC_STAT = Path("/proc/stat")
 
 
 def usable_cpus(root: Path = CGROUP_ROOT, proc_cgroup: Path = PROC_CGROUP) -> int:
@@ -97,3 +100,51 @@ def threads_per_worker(requested: int, cores: int, workers: int) -> int:
     """`BNFOLD_THREADS`: 0 means this worker's share of the cores (cores // workers, at least
     1), so N workers never run N x cores intra-op threads on `cores` cores."""
     return requested if requested > 0 else max(1, cores // workers)
+
+
+def idle_threads(requested: int, cores: int) -> int:
+    """`BNFOLD_IDLE_THREADS`: 0 means every usable core."""
+    return requested if requested > 0 else cores
+
+
+class OthersLoad:
+    """The cores the rest of the machine kept busy lately: /proc/stat's busy time of every
+    CPU minus this process's own CPU time (getrusage), over the last `window_s` or more.
+
+    A measure over a window, not an instant: a thread that is runnable for a moment (the
+    client's, the network's softirq) does not count as load, a neighbour that computes does.
+    /proc/stat is the host's: in a container the neighbours' work counts, so there a run goes
+    wide only when the whole host is quiet."""
+
+    def __init__(self, window_s: float = 0.1, stat: Path = PROC_STAT) -> None:
+        self.window_s = window_s
+        self.stat = stat
+        self.tick = 1 / os.sysconf("SC_CLK_TCK")
+        self._last: tuple[float, float, float] | None = None  # (monotonic, busy s, own s)
+        self.cores: float | None = None  # the latest figure; None until two samples
+
+    def _sample(self) -> tuple[float, float, float] | None:
+        try:
+            fields = self.stat.read_text().split("\n", 1)[0].split()
+            # cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait
+            jiffies = [int(v) for v in fields[1:9]]
+            busy = (sum(jiffies) - jiffies[3] - jiffies[4]) * self.tick
+        except (OSError, ValueError, IndexError):
+            return None
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return time.monotonic(), busy, usage.ru_utime + usage.ru_stime
+
+    def others(self) -> float | None:
+        """Cores the other processes used over the last window (None: not known yet)."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last[0] < self.window_s:
+            return self.cores
+        sample = self._sample()
+        if sample is None:
+            return None
+        if self._last is not None:
+            elapsed = sample[0] - self._last[0]
+            used = (sample[1] - self._last[1]) - (sample[2] - self._last[2])
+            self.cores = max(0.0, used / elapsed)
+        self._last = sample
+        return self.cores

@@ -56,6 +56,7 @@ from bnfold.toolchain.sessions import (
     run_logits,
 )
 from service.config import Settings
+from service.cpus import idle_threads, usable_cpus
 from service.errors import NotFound, ServiceUnavailable, shown, shown_list
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,8 @@ class LoadedModel:
     path: Path
     manifest: Manifest | None = None
     sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
+    # variant -> the same graph on more intra-op threads, for a run on an idle machine
+    wide_sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     probe_sessions: dict[str, ort.InferenceSession] = field(default_factory=dict)
     providers: list[str] = field(default_factory=list)
     error: str | None = None
@@ -131,10 +134,12 @@ class LoadedModel:
             raise BadInput(f"unknown variant {shown(variant)}; use {one_of(self.variants)}")
         return variant
 
-    def run(self, variant: str, x: np.ndarray) -> np.ndarray:
-        """Blocking onnxruntime run: (N, C, H, W) float32 -> (N, classes) float32 logits."""
+    def run(self, variant: str, x: np.ndarray, wide: bool = False) -> np.ndarray:
+        """Blocking onnxruntime run: (N, C, H, W) float32 -> (N, classes) float32 logits;
+        `wide`: on the variant's wide session, when it has one."""
         assert self.manifest is not None
-        session = self.sessions[variant]
+        session = self.wide_sessions.get(variant) if wide else None
+        session = session or self.sessions[variant]
         return session.run([self.manifest.output.name], {self.manifest.input.name: x})[0]
 
     def run_probes(self, variant: str, x: np.ndarray) -> list[np.ndarray]:
@@ -182,8 +187,10 @@ def load_model(
     threads: int = 0,
     spinning: bool = True,
     engine: str = "auto",
+    wide_threads: int = 0,
 ) -> LoadedModel:
-    """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`."""
+    """Verify a bundle and create its sessions. Never raises: a failure becomes `.error`.
+    `wide_threads` above `threads` (0: onnxruntime's default, every core) adds wide sessions."""
     model = LoadedModel(name=path.name, path=path)
     try:
         model.manifest = load_bundle(path, PROBED)  # the others are checked one by one below
@@ -215,6 +222,7 @@ def load_model(
     _load_bf16(model, providers, threads, engine)
     _recheck_reduced(model)
     _load_probes(model, providers)
+    _load_wide(model, providers, threads, wide_threads)
     log.info("bundle %s loaded (version %s, %s)", model.name, model.version, model.providers[0])
     return model
 
@@ -243,6 +251,36 @@ def _load_optional(
             _check_session(model, variant)
         except Exception as exc:
             _refuse(model, variant, exc)
+
+
+WIDE_VARIANTS = ("folded", INT8)  # what production traffic runs; unfolded is for comparisons
+
+
+def _load_wide(model: LoadedModel, providers: list[str], threads: int, wide: int) -> None:
+    """Sessions on `wide` intra-op threads (never spinning) beside the folded and int8 ones,
+    when that is more than `threads` and onnxruntime runs them on the CPU: a run that finds the
+    machine otherwise idle takes every core (service.batching). Each is the variant's file,
+    checked as its first session was; a failure costs only the wide session."""
+    if providers != [CPU] or threads == 0 or wide <= threads:
+        return
+    m = model.manifest
+    assert m is not None
+    for variant in WIDE_VARIANTS:
+        engine = model.engines.get(variant)
+        if variant not in model.sessions or engine is None or engine.engine != "onnxruntime":
+            continue
+        try:
+            path = model.path / m.files[variant].path
+            session = make_session(path, variant, providers, wide, spinning=False)
+            narrow, model.sessions[variant] = model.sessions[variant], session
+            try:
+                _check_session(model, variant)
+            finally:
+                model.sessions[variant] = narrow
+            model.wide_sessions[variant] = session
+        except Exception as exc:  # the narrow session serves on; say why there is no wide one
+            log.warning("bundle %s: variant %s: no %d-thread session: %s",
+                        model.name, variant, wide, exc)  # fmt: skip
 
 
 def _refuse(model: LoadedModel, variant: str, exc: Exception | str) -> None:
@@ -408,9 +446,12 @@ class ModelRegistry:
         paths = discover_bundles(self.settings.models_dir)
         if not paths:
             log.warning("no model bundles in %s", self.settings.models_dir)
-        threads, spin = self.settings.threads, self.settings.thread_spinning
-        engine = self.settings.engine
-        return {p.name: load_model(p, providers, threads, spin, engine) for p in paths}
+        s = self.settings
+        wide = idle_threads(s.idle_threads, usable_cpus())
+        return {
+            p.name: load_model(p, providers, s.threads, s.thread_spinning, s.engine, wide)
+            for p in paths
+        }
 
     def close(self) -> None:
         self.models, self.loaded = {}, False
@@ -485,7 +526,8 @@ class ModelRegistry:
         """Blocking: `load_model` with this registry's settings."""
         s = self.settings
         providers = resolve_providers(s.provider)
-        return load_model(path, providers, s.threads, s.thread_spinning, s.engine)
+        wide = idle_threads(s.idle_threads, usable_cpus())
+        return load_model(path, providers, s.threads, s.thread_spinning, s.engine, wide)
 
     def refused(self, name: str, model: LoadedModel) -> BadInput:
         """The 400 for a bundle that failed verification (the old version stays)."""

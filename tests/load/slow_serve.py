@@ -22,10 +22,10 @@ DELAY_S = float(os.environ.get("SLOW_SERVE_RUN_S", "0"))
 _run = registry.LoadedModel.run
 
 
-def slow_run(self, variant, x):
+def slow_run(self, variant, x, wide=False):
     if threading.current_thread().name.startswith("bnfold-"):  # a batching lane's thread
         time.sleep(DELAY_S)
-    return _run(self, variant, x)
+    return _run(self, variant, x, wide)
 
 
 # At import, not under __main__: worker processes (BNFOLD_WORKERS > 1) are spawned, and each

@@ -55,9 +55,9 @@ class Runs:
             model.run = self._recorder(model.run)  # type: ignore[method-assign]
 
     def _recorder(self, inner):
-        def run(variant, x):
+        def run(variant, x, wide=False):
             self.rows[len(x)] += 1
-            return inner(variant, x)
+            return inner(variant, x, wide)
 
         return run
 
@@ -70,20 +70,22 @@ class Gate:
         self.inner = model.run
         self.rows: list[int] = []
         self.threads: list[threading.Thread] = []
+        self.wide: list[bool] = []
         self.opened = threading.Event()
         self.fail_next = False
         if open_:
             self.opened.set()
         model.run = self  # type: ignore[method-assign]
 
-    def __call__(self, variant, x):
+    def __call__(self, variant, x, wide=False):
         self.rows.append(len(x))
+        self.wide.append(wide)
         self.threads.append(threading.current_thread())
         assert self.opened.wait(10), "gate never opened"
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("injected onnxruntime failure")
-        return self.inner(variant, x)
+        return self.inner(variant, x, wide)
 
 
 @pytest.mark.parametrize("variant", ["folded", "unfolded"])
@@ -369,3 +371,33 @@ def test_no_inline_run_while_another_lanes_thread_runs(models_dir, digit_batch):
 
     threads = asyncio.run(main())
     assert len(threads) == 2 and threading.main_thread() not in threads
+
+
+def test_a_heavy_run_on_a_quiet_machine_takes_the_wide_session(models_dir, digit_batch):
+    """A run measured at WIDE_RUN_S or more goes to the variant's wide session (more intra-op
+    threads) when the rest of the machine has been quiet lately; to the worker's own share when
+    it has not, or is not known yet, or when runs of that size are cheaper. Same logits."""
+    from service.batching import QUIET_CORES, WIDE_RUN_S
+
+    async def main():
+        core = await started(models_dir, threads=1, idle_threads=2)
+        model = core.registry.models["digits"]
+        runner = core.plane.runner
+        x = digit_batch[:1]
+        first = await infer(core, "folded", x)  # measures runs of one row
+        gate = Gate(model, open_=True)
+        lane = runner.lanes[("digits", "folded")]
+        got = []
+        for others, seconds in [(0.0, 0.01), (QUIET_CORES * 3, 0.01), (None, 0.01),
+                                (0.0, WIDE_RUN_S / 10), (0.0, 0.01)]:  # fmt: skip
+            runner.others_load.others = lambda v=others: v
+            lane.run_seconds[1] = seconds
+            got.append(await infer(core, "folded", x))
+        await core.aclose()
+        return set(model.wide_sessions), gate.wide, first, got
+
+    wide_variants, wide, first, got = asyncio.run(main())
+    assert wide_variants == {"folded", "int8"}
+    assert wide == [True, False, False, False, True]
+    for logits in got:
+        np.testing.assert_allclose(logits, first, rtol=0, atol=TOL)

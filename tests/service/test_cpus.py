@@ -11,9 +11,16 @@ from pathlib import Path
 
 import pytest
 
+from service import cpus
 from service.__main__ import parse_args, split_cores
 from service.config import Settings
-from service.cpus import cgroup_cpu_quota, resolve_workers, threads_per_worker, usable_cpus
+from service.cpus import (
+    cgroup_cpu_quota,
+    idle_threads,
+    resolve_workers,
+    threads_per_worker,
+    usable_cpus,
+)
 
 
 def layout(tmp_path: Path, proc: str, files: dict[str, str]) -> tuple[Path, Path]:
@@ -91,3 +98,65 @@ def test_split_cores_resolves_workers_and_threads(monkeypatch):
     assert (resolved.workers, resolved.threads) == (cores, 1)
     flagged = split_cores(Settings(workers=parse_args(["--workers", "1"]).workers))
     assert (flagged.workers, flagged.threads) == (1, cores)
+
+
+def test_idle_threads_default_to_every_usable_core():
+    assert idle_threads(0, 6) == 6
+    assert idle_threads(3, 6) == 3
+
+
+def test_others_load_is_the_machines_busy_time_less_this_process(tmp_path, monkeypatch):
+    """Over a window: /proc/stat's busy jiffies (user, nice, system, irq, softirq, steal; not
+    idle or iowait) of every CPU, less this process's own CPU time, per second of wall time;
+    sampled at most once per window, None until two samples."""
+    stat = tmp_path / "stat"
+    clock = {"now": 100.0, "own": 5.0}
+    monkeypatch.setattr(cpus.time, "monotonic", lambda: clock["now"])
+    usage = type("Usage", (), {})
+
+    def getrusage(who):
+        u = usage()
+        u.ru_utime, u.ru_stime = clock["own"] * 0.75, clock["own"] * 0.25
+        return u
+
+    monkeypatch.setattr(cpus.resource, "getrusage", getrusage)
+    load = cpus.OthersLoad(window_s=0.1, stat=stat)
+    tick = load.tick
+
+    def write(busy_ticks: int, idle_ticks: int) -> None:
+        # user nice system idle iowait irq softirq steal guest guest_nice
+        b = busy_ticks // 6
+        fields = [b, b, b, idle_ticks, 7, b, b, busy_ticks - 5 * b, 0, 0]
+        stat.write_text("cpu  " + " ".join(map(str, fields)) + "\ncpu0 1 2 3\n")
+
+    write(1000, 5000)
+    assert load.others() is None  # one sample: nothing to compare yet
+    # 0.5 s later: 1.0 s more busy time on the machine, 0.3 s of it this process's own
+    clock["now"] += 0.5
+    clock["own"] += 0.3
+    write(1000 + round(1.0 / tick), 5000 + round(0.5 / tick))
+    assert load.others() == pytest.approx(0.7 / 0.5)
+    # within the window: the same figure, the file not read again
+    stat.write_text("garbage")
+    clock["now"] += 0.05
+    assert load.others() == pytest.approx(1.4)
+    clock["now"] += 0.1  # past the window, an unreadable file: not known
+    assert load.others() is None
+
+
+def test_others_load_sees_a_busy_neighbour():
+    """A child process computing for a while is load of others: at least half a core of it
+    is seen over its run (this process sleeps meanwhile)."""
+    import subprocess
+    import sys
+    import time
+
+    load = cpus.OthersLoad(window_s=0.0)
+    load.others()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.6: pass"])  # fmt: skip
+    started = time.monotonic()
+    child.wait(timeout=60)
+    elapsed = time.monotonic() - started
+    seen = load.others()
+    assert seen is not None and seen * elapsed >= 0.5  # >= 0.5 s of its 0.6 s of CPU

@@ -225,3 +225,23 @@ def test_variants_are_listed_in_error_messages_as_the_bundle_has_them():
     assert one_of(["folded"]) == "'folded'"
     assert one_of(["folded", "unfolded"]) == "'folded' or 'unfolded'"
     assert one_of(["folded", "unfolded", "int8"]) == "'folded', 'unfolded' or 'int8'"
+
+
+def test_wide_sessions_only_where_they_add_threads(copy_bundle, digit_batch):
+    """With a worker's share of 1 thread and 2 wide: a second session of the folded and int8
+    variants on 2 intra-op threads that never spin, answering the narrow one's logits; none for
+    the unfolded variant, none when the narrow sessions already have every core (threads 0:
+    onnxruntime's default) or wide is not wider."""
+    bundle = copy_bundle()
+    model = load_model(bundle, CPU, threads=1, spinning=False, wide_threads=2)
+    assert set(model.wide_sessions) == {"folded", "int8"}
+    for variant, session in model.wide_sessions.items():
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 2
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert model.sessions[variant].get_session_options().intra_op_num_threads == 1
+        x = digit_batch[:8]
+        np.testing.assert_allclose(model.run(variant, x, wide=True), model.run(variant, x),
+                                   rtol=0, atol=1e-5)  # fmt: skip
+    assert not load_model(bundle, CPU, threads=0, wide_threads=2).wide_sessions
+    assert not load_model(bundle, CPU, threads=2, wide_threads=2).wide_sessions
