@@ -262,8 +262,8 @@ def markdown(results: dict) -> str:
         "",
         f"`{env['command']}` on {env['machine']}; {env['date']}; {env['bnfold']}; load average "
         f"(1, 5, 15 min) {env['load average at start']} at start, {env['load average at end']} at "
-        "end. A shared machine: other jobs ran beside this one, so the times are of a loaded "
-        "machine (about half on a quiet one).",
+        "end, this run's own processes included: a load well above the core count means other "
+        "jobs ran beside it, and then the times are longer than a quiet machine's.",
         "",
         "Each family: random weights, BatchNorm statistics estimated on random data then "
         "shifted/scaled (a tenth of the gammas negative), exported by its framework "
