@@ -76,7 +76,8 @@ class Settings(BaseSettings):
         "otherwise idle (the other processes, this server's other workers included, used under "
         "half a core over the last 0.1 s): 0: every usable core; 1: off. Each worker then "
         "holds a second onnxruntime session of the folded and int8 variants (their weights "
-        "twice in memory); with one worker on every core none is needed.",
+        "twice in memory, so not for a file over 128 MiB); with one worker on every core none "
+        "is needed.",
     )
     thread_spinning: bool = Field(
         False,

@@ -254,13 +254,17 @@ def _load_optional(
 
 
 WIDE_VARIANTS = ("folded", INT8)  # what production traffic runs; unfolded is for comparisons
+# A wide session holds the variant's weights again: about 2.2x its file (the heavy benchmark
+# model's 45 MB folded.onnx added 100 MiB to a worker). Larger files get none.
+WIDE_MAX_BYTES = 128 * 2**20
 
 
 def _load_wide(model: LoadedModel, providers: list[str], threads: int, wide: int) -> None:
     """Sessions on `wide` intra-op threads (never spinning) beside the folded and int8 ones,
-    when that is more than `threads` and onnxruntime runs them on the CPU: a run that finds the
-    machine otherwise idle takes every core (service.batching). Each is the variant's file,
-    checked as its first session was; a failure costs only the wide session."""
+    when that is more than `threads`, onnxruntime runs them on the CPU and the file is at most
+    WIDE_MAX_BYTES: a run that finds the machine otherwise idle takes every core
+    (service.batching). Each is the variant's file, checked as its first session was; a
+    failure costs only the wide session."""
     if providers != [CPU] or threads == 0 or wide <= threads:
         return
     m = model.manifest
@@ -269,8 +273,14 @@ def _load_wide(model: LoadedModel, providers: list[str], threads: int, wide: int
         engine = model.engines.get(variant)
         if variant not in model.sessions or engine is None or engine.engine != "onnxruntime":
             continue
+        path = model.path / m.files[variant].path
+        size = path.stat().st_size
+        if size > WIDE_MAX_BYTES:
+            log.info("bundle %s: variant %s: no %d-thread session: its file is %d MiB, over %d "
+                     "(its weights would be held twice)", model.name, variant, wide,
+                     size >> 20, WIDE_MAX_BYTES >> 20)  # fmt: skip
+            continue
         try:
-            path = model.path / m.files[variant].path
             session = make_session(path, variant, providers, wide, spinning=False)
             narrow, model.sessions[variant] = model.sessions[variant], session
             try:

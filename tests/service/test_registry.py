@@ -245,3 +245,17 @@ def test_wide_sessions_only_where_they_add_threads(copy_bundle, digit_batch):
                                    rtol=0, atol=1e-5)  # fmt: skip
     assert not load_model(bundle, CPU, threads=0, wide_threads=2).wide_sessions
     assert not load_model(bundle, CPU, threads=2, wide_threads=2).wide_sessions
+
+
+def test_no_wide_session_for_a_file_over_the_cap(copy_bundle, monkeypatch):
+    """A variant whose file is over WIDE_MAX_BYTES gets no wide session (its weights would be
+    held twice in every worker); the smaller one still does."""
+    import service.registry as registry
+
+    bundle = copy_bundle()
+    folded = (bundle / "folded.onnx").stat().st_size
+    int8 = (bundle / "quantized.onnx").stat().st_size
+    assert int8 < folded
+    monkeypatch.setattr(registry, "WIDE_MAX_BYTES", (int8 + folded) // 2)
+    model = load_model(bundle, CPU, threads=1, wide_threads=2)
+    assert set(model.wide_sessions) == {"int8"} and model.ready
