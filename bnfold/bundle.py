@@ -201,7 +201,10 @@ class EquivalenceReport(_Strict):
 
     split: str
     n_images: int
-    tolerance_abs: float = Field(description="Allowed max |folded - unfolded| on logits.")
+    tolerance_abs: float = Field(
+        description="Allowed max |folded - unfolded| on logits: 2e-5 of the logit scale, or 3x "
+        "the unfolded model's own float32 error against the float64 reference when larger."
+    )
     folded_vs_unfolded: DiffStats
     folded_vs_float64: DiffStats | None = Field(
         description="None when the float64 reference could not be measured (reference_note)."
