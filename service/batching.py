@@ -60,12 +60,24 @@ class _Request:
     enqueued: float = field(default_factory=time.monotonic)
 
 
+class _LaneMetrics:
+    """The lane's metric children, looked up once: every run records five of them."""
+
+    def __init__(self, metrics: Metrics, name: str, variant: str) -> None:
+        self.queue_wait = metrics.queue_wait.labels(name, variant)
+        self.batch_size = metrics.batch_size.labels(name, variant)
+        self.inference_seconds = metrics.inference_seconds.labels(name, variant)
+        self.images = metrics.images.labels(name, variant)
+        self.inferences = metrics.inferences.labels(name, variant)
+
+
 @dataclass(eq=False)
 class _Lane:
     name: str
     variant: str
     loop: asyncio.AbstractEventLoop
     executor: ThreadPoolExecutor
+    metrics: _LaneMetrics
     waiting: deque[_Request] = field(default_factory=deque)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     worker: asyncio.Task | None = None
@@ -135,7 +147,7 @@ class BatchingRunner:
         lane = self._lane(model.name, variant)
         if not self._thread_running() and lane.runs_inline(model, len(x), self.inline_run_s):
             logits, seconds = _timed_run(model, variant, x)
-            self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant).observe(0.0)
+            lane.metrics.queue_wait.observe(0.0)
             self._record(lane, model, 1, len(x), seconds)
             return logits
         request = _Request(model, x, lane.loop.create_future())
@@ -181,7 +193,8 @@ class BatchingRunner:
             if lane is not None:  # that loop is gone (tests run one loop after another)
                 lane.executor.shutdown(wait=False)
             executor = ThreadPoolExecutor(1, thread_name_prefix=f"bnfold-{name}-{variant}")
-            lane = self.lanes[(name, variant)] = _Lane(name, variant, loop, executor)
+            children = _LaneMetrics(self.metrics, name, variant)
+            lane = self.lanes[(name, variant)] = _Lane(name, variant, loop, executor, children)
             lane.worker = loop.create_task(self._work(lane), name=f"batcher {name}/{variant}")
         return lane
 
@@ -249,7 +262,7 @@ class BatchingRunner:
 
     async def _batch_logits(self, lane: _Lane, batch: list[_Request]) -> np.ndarray:
         started = time.monotonic()
-        queue_wait = self.metrics.child(self.metrics.queue_wait, lane.name, lane.variant)
+        queue_wait = lane.metrics.queue_wait
         for request in batch:
             wait = started - request.enqueued
             queue_wait.observe(wait)
@@ -273,14 +286,15 @@ class BatchingRunner:
         self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float
     ) -> None:
         lane.measured(model, rows, seconds)
-        m, labels = self.metrics, (lane.name, lane.variant)
-        m.child(m.batch_size, *labels).observe(rows)
-        m.child(m.inference_seconds, *labels).observe(seconds)
-        m.child(m.images, *labels).inc(rows)
-        m.child(m.inferences, *labels).inc(requests)
+        children = lane.metrics
+        children.batch_size.observe(rows)
+        children.inference_seconds.observe(seconds)
+        children.images.inc(rows)
+        children.inferences.inc(requests)
         engine = model.engines.get(lane.variant)
         if engine is not None:
-            m.child(m.engine_runs, *labels, engine.engine, engine.precision).inc()
+            m = self.metrics
+            m.child(m.engine_runs, lane.name, lane.variant, engine.engine, engine.precision).inc()
         if self.on_run is not None:
             self.on_run(model, requests, rows, seconds)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from service.logs import request_id, request_id_for
@@ -52,12 +53,12 @@ class CallLog:
         endpoint: str,
         model: str,
         status: int | str,
-        summary: str,
-        fields: dict[str, object],
+        describe: Callable[[], tuple[str, dict[str, object]]],
     ) -> None:
-        """Record the call: `summary` starts its access line ('GET /v2', 'grpc ModelInfer'),
-        `fields` (what the protocol knows of the call: method, client, ...) go with it into
-        JSON logs, beside the protocol, model, status and duration every call has."""
+        """Record the call. `describe()` gives its access line's start ('GET /v2', 'grpc
+        ModelInfer') and the fields the protocol knows of it (method, client, ...), which go
+        with it into JSON logs beside the protocol, model, status and duration every call has;
+        called only when the line is logged (it formats the path, asks gRPC for the peer)."""
         seconds = time.perf_counter() - call.started
         m = self.metrics
         m.in_flight.dec()
@@ -66,6 +67,7 @@ class CallLog:
         m.child(m.requests, protocol, endpoint, model, str(status)).inc()
         m.child(m.request_seconds, protocol, endpoint).observe(seconds)
         if access_log.isEnabledFor(logging.INFO):
+            summary, fields = describe()
             fields = {"protocol": protocol, **fields, "model": model, "status": status,
                       "duration_ms": round(seconds * 1000, 3)}  # fmt: skip
             access_log.info("%s %s %.1f ms", summary, status, seconds * 1000,

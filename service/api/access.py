@@ -81,8 +81,11 @@ class AccessMiddleware:
         route = scope.get("route")
         endpoint = getattr(route, "path", None) or "unmatched"
         model = scope.get("path_params", {}).get("model", "")
-        client = scope.get("client")
-        fields = {"method": scope["method"], "path": clipped(scope["path"]), "endpoint": endpoint,
-                  "client": client[0] if client else None}  # fmt: skip
-        summary = f"{scope['method']} {printable(clipped(scope['path']))}"
-        self.calls.end(call, "rest", endpoint, model, status, summary, fields)
+
+        def describe() -> tuple[str, dict[str, object]]:
+            client = scope.get("client")
+            fields = {"method": scope["method"], "path": clipped(scope["path"]),
+                      "endpoint": endpoint, "client": client[0] if client else None}  # fmt: skip
+            return f"{scope['method']} {printable(clipped(scope['path']))}", fields
+
+        self.calls.end(call, "rest", endpoint, model, status, describe)

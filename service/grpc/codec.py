@@ -28,8 +28,6 @@ from service.request import (
 )
 from service.tensors import SHARED_MEMORY, InputTensor, refuse_shared_memory
 
-TYPED_FIELDS = ("bool_contents", "int_contents", "int64_contents", "uint_contents",
-                "uint64_contents", "fp32_contents", "fp64_contents", "bytes_contents")  # fmt: skip
 FIELD_OF = {"FP32": "fp32_contents"}  # the typed field that carries each datatype we take
 
 
@@ -87,7 +85,7 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
     field = FIELD_OF.get(datatype)
     if field is None:  # a datatype no model here takes: the data plane says so
         return InputTensor(name, datatype, shape, values=[], where="contents")
-    others = [f for f in TYPED_FIELDS if f != field and len(getattr(tensor.contents, f))]
+    others = [d.name for d, _ in tensor.contents.ListFields() if d.name != field]  # set ones
     if others:
         raise BadInput(
             f"input {name!r} is {datatype}: send its values in contents.{field} or "

@@ -73,9 +73,9 @@ def rpc(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]
             if code == "OK":
                 context.set_trailing_metadata(trailing)
             self.active -= 1
-            fields = {"method": method, "client": context.peer()}
-            self.core.calls.end(call, "grpc", method, _model_of(request), code, f"grpc {method}",
-                                fields)  # fmt: skip
+            self.core.calls.end(call, "grpc", method, _model_of(request), code,
+                                lambda: (f"grpc {method}", {"method": method,
+                                                            "client": context.peer()}))  # fmt: skip
 
     return wrapper
 
