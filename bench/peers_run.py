@@ -682,17 +682,20 @@ def measure(
 
 
 def _loaded(load_start: str) -> str:
-    """A warning when other work competed for the cores during the run, else ''."""
+    """A warning when other work held the cores as the run began, else ''. Only the figure at
+    the start tells: during and after the run the load average counts the bench's own server
+    and load generator, about one runnable task per core on a 2-core machine."""
     cores = len(os.sched_getaffinity(0))
-    peak = max(float(load_start.split()[0]), os.getloadavg()[0])
-    if peak <= cores * 0.75:
+    before = float(load_start.split()[0])
+    if before <= cores * 0.75:
         return ""
     return (
-        f"The machine was loaded by other work (1-minute load average up to {peak:.1f} on "
-        f"{cores} cores): absolute figures are low and noisy, and a server with more runnable "
-        "threads or processes takes a larger share of contended cores, which favours the "
-        "multi-process servers over the single-process ones (KServe with 1 worker, MLServer "
-        "with 0 parallel workers). Calls per server CPU-second depend least on the contention."
+        f"The machine was loaded by other work (1-minute load average {before:.1f} on {cores} "
+        "cores before the run began): absolute figures are low and noisy, and a server with "
+        "more runnable threads or processes takes a larger share of contended cores, which "
+        "favours the multi-process servers over the single-process ones (KServe with 1 worker, "
+        "MLServer with 0 parallel workers). Calls per server CPU-second depend least on the "
+        "contention."
     )
 
 
