@@ -134,7 +134,8 @@ class DataPlane:
         """Logits (N, classes) float32 for a (N, C, H, W) float32 batch; its time in the
         runner recorded in `call` (the statistics extension) when given."""
         variant = model.check_variant(variant)
-        x = np.ascontiguousarray(x, dtype=np.float32)
+        # Not ascontiguousarray: it makes a 0-d input 1-d, and its shape is refused as sent.
+        x = np.asarray(x, dtype=np.float32, order="C")
         check_input(model.manifest.input, x, self.settings.max_images_per_request)
         if call is None:
             logits = await self.runner.logits(model, variant, x)

@@ -83,8 +83,13 @@ def check_declared_shapes(
     than `max_rows`, 400 for a shape the model (`spec`, when known) does not take, or for
     `data` that holds more elements or lists than its shape allows. Every such body would be
     refused after the full parse anyway; this refuses it first, so the memory one request's
-    parse may take is bounded by what its model can accept. A body this cannot read cheaply
-    (no such `data`, malformed JSON) is left to the full parse and its messages."""
+    parse may take is bounded by what its model can accept.
+
+    A body that holds more numbers and lists than `max_rows` inputs of the model must hold them
+    in `data` arrays of plain numbers, which this reads; one whose values are elsewhere or
+    otherwise written (a `null` among the numbers, an escaped key, malformed JSON) is refused
+    here too: its parse would cost as much (a 9 MB body 230 MB) and could only fail. Without
+    the model's input spec, a body this cannot read is left to the full parse."""
     raw = body if header_length is None else body[:header_length]
     if len(raw) < CHECK_FROM or _within_model(raw, spec, max_rows):
         return
@@ -98,10 +103,26 @@ def check_declared_shapes(
         texts.append(_DataText(array.count(b",") + 1 - opened, opened))
         return b'"data": ' + str(len(texts) - 1).encode() + match.group(1)[len(array) :]
 
+    bounded = _bound(spec, max_rows) is not None  # the model's size is known
     try:
-        skeleton = json.loads(DATA_ARRAY.sub(stand_in, raw))
-    except (_Unread, ValueError, RecursionError):
-        return
+        skeleton_text = DATA_ARRAY.sub(stand_in, raw)
+        if bounded and not _within_model(skeleton_text, spec, max_rows):
+            raise _Unread  # the values are not all in `data` arrays of plain numbers
+        skeleton = json.loads(skeleton_text)
+    except _Unread:
+        if not bounded:
+            return
+        raise BadInput(
+            f"the request holds more values than {max_rows} inputs of this model, not all of "
+            'them numbers in "data" arrays: send each input\'s values as one JSON array of '
+            'numbers under "data" (flat or nested as its shape), or use the binary tensor '
+            "extension"
+        ) from None
+    except (ValueError, RecursionError) as exc:
+        if not bounded:
+            return
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+        raise BadInput(f"malformed JSON in the inference request: {why}") from None
     inputs = skeleton.get("inputs") if isinstance(skeleton, dict) else None
     for tensor in inputs if isinstance(inputs, list) else []:
         if not isinstance(tensor, dict) or not isinstance(tensor.get("shape"), list):
@@ -122,14 +143,22 @@ def check_declared_shapes(
                 )
 
 
+def _bound(spec: TensorSpec | None, max_rows: int) -> int | None:
+    """The most numbers `max_rows` inputs of the model hold; None when the spec is unknown or
+    has a variable dimension besides the batch."""
+    if spec is None or any(d < 1 for d in spec.shape[1:]):
+        return None
+    return max_rows * math.prod(spec.shape[1:])
+
+
 def _within_model(raw: bytes, spec: TensorSpec | None, max_rows: int) -> bool:
     """Fewer numbers and lists than `max_rows` inputs of the model hold: whatever the body
     declares, its parse is no larger than an accepted request's, and the full parse's checks
     answer it. Two byte counts, unless the body is shorter than the bound: on the event loop
     they cost 2 ms a MB, as much as the parse."""
-    if spec is None or any(d < 1 for d in spec.shape[1:]):
+    bound = _bound(spec, max_rows)
+    if bound is None:
         return False
-    bound = max_rows * math.prod(spec.shape[1:])
     if len(raw) < bound:  # fewer bytes than that: fewer commas and brackets too, uncounted
         return True
     return raw.count(b",") < bound and raw.count(b"[") < bound

@@ -59,6 +59,10 @@ class V2InferFastPath:
         await response(scope, receive, send)
 
 
+MAX_DIGITS = 18  # any body length fits; Python refuses int() of over 4,300 digits
+
+
 def _positive_int(value: bytes) -> bool:
-    """What the route's `int, ge=1` header accepts, restricted to plain ASCII digits."""
-    return value.isdigit() and int(value) >= 1
+    """What the route's `int, ge=1` header accepts, restricted to plain ASCII digits and to
+    MAX_DIGITS of them (longer ones go to the route, whose validation answers 400)."""
+    return value.isdigit() and len(value) <= MAX_DIGITS and int(value) >= 1

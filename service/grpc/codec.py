@@ -26,7 +26,7 @@ from service.request import (
     raw_bytes,
     variant_of,
 )
-from service.tensors import SHARED_MEMORY, InputTensor, refuse_shared_memory
+from service.tensors import SHARED_MEMORY, InputTensor, dims, refuse_shared_memory
 
 FIELD_OF = {"FP32": "fp32_contents"}  # the typed field that carries each datatype we take
 
@@ -93,8 +93,14 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
         )
     values = getattr(tensor.contents, field)
     where = f"contents.{field}"
+    count = math.prod(shape)
+    if len(values) != count:  # refused before a list of them is built (10 MB: a second)
+        raise BadInput(
+            f"input {name!r} has shape {dims(shape)} ({count} elements) but its {where} holds "
+            f"{len(values)} elements"
+        )
     packed = _packed_fp32(tensor.contents, len(values)) if field == "fp32_contents" else None
-    if packed is not None and len(values) == math.prod(shape):
+    if packed is not None:
         return InputTensor(name, datatype, shape, raw=packed, where=where)
     return InputTensor(name, datatype, shape, values=values, where=where)
 

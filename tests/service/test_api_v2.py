@@ -145,6 +145,8 @@ BAD_JSON = [
      "input 'input': shape [0, 9223372036854775808] has a dimension over 2147483647"),
     ({"inputs": [tensor(np.zeros((33, 1, 8, 8), np.float32))]},
      "33 images in one request, over the limit of 32: split the batch"),
+    ({"inputs": [{**tensor(ZERO), "shape": [], "data": [0.5]}]},  # rank 0: named as sent
+     "input 'input' must have shape ['N', 1, 8, 8], got []"),
 ]  # fmt: skip
 
 

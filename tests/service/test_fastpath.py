@@ -36,6 +36,8 @@ def _calls(x: np.ndarray) -> list[tuple[str, str, bytes, dict]]:
         ("POST", path, binary, {HEADER: "0"}),
         ("POST", path, binary, {HEADER: "+12"}),
         ("POST", path, binary, {HEADER: str(10**9)}),
+        ("POST", path, binary, {HEADER: "9" * 4301}),  # past what Python's int() reads
+        ("POST", path, binary, {HEADER: "0" * 5000 + "12"}),
         ("POST", path, b"{not json", js),
         ("POST", path, nan, js),
         ("POST", path, good, {"Content-Type": "text/plain"}),
@@ -92,3 +94,11 @@ def test_the_hot_route_is_answered_by_the_fast_path(both, digit_batch, monkeypat
     assert r.status_code == 200 and entered == [None]  # no route matched: no endpoint in scope
     r = fast.post("/v2/models/digits/infer", content=body, headers={HEADER: "x"})
     assert r.status_code == 400 and entered == [None]  # validation refused it before the endpoint
+
+
+def test_a_header_length_of_thousands_of_digits_is_a_client_mistake(both):
+    """Python's int() refuses strings of over 4,300 digits (a ValueError, which was a 500)."""
+    fast, _ = both
+    for value in ("9" * 4301, "0" * 5000 + "12"):
+        r = fast.post("/v2/models/digits/infer", content=b"{}", headers={HEADER: value})
+        assert r.status_code == 400, (r.status_code, r.text[:200])

@@ -71,3 +71,22 @@ def test_a_count_the_shape_does_not_take_keeps_its_message(child):
 def test_other_typed_fields_beside_fp32_are_refused_as_before(child):
     _, message, _ = child.submit(_read, [1.0, 2.0], [1, 2], [1, 2]).result(timeout=120)
     assert "not contents.int_contents" in message
+
+
+def _decode_message(count: int, shape: list[int]) -> str | None:
+    from bnfold.errors import BadInput
+    from service.grpc import codec
+
+    try:
+        codec.decode(_request(np.zeros(count, np.float32), shape))
+    except BadInput as exc:
+        return exc.message
+    return None
+
+
+def test_a_count_the_shape_does_not_take_is_refused_by_the_decode_itself(child):
+    """2.5 million numbers for 64: refused as the message is read, before a list of them is
+    built (the data plane's reading took a second of the event loop and 30 MB per call)."""
+    message = child.submit(_decode_message, 2_500_000, [1, 1, 8, 8]).result(timeout=120)
+    assert message is not None
+    assert "(64 elements) but its contents.fp32_contents holds 2500000 elements" in message

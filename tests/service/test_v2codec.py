@@ -185,3 +185,43 @@ def test_a_large_body_within_what_the_model_accepts_is_left_to_the_parse():
     check_declared_shapes(wrong, None, heavy, 32)  # within the bound: the parse decides
     with pytest.raises(BadInput, match="98304 elements"):
         input_array(decode(wrong, None, "heavy").inputs, spec)
+
+
+@pytest.mark.parametrize(
+    "disguise",
+    [
+        lambda body: body.replace(b"]}]}", b", null]}]}"),  # a null among the numbers
+        lambda body: body.replace(b'"data"', b'"d\\u0061ta"'),  # the key escaped
+        lambda body: body[:-2],  # malformed: the closing brackets cut off
+    ],
+    ids=["null-in-data", "escaped-key", "malformed"],
+)
+def test_a_large_body_whose_values_the_cheap_reading_cannot_see_is_refused_before_its_parse(
+    disguise,
+):
+    """More numbers than max_rows inputs hold, written so that the `data` reading misses them:
+    the full parse would build them all (a 9 MB body cost 230 MB) only to fail. Refused first,
+    with what to send; without the model's spec the parse decides as before."""
+    from service.v2codec import check_declared_shapes
+
+    digits = TensorSpec(name="input", shape=[-1, 1, 8, 8])
+    body = disguise(_large_body([1, 1, 8, 8], 200_000))
+    with pytest.raises(BadInput, match="malformed JSON|not all of them numbers"):
+        check_declared_shapes(body, None, digits, 32)
+    check_declared_shapes(body, None, None, 32)  # no spec: left to the parse
+    with pytest.raises(BadInput):  # what the full parse and the data plane say of it
+        input_array(decode(body, None, "digits").inputs, digits)
+
+
+def test_a_large_valid_body_with_the_data_key_last_or_first_is_still_read():
+    """The reading follows `data` wherever the key sits in its tensor."""
+    from service.v2codec import check_declared_shapes
+
+    heavy = TensorSpec(name="input", shape=[-1, 3, 128, 128])
+    values = np.zeros(3 * 128 * 128).tolist()
+    for tensor in (
+        {"data": values, "name": "input", "shape": [1, 3, 128, 128], "datatype": "FP32"},
+        {"name": "input", "shape": [1, 3, 128, 128], "datatype": "FP32", "data": values},
+    ):
+        body = json.dumps({"id": "a,b,c", "inputs": [tensor]}).encode()
+        check_declared_shapes(body, None, heavy, 1)  # 1 row allowed: the bound is its size
