@@ -246,6 +246,27 @@ def test_fold_command_writes_nothing_when_onnxruntime_disagrees(tmp_path, monkey
     assert sorted(p.name for p in tmp_path.iterdir()) == written
 
 
+def test_fold_check_allows_the_originals_own_float32_error():
+    """`bnfold fold`'s check, given the original's float64 answer: its tolerance widens to 3x
+    the original's own float32 error (a full-size ResNet-50 on random inputs differed by
+    3.27e-5 against 2e-5 of its scale, 3.64e-5); without it, 2e-5 of the scale; a wrong
+    fold fails either way."""
+    from bnfold.toolchain.verify import _output_diff
+
+    exact = np.array([[1.82, -0.4, 0.9]])
+    original = (exact + [[2.5e-5, 0, 0]]).astype(np.float32)  # its own float32 error
+    folded = (exact - [[1.5e-5, 0, 0]]).astype(np.float32)  # as close, the other side
+    diff, tol = _output_diff(original, folded, 0.0)
+    assert diff > tol == pytest.approx(2e-5 * 1.82, rel=1e-4)  # 2e-5 of the scale alone
+    diff, tol = _output_diff(original, folded, 0.0, exact)
+    assert diff <= tol and tol == pytest.approx(3 * 2.5e-5, rel=0.02)
+    wrong = (exact + [[0, 1e-3, 0]]).astype(np.float32)
+    diff, tol = _output_diff(original, wrong, 0.0, exact)
+    assert diff > tol
+    diff, tol = _output_diff(original, folded, 0.0, np.zeros((2, 3)))  # not its shape: ignored
+    assert tol == pytest.approx(2e-5 * 1.82, rel=1e-4)
+
+
 def test_ctrl_c_mid_import_is_one_line_and_leaves_nothing(tmp_path, models, monkeypatch, capsys):
     import bnfold.toolchain.build as build
     from bnfold.cli import main
