@@ -456,12 +456,7 @@ class ModelRegistry:
         paths = discover_bundles(self.settings.models_dir)
         if not paths:
             log.warning("no model bundles in %s", self.settings.models_dir)
-        s = self.settings
-        wide = idle_threads(s.idle_threads, usable_cpus())
-        return {
-            p.name: load_model(p, providers, s.threads, s.thread_spinning, s.engine, wide)
-            for p in paths
-        }
+        return {p.name: self._load(p, providers) for p in paths}
 
     def close(self) -> None:
         self.models, self.loaded = {}, False
@@ -534,8 +529,10 @@ class ModelRegistry:
 
     def verify(self, path: Path) -> LoadedModel:
         """Blocking: `load_model` with this registry's settings."""
+        return self._load(path, resolve_providers(self.settings.provider))
+
+    def _load(self, path: Path, providers: list[str]) -> LoadedModel:
         s = self.settings
-        providers = resolve_providers(s.provider)
         wide = idle_threads(s.idle_threads, usable_cpus())
         return load_model(path, providers, s.threads, s.thread_spinning, s.engine, wide)
 

@@ -150,6 +150,16 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes, where: 
     return np.frombuffer(raw, dtype=dtype).astype(np.float32).reshape(shape)
 
 
+def check_count(name: str, shape: Sequence[int], got: int, where: str) -> None:
+    """400 unless `where` holds as many elements as `shape` implies."""
+    count = math.prod(shape)
+    if got != count:
+        raise BadInput(
+            f"input {name!r} has shape {dims(shape)} ({count} elements) but its {where} holds "
+            f"{got} elements"
+        )
+
+
 def from_values(name: str, datatype: str, shape: Sequence[int], values, where: str) -> np.ndarray:
     """Numbers (flat or nested lists, or a repeated field) -> float32 array of `shape`."""
     try:
@@ -161,12 +171,7 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values, where: s
     if array.dtype.kind not in "iuf":
         raise BadInput(f"input {name!r}: {where} must hold only numbers ({datatype})")
     _check_nesting(name, shape, array.shape, where)
-    count = math.prod(shape)
-    if array.size != count:
-        raise BadInput(
-            f"input {name!r} has shape {dims(shape)} ({count} elements) but its {where} holds "
-            f"{array.size} elements"
-        )
+    check_count(name, shape, array.size, where)
     with np.errstate(over="ignore"):  # beyond FP32 range becomes Inf, refused as non-finite
         return array.astype(np.float32).reshape(shape)
 

@@ -39,6 +39,14 @@ from service.tensors import (
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_OUTPUT = "binary_data_output"  # the request's default for outputs it does not name
+MAX_DIGITS = 18  # any body length fits; Python refuses int() of over 4,300 digits
+
+
+def plain_length(value: str | bytes) -> int | None:
+    """An Inference-Header-Content-Length value as a number when it is plain ASCII digits, at
+    most MAX_DIGITS of them; else None (the route's validation answers it)."""
+    plain = value.isascii() and value.isdigit() and len(value) <= MAX_DIGITS
+    return int(value) if plain else None
 
 
 @dataclass
@@ -91,7 +99,8 @@ def check_declared_shapes(
     here too: its parse would cost as much (a 9 MB body 230 MB) and could only fail. Without
     the model's input spec, a body this cannot read is left to the full parse."""
     raw = body if header_length is None else body[:header_length]
-    if len(raw) < CHECK_FROM or _within_model(raw, spec, max_rows):
+    bound = _bound(spec, max_rows)
+    if len(raw) < CHECK_FROM or _within_model(raw, bound):
         return
     texts: list[_DataText] = []
 
@@ -103,10 +112,10 @@ def check_declared_shapes(
         texts.append(_DataText(array.count(b",") + 1 - opened, opened))
         return b'"data": ' + str(len(texts) - 1).encode() + match.group(1)[len(array) :]
 
-    bounded = _bound(spec, max_rows) is not None  # the model's size is known
+    bounded = bound is not None  # the model's size is known
     try:
         skeleton_text = DATA_ARRAY.sub(stand_in, raw)
-        if bounded and not _within_model(skeleton_text, spec, max_rows):
+        if bounded and not _within_model(skeleton_text, bound):
             raise _Unread  # the values are not all in `data` arrays of plain numbers
         skeleton = json.loads(skeleton_text)
     except _Unread:
@@ -151,12 +160,11 @@ def _bound(spec: TensorSpec | None, max_rows: int) -> int | None:
     return max_rows * math.prod(spec.shape[1:])
 
 
-def _within_model(raw: bytes, spec: TensorSpec | None, max_rows: int) -> bool:
-    """Fewer numbers and lists than `max_rows` inputs of the model hold: whatever the body
-    declares, its parse is no larger than an accepted request's, and the full parse's checks
-    answer it. Two byte counts, unless the body is shorter than the bound: on the event loop
-    they cost 2 ms a MB, as much as the parse."""
-    bound = _bound(spec, max_rows)
+def _within_model(raw: bytes, bound: int | None) -> bool:
+    """Fewer numbers and lists than `bound` (`_bound`: what `max_rows` inputs of the model
+    hold): whatever the body declares, its parse is no larger than an accepted request's, and
+    the full parse's checks answer it. Two byte counts, unless the body is shorter than the
+    bound: on the event loop they cost 2 ms a MB, as much as the parse."""
     if bound is None:
         return False
     if len(raw) < bound:  # fewer bytes than that: fewer commas and brackets too, uncounted

@@ -314,8 +314,7 @@ def _check_declared_shapes(request: Request, body: bytes) -> None:
     if core is None:
         return
     header = request.headers.get(v2codec.HEADER_LENGTH)
-    plain = header is not None and header.isascii() and header.isdigit() and len(header) <= 18
-    header_length = int(header) if plain else None
+    header_length = v2codec.plain_length(header) if header else None
     if header_length is not None and not 0 < header_length <= len(body):
         return  # the decoder says what is wrong with it
     spec = None

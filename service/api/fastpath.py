@@ -22,7 +22,7 @@ from bnfold.errors import BnfoldError
 from service.api import v2
 from service.api.middleware import error_response
 from service.errors import wire_error
-from service.v2codec import HEADER_LENGTH
+from service.v2codec import HEADER_LENGTH, plain_length
 
 INFER = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 HEADER = HEADER_LENGTH.lower().encode("latin-1")
@@ -59,10 +59,8 @@ class V2InferFastPath:
         await response(scope, receive, send)
 
 
-MAX_DIGITS = 18  # any body length fits; Python refuses int() of over 4,300 digits
-
-
 def _positive_int(value: bytes) -> bool:
-    """What the route's `int, ge=1` header accepts, restricted to plain ASCII digits and to
-    MAX_DIGITS of them (longer ones go to the route, whose validation answers 400)."""
-    return value.isdigit() and len(value) <= MAX_DIGITS and int(value) >= 1
+    """What the route's `int, ge=1` header accepts, restricted to plain lengths (longer or
+    odder ones go to the route, whose validation answers 400)."""
+    length = plain_length(value)
+    return length is not None and length >= 1

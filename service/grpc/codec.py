@@ -12,8 +12,6 @@ output contents instead).
 
 from __future__ import annotations
 
-import math
-
 from google.protobuf import json_format
 
 from bnfold.errors import BadInput
@@ -26,7 +24,7 @@ from service.request import (
     raw_bytes,
     variant_of,
 )
-from service.tensors import SHARED_MEMORY, InputTensor, dims, refuse_shared_memory
+from service.tensors import SHARED_MEMORY, InputTensor, check_count, refuse_shared_memory
 
 FIELD_OF = {"FP32": "fp32_contents"}  # the typed field that carries each datatype we take
 
@@ -93,12 +91,7 @@ def _input(tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None) -> 
         )
     values = getattr(tensor.contents, field)
     where = f"contents.{field}"
-    count = math.prod(shape)
-    if len(values) != count:  # refused before a list of them is built (10 MB: a second)
-        raise BadInput(
-            f"input {name!r} has shape {dims(shape)} ({count} elements) but its {where} holds "
-            f"{len(values)} elements"
-        )
+    check_count(name, shape, len(values), where)  # before a list of them is built
     packed = _packed_fp32(tensor.contents, len(values)) if field == "fp32_contents" else None
     if packed is not None:
         return InputTensor(name, datatype, shape, raw=packed, where=where)
