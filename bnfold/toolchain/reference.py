@@ -223,6 +223,14 @@ def _spatial_pads(auto_pad, sizes, kernel, strides, dilations, pads) -> tuple[li
     return [int(p) for p in pads[:nd]], [int(p) for p in pads[nd:]]
 
 
+def _in_parts(work: Callable[[int, int], None], length: int, most: int, size: int) -> None:
+    """work(lo, hi) over `length` rows cut into equal parts, at most `most` of them and one per
+    usable core, run over the cores (`size`: the values of work in all, as for _over_cores)."""
+    parts = max(1, min(len(os.sched_getaffinity(0)), most))
+    bounds = np.linspace(0, length, parts + 1).astype(int)
+    _over_cores(lambda i: work(bounds[i], bounds[i + 1]), parts, size)
+
+
 def _window(offsets, strides, dilations, out_sizes) -> tuple[slice, ...]:
     """The spatial slices that kernel tap `offsets` multiplies, one entry per output."""
     return tuple(
@@ -529,14 +537,7 @@ def _elementwise(x: np.ndarray, passes: Callable[[np.ndarray, np.ndarray], None]
     xf = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
     y = np.empty(x.shape, dtype=np.float64)
     yf = y.reshape(-1)
-    parts = max(1, min(len(os.sched_getaffinity(0)), yf.size // 2**16))
-    bounds = np.linspace(0, yf.size, parts + 1).astype(int)
-
-    def part(i: int) -> None:
-        lo, hi = bounds[i], bounds[i + 1]
-        passes(xf[lo:hi], yf[lo:hi])
-
-    _over_cores(part, parts, yf.size)
+    _in_parts(lambda lo, hi: passes(xf[lo:hi], yf[lo:hi]), yf.size, yf.size // 2**16, yf.size)
     return y
 
 
@@ -595,13 +596,11 @@ class FastMatMul(_RefMatMul):
         if a.ndim > 2 and b.ndim == 2 and a.dtype == b.dtype == np.float64:
             rows = a.reshape(-1, a.shape[-1])
             y = np.empty((len(rows), b.shape[1]))
-            parts = min(len(os.sched_getaffinity(0)), len(rows))
-            bounds = np.linspace(0, len(rows), parts + 1).astype(int)
 
-            def part(i: int) -> None:  # the rows split over the cores, as Conv splits images
-                np.matmul(rows[bounds[i] : bounds[i + 1]], b, out=y[bounds[i] : bounds[i + 1]])
+            def part(lo: int, hi: int) -> None:  # the rows split over the cores, as Conv's images
+                np.matmul(rows[lo:hi], b, out=y[lo:hi])
 
-            _over_cores(part, parts, y.size * rows.shape[1])
+            _in_parts(part, len(rows), len(rows), y.size * rows.shape[1])
             return (y.reshape(*a.shape[:-1], b.shape[1]),)
         return super()._run(a, b)
 
