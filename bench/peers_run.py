@@ -327,11 +327,12 @@ def peer_env(name: str) -> dict:
 
 def start(name: str, bundle: Bundle, logs: Path, bnfold_env: dict) -> Running:
     http, grpc_port = servers.free_port(), servers.free_port()
-    ready = f"/v2/models/{bundle.name}/ready"  # /v2/health/ready can precede the model
+    ready = f"/v2/models/{bundle.name}/ready"  # the peers' /v2/health/ready precedes the model
     if name == "bnfold":
+        # bnfold's /v2/health/ready: every bundle loaded, every worker up, the gRPC port open
+        # (a model's readiness comes from whichever worker answers, maybe before the others)
         settings = {**bnfold_env, "BNFOLD_GRPC_PORT": str(grpc_port)}
         server = servers.bnfold_server(served_folder(bundle, logs), logs, settings)
-        server.ready_path = ready
         return Running(name, server, grpc_port)
     python, model = str(peer_python(name)), str(bundle.path.resolve())
     env = peer_env(name)

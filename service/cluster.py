@@ -102,6 +102,7 @@ class Member:
 
     cluster: Cluster
     index: int
+    opening: str | None = None  # a listener this worker has still to open: not ready meanwhile
 
     def join(self) -> int:
         """At start, before loading: the operations already in the log (the state they
@@ -111,7 +112,7 @@ class Member:
         return self.cluster.seq.value
 
     def set_ready(self, ready: bool) -> None:
-        self.cluster.ready[self.index] = 1 if ready else 0
+        self.cluster.ready[self.index] = 1 if ready and self.opening is None else 0
 
     def others_not_ready(self) -> str | None:
         """None when every other worker is ready; else which are not."""

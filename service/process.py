@@ -36,6 +36,9 @@ class Core:
     admin: AdminGuard
     calls: CallLog
     peers: Member | None = None  # the other worker processes (BNFOLD_WORKERS > 1)
+    # A listener the server has still to open (its gRPC port, opened after HTTP's): not ready
+    # until it is, or a client's long-lived connections would all go to the other workers.
+    opening: str | None = None
 
     @classmethod
     def build(
@@ -69,6 +72,8 @@ class Core:
         """None when the server can answer every model; else why not (readiness)."""
         if self.admission.draining:
             return "shutting down: finishing the requests in flight"
+        if self.opening:
+            return f"starting: the {self.opening} port is not open yet"
         own = self.registry.not_ready_reason()
         return own or (self.peers.others_not_ready() if self.peers else None)
 

@@ -54,7 +54,10 @@ class DrainingServer(uvicorn.Server):
         self.cut_off = 0
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        """uvicorn's start-up (lifespan: bundles loaded; HTTP listener), then gRPC's."""
+        """uvicorn's start-up (lifespan: bundles loaded; HTTP listener), then gRPC's; not
+        ready until both listen."""
+        if self.core.settings.grpc_port:
+            self.opening("gRPC")
         await super().startup(sockets)
         if not self.started or not self.core.settings.grpc_port:
             return
@@ -67,6 +70,12 @@ class DrainingServer(uvicorn.Server):
             port = self.core.settings.grpc_port
             log.error("gRPC port %s cannot be bound (%s): set BNFOLD_GRPC_PORT", port, exc)
             self.grpc, self.startup_failed, self.should_exit = None, True, True
+            return
+        self.opening(None)
+
+    def opening(self, listener: str | None) -> None:
+        """The listener not open yet (None: every one is): readiness says so meanwhile."""
+        self.core.opening = listener
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # Runs in the signal handler: only set flags. The signal is not recorded in

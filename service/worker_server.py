@@ -21,11 +21,18 @@ from service.shared_registry import SharedRegistry
 
 
 class WorkerServer(DrainingServer):
-    """A `DrainingServer` whose cluster slot turns not ready when its drain begins."""
+    """A `DrainingServer` whose cluster slot reads not ready until its gRPC port is open and
+    from the moment its drain begins."""
 
     def __init__(self, config: uvicorn.Config, core: Core, member: Member) -> None:
         super().__init__(config, core)
         self.member = member
+
+    def opening(self, listener: str | None) -> None:
+        super().opening(listener)
+        self.member.opening = listener  # the other workers see this one not ready meanwhile
+        if listener is not None:
+            self.member.set_ready(False)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.member.set_ready(False)

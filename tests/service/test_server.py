@@ -6,9 +6,12 @@ from __future__ import annotations
 import asyncio
 import signal
 import socket
+import sys
+from types import SimpleNamespace
 
 import uvicorn
 
+from service.cluster import Cluster, Member
 from service.server import DrainingServer
 from service.shutdown import adopt_backlog, serve_adopted
 
@@ -76,3 +79,43 @@ def test_connections_waiting_in_the_backlog_are_adopted_with_what_they_sent():
     listener.close()
     for c in clients:
         c.close()
+
+
+def test_not_ready_until_the_grpc_port_is_open(serve, models_dir, monkeypatch):
+    """The gRPC port opens after HTTP's: a readiness probe answered 200 in between would let
+    gRPC clients connect to a closed port, or, with several workers, put every one of their
+    long-lived connections on the workers already listening. (The gRPC server is a stand-in
+    here: tritonclient's protobuf symbols, loaded in this process by other tests, clash with
+    the server's own; the real listener is tests/e2e/test_grpc.py's.)"""
+    client = serve(models_dir)
+    core = client.app.state.core
+    seen = []
+
+    class GrpcServer:
+        def __init__(self, core, settings) -> None:
+            pass
+
+        async def start(self) -> None:
+            seen.append(core.not_ready_reason())
+
+    async def http_started(self, sockets=None):  # uvicorn's own start-up, done by the client
+        self.started = True
+
+    monkeypatch.setattr(uvicorn.Server, "startup", http_started)
+    monkeypatch.setitem(sys.modules, "service.grpc.server", SimpleNamespace(GrpcServer=GrpcServer))
+    assert core.not_ready_reason() is None
+    asyncio.run(draining_server(client).startup())
+    assert seen == ["starting: the gRPC port is not open yet"]
+    assert core.not_ready_reason() is None
+    assert client.get("/v2/health/ready").status_code == 200
+
+
+def test_a_worker_whose_grpc_port_is_not_open_reads_not_ready_to_the_others(tmp_path):
+    cluster = Cluster(2, tmp_path / "state")
+    starting, other = Member(cluster, 0), Member(cluster, 1)
+    starting.opening = "gRPC"
+    starting.set_ready(True)  # its bundles are loaded
+    assert other.others_not_ready() is not None
+    starting.opening = None
+    starting.set_ready(True)
+    assert other.others_not_ready() is None
