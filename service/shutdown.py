@@ -29,10 +29,11 @@ from typing import Any
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.v2codec import plain_length
+
 log = logging.getLogger(__name__)
 MAX_PIPELINED = 32  # requests of one connection waiting for their turn, past the running one
 FEED_BYTES = 4096  # received bytes are parsed this many at a time, to stop at MAX_PIPELINED
-MAX_DIGITS = 18  # a Content-Length of more digits is left to the parser (int() of any size)
 CONNECTIONS_LOG_EVERY_S = 10.0  # the connection cap's log line, at most this often
 MALFORMED = (
     "malformed HTTP request: the request line or a header could not be parsed; send HTTP/1.1 "
@@ -348,6 +349,5 @@ def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
     """The request's Content-Length when it has exactly one of plain digits, else 0 (chunked,
     absent, or odd: the parser decides, and the body goes in FEED_BYTES pieces)."""
     values = [v for k, v in headers if k == b"content-length"]
-    if len(values) != 1 or not values[0].isdigit() or len(values[0]) > MAX_DIGITS:
-        return 0
-    return int(values[0])
+    length = plain_length(values[0]) if len(values) == 1 else None
+    return length or 0
