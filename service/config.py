@@ -185,9 +185,10 @@ class Settings(BaseSettings):
         ge=0,
         le=1_000_000,
         description="A run whose size (rows) has measured under this many microseconds on the "
-        "model's current sessions is done on the event loop, unbatched, when the model is idle "
-        "and no inference thread is running: the trip to the inference thread and back costs "
-        "about 50 us of CPU, more than such a run. 0: every run goes to the inference thread.",
+        "model's current sessions is done on the event loop, unbatched, when the model is idle, "
+        "no inference thread is running and the worker holds no other request: the trip to the "
+        "inference thread and back costs about 50 us of CPU, more than such a run. 0: every "
+        "run goes to the inference thread.",
     )
     max_queue_size: int = Field(
         128,

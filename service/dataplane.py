@@ -13,6 +13,7 @@ its own rows back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import anyio
@@ -96,6 +97,13 @@ class DataPlane:
 
     async def aclose(self) -> None:
         await self.runner.aclose()
+
+    def count_requests_with(self, count: Callable[[], int]) -> None:
+        """`count()`: the requests this process holds now (the server's HTTP request tasks and
+        gRPC calls). The batcher runs cheap batches on the event loop only when it is 1 or the
+        batch's own requests."""
+        if isinstance(self.runner, BatchingRunner):
+            self.runner.requests_inside = count
 
     async def infer(self, model: LoadedModel, request: InferRequest) -> InferResponse:
         """The requested outputs for the request's tensors: the logits, or their top-k

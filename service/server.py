@@ -52,6 +52,11 @@ class DrainingServer(uvicorn.Server):
         self.grpc: GrpcServer | None = None
         self.startup_failed = False
         self.cut_off = 0
+        core.plane.count_requests_with(self.requests_inside)
+
+    def requests_inside(self) -> int:
+        """HTTP requests whose headers arrived and gRPC calls being answered, now."""
+        return len(self.server_state.tasks) + (self.grpc.servicer.active if self.grpc else 0)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         """uvicorn's start-up (lifespan: bundles loaded; HTTP listener), then gRPC's; not

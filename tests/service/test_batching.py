@@ -271,13 +271,15 @@ def test_a_run_over_the_inline_limit_goes_to_the_lanes_thread(models_dir, digit_
     assert threading.main_thread() not in asyncio.run(main())
 
 
-def _five_queued_behind_a_held_run(models_dir, digit_batch, cheap_rows: int):
+def _five_queued_behind_a_held_run(models_dir, digit_batch, cheap_rows: int, count=None):
     """One request holds the lane's thread (unmeasured, at a closed gate); runs of `cheap_rows`
     rows are then marked cheap and five one-row requests queue behind it; the gate opens.
     (the rows of each run, the thread of each run, each caller's logits)."""
 
     async def main():
         core = await started(models_dir, inline_run_us=1_000_000, max_batch_size=32)
+        if count is not None:
+            core.plane.count_requests_with(count)
         await infer(core, "folded", digit_batch[:1])  # the lane and its measures exist
         gate = Gate(core.registry.models["digits"])
         lane = core.plane.runner.lanes[("digits", "folded")]
@@ -347,6 +349,48 @@ def test_inline_needs_runs_of_that_size_measured_on_these_sessions(models_dir, d
     old, new = asyncio.run(main())
     assert old[0] is not threading.main_thread() and old[1] is threading.main_thread()
     assert new[0] is not threading.main_thread() and new[1] is threading.main_thread()
+
+
+def test_a_cheap_run_goes_to_the_thread_while_the_worker_holds_other_requests(
+    models_dir, digit_batch
+):
+    """Under load the event loop has other requests to read, decode and answer: a cheap run
+    goes to the lane's thread, beside that work, while the server counts a request inside the
+    worker beside the run's own; with none, it runs on the loop again."""
+    inside = [2]  # the server's count: this request and one more
+
+    async def main():
+        core = await started(models_dir, inline_run_us=1_000_000)
+        core.plane.count_requests_with(lambda: inside[0])
+        await infer(core, "folded", digit_batch[:1])  # measured: cheap from now on
+        gate = Gate(core.registry.models["digits"], open_=True)
+        await infer(core, "folded", digit_batch[:1])
+        inside[0] = 1  # only its own
+        await infer(core, "folded", digit_batch[:1])
+        await core.aclose()
+        return gate.threads
+
+    threads = asyncio.run(main())
+    assert threads[0] is not threading.main_thread()
+    assert threads[1] is threading.main_thread()
+
+
+def test_a_queued_batch_runs_on_the_loop_only_when_it_holds_every_request_inside(
+    models_dir, digit_batch
+):
+    """The batch of five queued requests (cheap at five rows) counts as the worker's only
+    requests when the server counts five inside besides the one that held the thread: with a
+    sixth it goes to the lane's thread."""
+    for inside, on_loop in ((5, True), (6, False)):
+
+        def count(inside=inside):
+            return inside
+
+        rows, threads, _ = _five_queued_behind_a_held_run(
+            models_dir, digit_batch, cheap_rows=5, count=count
+        )
+        assert rows == [1, 5]
+        assert (threads[1] is threading.main_thread()) is on_loop
 
 
 def test_no_inline_run_while_another_lanes_thread_runs(models_dir, digit_batch):

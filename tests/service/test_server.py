@@ -119,3 +119,17 @@ def test_a_worker_whose_grpc_port_is_not_open_reads_not_ready_to_the_others(tmp_
     starting.opening = None
     starting.set_ready(True)
     assert other.others_not_ready() is None
+
+
+def test_the_batcher_counts_the_servers_http_requests_and_grpc_calls(serve, models_dir):
+    """What tells the batcher a worker holds other requests (service/batching.py runs cheap
+    batches on the event loop only when it holds none): uvicorn's request tasks, created as
+    each request's headers arrive, and the gRPC calls being answered."""
+    client = serve(models_dir)
+    server = draining_server(client)
+    count = client.app.state.core.plane.runner.requests_inside
+    assert count is not None and count() == 0
+    server.server_state.tasks.update({object(), object()})  # two requests' tasks
+    assert count() == 2
+    server.grpc = SimpleNamespace(servicer=SimpleNamespace(active=3))
+    assert count() == 5
