@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from bnfold.errors import BnfoldError, validation_message
 from service.api import operations, page, repository, v1, v2
 from service.api.access import AccessMiddleware
-from service.api.fastpath import V2InferFastPath
+from service.api.fastpath import FastPath
 from service.api.middleware import BodyLimitMiddleware, InternalErrorMiddleware, error_response
 from service.api.openapi import install_docs, install_openapi
 from service.config import Settings
@@ -78,7 +78,7 @@ def create_app(
     app.include_router(operations.router)
     app.include_router(page.router)
     _add_error_handlers(app)
-    app.add_middleware(V2InferFastPath, routes=v2.router.routes)  # innermost: inside the guards
+    app.add_middleware(FastPath, routes=[*v2.router.routes, *v1.router.routes])  # innermost
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(AccessMiddleware, core=core)  # added last: outermost

@@ -27,14 +27,18 @@ from service.schemas import (
 
 router = APIRouter(prefix="/v1", tags=["bnfold"])
 
+VARIANT = "folded"  # the variant a request gets when it names none
+TOP_K, MAX_TOP_K = 3, 1000  # classes ranked when the request does not say, and at most
 VariantQuery = Query(
-    "folded",
+    VARIANT,
     description="A variant the bundle holds: 'folded' (served), 'unfolded' (BN executed), "
     "'int8' (quantized from folded, when the bundle has it), 'bf16' (folded computed in "
     "bfloat16, on a CPU that computes it natively), or another file it lists "
     "(GET /v1/models/{model}).",
 )
-TopK = Query(3, ge=1, le=1000, description="How many classes to rank (clamped to the classes).")
+TopK = Query(
+    TOP_K, ge=1, le=MAX_TOP_K, description="How many classes to rank (clamped to the classes)."
+)
 
 
 def _summary(model: LoadedModel) -> dict:
@@ -110,6 +114,11 @@ async def predict(
     model: ModelName, request: Request, variant: str = VariantQuery, top_k: int = TopK
 ) -> Response:
     """Classify images; `predictions` come in request order."""
+    return await predict_response(request, model, variant, top_k)
+
+
+async def predict_response(request: Request, model: str, variant: str, top_k: int) -> Response:
+    """The answer to a predict call (the route's and service/api/fastpath.py's)."""
     core = get_core(request)
     async with core.admission.admit(model) as loaded:
         loaded.check_variant(variant)  # before reading the body
