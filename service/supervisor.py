@@ -172,6 +172,9 @@ class Supervisor(Multiprocess):
             if self.should_exit.is_set():
                 return
             if not worker.process.is_alive():
+                self.handle_signals()  # a process group's SIGTERM reaches both: stop, not replace
+                if self.should_exit.is_set():
+                    return
                 self._replace(index, worker, "dead")
                 continue
             starting = not worker.ready

@@ -8,9 +8,14 @@ and its slot reads not ready from the moment it starts draining.
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import socket
+import threading
+from collections.abc import Iterator
 
 import uvicorn
+from uvicorn.server import HANDLED_SIGNALS
 
 from service.cluster import Cluster, Member
 from service.config import Settings
@@ -37,6 +42,23 @@ class WorkerServer(DrainingServer):
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.member.set_ready(False)
         await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """uvicorn's, except that the handlers give way to SIG_IGN, not to the defaults: after
+        its drain a worker only exits, and a late SIGTERM or SIGINT (a process group's signal
+        reaches it directly and again forwarded by the supervisor) would kill it then, exit
+        -15 after a clean drain. The supervisor still kills a worker that does not exit."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, self.handle_exit)
+        try:
+            yield
+        finally:
+            for sig in HANDLED_SIGNALS:
+                signal.signal(sig, signal.SIG_IGN)
 
 
 def build_worker_server(settings: Settings, index: int, cluster: Cluster) -> WorkerServer:

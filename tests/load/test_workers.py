@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import time
 
 import httpx
 import pytest
@@ -159,6 +160,28 @@ def test_sigterm_drains_both_workers_with_requests_in_flight_then_exits_0(start_
     assert code == 0, log
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=5)
+
+
+def test_a_sigterm_that_reaches_a_worker_after_its_drain_does_not_kill_it(start_server):
+    """A process group's SIGTERM (systemd's default KillMode, `kill -- -PGID`) reaches every
+    worker twice: directly, and forwarded by the supervisor. A worker whose drain is over when
+    the second one comes must still exit 0, not die of the signal: here each worker gets a
+    SIGTERM every millisecond until it is gone."""
+    server = json_server(start_server)
+    workers = worker_pids(server)
+    assert len(workers) == 2
+    server.proc.send_signal(signal.SIGTERM)
+    while workers and server.proc.poll() is None:
+        for pid in list(workers):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:  # exited and reaped by the supervisor
+                workers.discard(pid)
+        time.sleep(0.001)
+    code = server.proc.wait(timeout=60)
+    log = server.log.read_text()
+    assert "was killed by" not in log, log
+    assert code == 0, log
 
 
 def test_a_worker_cut_off_by_the_drain_timeout_makes_the_exit_code_1(start_server, digits):
