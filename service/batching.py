@@ -8,16 +8,17 @@ it.
 The policy, per lane:
 - a request that finds the lane idle runs at once, alone: a lone request is never delayed;
   when runs of its size on these sessions measured under `inline_run_s` and no lane's thread
-  is running, it runs right there on the event loop, since a trip to the lane's thread and
-  back would cost more than the run;
+  is running, it runs right there on the event loop: the trip to the lane's thread and back
+  is two thread wake-ups, and on a CPU shared with other work each waits for the scheduler;
 - a batch whose size measured under `inline_run_s` runs on the event loop too (again only
-  while no lane's thread is running): the trip to the thread and back is two thread
-  wake-ups, and on a CPU shared with other work each waits for the scheduler;
+  while no lane's thread is running);
 - either runs on the event loop only while the worker holds no request beside the run's own
   (`requests_inside`, the server's count of HTTP request tasks and gRPC calls): under load
   the loop has other requests to read, decode and answer, and a run in the lane's thread
   goes on beside that work (digits, 64 connections, measured: 1.06x REST and 1.10x gRPC
-  calls per second with every run in the thread; with one connection, 0.65x REST);
+  calls per second with every run in the thread; with one connection, 0.65x REST). With no
+  other request inside, nothing waits for the loop but what arrives during the run, which
+  `inline_run_s` bounds (a health probe waits at most that long);
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
 - a run in the lane's thread that measured `WIDE_RUN_S` or more, on a model with a wide
@@ -154,7 +155,7 @@ class BatchingRunner:
             raise ServiceUnavailable("the server is shutting down")
         lane = self._lane(model.name, variant)
         if self._loop_free(1) and lane.runs_inline(model, len(x), self.inline_run_s):
-            logits, seconds = _timed_run(model, variant, x)
+            logits, seconds = self._run_on_loop(lane, model, x)
             lane.metrics.queue_wait.observe(0.0)
             self._record(lane, model, 1, len(x), seconds)
             return logits
@@ -285,7 +286,7 @@ class BatchingRunner:
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
         if self._loop_free(len(batch)) and lane.cheap(model, len(x), self.inline_run_s):
-            logits, seconds = _timed_run(model, lane.variant, x)  # shorter than the hop
+            logits, seconds = self._run_on_loop(lane, model, x)
         else:
             wide = lane.worth_wide(model, len(x)) and self._machine_quiet()
             lane.running = True
@@ -297,6 +298,14 @@ class BatchingRunner:
                 lane.running = False
         self._record(lane, model, len(batch), len(x), seconds)
         return logits  # (B, classes)
+
+    def _run_on_loop(
+        self, lane: _Lane, model: LoadedModel, x: np.ndarray
+    ) -> tuple[np.ndarray, float]:
+        """The run, here on the event loop (the caller checked `_loop_free`): on the wide
+        session when the lane's thread would have used it."""
+        wide = lane.worth_wide(model, len(x)) and self._machine_quiet()
+        return _timed_run(model, lane.variant, x, wide)
 
     def _record(
         self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float

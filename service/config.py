@@ -181,14 +181,16 @@ class Settings(BaseSettings):
         "requests to fill its batch. A request that finds the model idle runs at once.",
     )
     inline_run_us: float = Field(
-        100.0,
+        10_000.0,
         ge=0,
         le=1_000_000,
         description="A run whose size (rows) has measured under this many microseconds on the "
         "model's current sessions is done on the event loop, unbatched, when the model is idle, "
-        "no inference thread is running and the worker holds no other request: the trip to the "
-        "inference thread and back costs about 50 us of CPU, more than such a run. 0: every "
-        "run goes to the inference thread.",
+        "no inference thread is running and the worker holds no other request: nothing else "
+        "waits for the loop then, and the trip to the inference thread and back (two thread "
+        "wake-ups) would only delay the answer. The limit bounds how long a request arriving "
+        "during the run (a health probe) waits for the loop. 0: every run goes to the "
+        "inference thread.",
     )
     max_queue_size: int = Field(
         128,

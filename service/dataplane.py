@@ -101,7 +101,8 @@ class DataPlane:
     def count_requests_with(self, count: Callable[[], int]) -> None:
         """`count()`: the requests this process holds now (the server's HTTP request tasks and
         gRPC calls). The batcher runs cheap batches on the event loop only when it is 1 or the
-        batch's own requests."""
+        batch's own requests; the CPU threads decode a lone request's input there."""
+        self.threads.requests_inside = count
         if isinstance(self.runner, BatchingRunner):
             self.runner.requests_inside = count
 

@@ -7,7 +7,10 @@ image takes; so a thread that finishes a job takes the next queued one itself, a
 the event loop only appends to a queue. A lone request still starts at once on an idle thread.
 
 For the same reason small jobs are not handed over at all: `offload(..., nbytes=n)` runs fn on
-the event loop itself when the input it works through is at most INLINE_BYTES.
+the event loop itself when the input it works through is at most INLINE_BYTES, or at most
+LONE_BYTES while the worker holds no other request (`requests_inside`, the server's count):
+nothing else then waits for the loop, and the two hand-offs are pure delay for the one
+request. Parsing JSON holds the GIL either way.
 
 One pool per process, built with the process's other parts (service/process.py) and sized from
 the cores the process may use (service/cpus.py), never from the host's core count.
@@ -30,6 +33,10 @@ MAX_THREADS = 4  # decoding threads beyond this gained nothing next to the infer
 # Parsing this many bytes (a multipart form, a V2 JSON body) takes the loop about as long as the
 # hand-off to a thread and back (about 50 µs of CPU), well under a millisecond.
 INLINE_BYTES = 16 * 1024
+# A lone request's input up to this size is worked through on the loop: a V2 JSON body of 4 MiB
+# parses in about 12 ms, the longest a health probe arriving meanwhile then waits. The heavy
+# benchmark model's 1 MB JSON request at one connection, 6 paired rounds: 1.11x calls/s.
+LONE_BYTES = 4 * 2**20
 
 
 def thread_count(cores: int) -> int:
@@ -46,11 +53,17 @@ class CpuThreads:
         self._jobs: deque[tuple] = deque()
         self._lock = threading.Lock()
         self._active = 0  # threads draining the queue now
+        # The requests this worker holds now, set by the server (service/server.py); None (an
+        # app without the server, in tests): not known, only INLINE_BYTES counts.
+        self.requests_inside: Callable[[], int] | None = None
 
     async def offload(self, fn: Callable[..., T], *args: Any, nbytes: int | None = None) -> T:
         """fn(*args) in a thread; its exceptions propagate. With `nbytes`, the size of the
-        input fn works through, at most INLINE_BYTES: fn runs here, on the event loop."""
-        if nbytes is not None and nbytes <= INLINE_BYTES:
+        input fn works through, at most INLINE_BYTES (or LONE_BYTES while the worker holds no
+        other request): fn runs here, on the event loop."""
+        if nbytes is not None and (
+            nbytes <= INLINE_BYTES or (nbytes <= LONE_BYTES and self._alone())
+        ):
             return fn(*args)
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
@@ -66,6 +79,10 @@ class CpuThreads:
                 self._executor = ThreadPoolExecutor(self.count, thread_name_prefix="bnfold-cpu")
             self._executor.submit(self._drain)
         return await future
+
+    def _alone(self) -> bool:
+        count = self.requests_inside
+        return count is not None and count() <= 1
 
     def close(self) -> None:
         """The threads end once the queued jobs are done (a later job starts new ones)."""

@@ -48,11 +48,14 @@ async def read_uploads(
     """The request's images, in order: the parts of a multipart form, or the raw body.
 
     A small body in the plain form every client sends is split here on the event loop (a few
-    `bytes` searches); any other is parsed by python-multipart in a CPU thread.
+    `bytes` searches); any other is parsed by python-multipart (in a CPU thread unless the
+    request is alone in the worker, CpuThreads.offload).
     """
     body = await read_images(request, max_images, also)
     plain = body.plain_uploads() if body.nbytes <= INLINE_BYTES else None
-    return plain if plain is not None else await threads.offload(body.uploads)
+    if plain is not None:
+        return plain
+    return await threads.offload(body.uploads, nbytes=body.nbytes)
 
 
 async def read_images(request: Request, max_images: int, also: str = "") -> ImageBody:

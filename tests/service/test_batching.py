@@ -417,14 +417,18 @@ def test_no_inline_run_while_another_lanes_thread_runs(models_dir, digit_batch):
     assert len(threads) == 2 and threading.main_thread() not in threads
 
 
-def test_a_heavy_run_on_a_quiet_machine_takes_the_wide_session(models_dir, digit_batch):
+@pytest.mark.parametrize("on_loop", [False, True])
+def test_a_heavy_run_on_a_quiet_machine_takes_the_wide_session(models_dir, digit_batch, on_loop):
     """A run measured at WIDE_RUN_S or more goes to the variant's wide session (more intra-op
     threads) when the rest of the machine has been quiet lately; to the worker's own share when
-    it has not, or is not known yet, or when runs of that size are cheaper. Same logits."""
+    it has not, or is not known yet, or when runs of that size are cheaper. Same logits. The
+    same choice when the run is done on the event loop (a lone request, under inline_run_us)."""
     from service.batching import QUIET_CORES, WIDE_RUN_S
 
     async def main():
-        core = await started(models_dir, threads=1, idle_threads=2)
+        inline = {"inline_run_us": 1_000_000} if on_loop else {}
+        core = await started(models_dir, threads=1, idle_threads=2, **inline)
+        core.plane.count_requests_with(lambda: 1)  # the run's own request only
         model = core.registry.models["digits"]
         runner = core.plane.runner
         x = digit_batch[:1]
@@ -438,10 +442,11 @@ def test_a_heavy_run_on_a_quiet_machine_takes_the_wide_session(models_dir, digit
             lane.run_seconds[1] = seconds
             got.append(await infer(core, "folded", x))
         await core.aclose()
-        return set(model.wide_sessions), gate.wide, first, got
+        return set(model.wide_sessions), gate.wide, gate.threads, first, got
 
-    wide_variants, wide, first, got = asyncio.run(main())
+    wide_variants, wide, threads, first, got = asyncio.run(main())
     assert wide_variants == {"folded", "int8"}
     assert wide == [True, False, False, False, True]
+    assert all((t is threading.main_thread()) is on_loop for t in threads)
     for logits in got:
         np.testing.assert_allclose(logits, first, rtol=0, atol=TOL)
