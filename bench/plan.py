@@ -36,7 +36,9 @@ class Plan:
     # Beside Triton, KServe and MLServer on digits, REST and gRPC (bench/peers_run.py)
     peers: tuple[str, ...] = ("triton", "kserve-1", "kserve-2", "mlserver-0", "mlserver-2")
     peer_seconds: int = 3
-    peer_rounds: int = 2
+    # Three rounds, so a ratio's median is a middle round, not the mean of two: one round on a
+    # shared host can come out 0.7x or 1.3x the next.
+    peer_rounds: int = 3
 
     def to_dict(self) -> dict:
         return asdict(self)

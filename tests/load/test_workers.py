@@ -30,7 +30,8 @@ TOKEN = "workers-test-admin-token-0123456789"
 def access_pids(log_text: str) -> dict[str, int]:
     """request id -> pid of the worker that answered it, from the JSON access lines."""
     out = {}
-    for line in log_text.splitlines():
+    whole = log_text[: log_text.rfind("\n") + 1]  # a worker may be writing the last line now
+    for line in whole.splitlines():
         if line.startswith("{"):
             entry = json.loads(line)
             if entry["logger"] == "service.access":
