@@ -4,7 +4,7 @@ through `bnfold import` (its default 64 generated inputs) and `bnfold verify`, t
 Per family, each step in its own child process, so that peak memory does not mix: the export
 (the framework's own, not timed against a goal), the import (wall time split by stage: load,
 fold, float64 reference, measure, write; onnxruntime's float32 run of the unfolded graph on the
-same inputs beside the reference's time; peak RSS from getrusage) and the verify (wall, peak
+same inputs beside the reference's time; peak RSS from /proc's VmHWM) and the verify (wall, peak
 RSS). Writes bench/results/families.md and families.json with the command and the machine.
 
     python -m bench.families_run [--only torch|keras] [--families resnet50,googlenet,...]
@@ -14,6 +14,7 @@ RSS). Writes bench/results/families.md and families.json with the command and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -39,6 +40,13 @@ def log(message: str) -> None:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak RSS: /proc's VmHWM, of its own address space. Not getrusage's
+    ru_maxrss, which on Linux keeps the parent's peak across fork and exec: run from make bench
+    (a 2.4 GB parent) every family read at least 2.4 GB."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
