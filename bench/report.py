@@ -23,7 +23,8 @@ How fast bnfold serves, measured against its own limits and against the servers 
 pick instead. Every figure comes from one run of `make bench` on one machine; bnfold's figures
 are also given as ratios to neighbours measured in the same run (A B A B, median over rounds),
 because these machines are shared and noisy and absolute numbers drift from run to run.
-Rerun it with `make bench` (about 10 minutes; `python -m bench.run --quick` takes seconds).
+Rerun it with `make bench` (about 50 minutes on 2 cores, the model families and the peer
+servers included; `python -m bench.run --quick` takes minutes).
 """
 
 
