@@ -17,7 +17,11 @@ def git_commit() -> str:
         proc = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True)
         return proc.stdout.strip()
 
-    dirty = " + uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else ""
+    # The bench's own outputs do not count: a section measured after another wrote its results
+    # would otherwise report the run's commit as changed.
+    ours = (":(exclude)bench/results", ":(exclude)docs/performance.md")
+    changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", *ours)
+    dirty = " + uncommitted changes" if changed else ""
     return (git("rev-parse", "--short", "HEAD") or "unknown") + dirty
 
 
