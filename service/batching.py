@@ -288,7 +288,7 @@ class BatchingRunner:
         if self._loop_free(len(batch)) and lane.cheap(model, len(x), self.inline_run_s):
             logits, seconds = self._run_on_loop(lane, model, x)
         else:
-            wide = lane.worth_wide(model, len(x)) and self._machine_quiet()
+            wide = self._goes_wide(lane, model, len(x))
             lane.running = True
             try:
                 logits, seconds = await lane.loop.run_in_executor(
@@ -304,8 +304,11 @@ class BatchingRunner:
     ) -> tuple[np.ndarray, float]:
         """The run, here on the event loop (the caller checked `_loop_free`): on the wide
         session when the lane's thread would have used it."""
-        wide = lane.worth_wide(model, len(x)) and self._machine_quiet()
-        return _timed_run(model, lane.variant, x, wide)
+        return _timed_run(model, lane.variant, x, self._goes_wide(lane, model, len(x)))
+
+    def _goes_wide(self, lane: _Lane, model: LoadedModel, rows: int) -> bool:
+        """A run of `rows` rows takes the wide session: worth it, and the machine is quiet."""
+        return lane.worth_wide(model, rows) and self._machine_quiet()
 
     def _record(
         self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float

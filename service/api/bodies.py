@@ -48,8 +48,8 @@ async def read_uploads(
     """The request's images, in order: the parts of a multipart form, or the raw body.
 
     A small body in the plain form every client sends is split here on the event loop (a few
-    `bytes` searches); any other is parsed by python-multipart (in a CPU thread unless the
-    request is alone in the worker, CpuThreads.offload).
+    `bytes` searches); any other is parsed by python-multipart, in a CPU thread unless it is
+    small or the request is alone in the worker (CpuThreads.offload, by the body's size).
     """
     body = await read_images(request, max_images, also)
     plain = body.plain_uploads() if body.nbytes <= INLINE_BYTES else None

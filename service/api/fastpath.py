@@ -116,9 +116,10 @@ def _predict_query(raw: bytes) -> tuple[str, int] | None:
         if key not in ("variant", "top_k") or key in given:
             return None
         given[key] = value
-    top_k = given.get("top_k", str(v1.TOP_K))
-    if not (top_k.isascii() and top_k.isdigit() and len(top_k) <= len(str(v1.MAX_TOP_K))):
+    text = given.get("top_k", str(v1.TOP_K))
+    if not (text.isascii() and text.isdigit() and len(text) <= len(str(v1.MAX_TOP_K))):
         return None
-    if not 1 <= int(top_k) <= v1.MAX_TOP_K:
+    top_k = int(text)
+    if not 1 <= top_k <= v1.MAX_TOP_K:
         return None
-    return given.get("variant", v1.VARIANT), int(top_k)
+    return given.get("variant", v1.VARIANT), top_k

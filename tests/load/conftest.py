@@ -88,6 +88,12 @@ def png_request(digits, indices: list[int]) -> dict:
     return {"files": [("files", (f"{i}.png", digits[i].png, "image/png")) for i in indices]}
 
 
+def whole_lines(log_text: str) -> list[str]:
+    """The lines of a running server's log written whole so far: a process may be writing
+    the last one now."""
+    return log_text[: log_text.rfind("\n") + 1].splitlines()
+
+
 def wait_for(condition: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition():

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.load.conftest import PREDICT, png_request, wait_for
+from tests.load.conftest import PREDICT, png_request, wait_for, whole_lines
 
 pytestmark = pytest.mark.e2e
 INFER = "/v2/models/digits/infer"
@@ -75,8 +75,7 @@ def v2_body(x: np.ndarray) -> dict:
 
 def logged_refusals(log_text: str) -> int:
     """503s in the JSON access lines written whole so far."""
-    whole = log_text[: log_text.rfind("\n") + 1]
-    lines = [json.loads(line) for line in whole.splitlines()]
+    lines = [json.loads(line) for line in whole_lines(log_text)]
     return sum(a["logger"] == "service.access" and a["status"] == 503 for a in lines)
 
 

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from tests.load.conftest import PREDICT, wait_for
+from tests.load.conftest import PREDICT, wait_for, whole_lines
 from tests.load.test_shutdown import connected, predict_request, queue_depth, read_response
 
 pytestmark = pytest.mark.e2e
@@ -30,8 +30,7 @@ TOKEN = "workers-test-admin-token-0123456789"
 def access_pids(log_text: str) -> dict[str, int]:
     """request id -> pid of the worker that answered it, from the JSON access lines."""
     out = {}
-    whole = log_text[: log_text.rfind("\n") + 1]  # a worker may be writing the last line now
-    for line in whole.splitlines():
+    for line in whole_lines(log_text):
         if line.startswith("{"):
             entry = json.loads(line)
             if entry["logger"] == "service.access":
