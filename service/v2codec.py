@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from bnfold.errors import BadInput, validation_message
+from service import json_tensors
 from service.errors import shown
 from service.request import (
     InferRequest,
@@ -66,6 +67,10 @@ def parse_request(body: bytes, header_length: int | None = None) -> DecodedReque
             f"{HEADER_LENGTH} is {header_length}; it must be the byte length of the JSON "
             f"header, between 1 and the body length {len(body)}"
         )
+    if header_length == len(body) and len(body) >= json_tensors.READ_FROM:
+        request = json_tensors.read(body)  # the numbers straight to arrays; None: not here
+        if request is not None:
+            return DecodedRequest(request, _split_binary(request, b""))
     request = _validate_header(body[:header_length])
     return DecodedRequest(request, _split_binary(request, body[header_length:]))
 
