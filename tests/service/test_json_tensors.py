@@ -196,3 +196,54 @@ def test_reading_needs_no_python_float_per_element():
     data = request.inputs[0].data
     assert isinstance(data, np.ndarray) and data.dtype == np.float64 and data.shape == (4096,)
     assert math.isclose(float(data.sum()), 2048.0)
+
+
+SCALARS = st.one_of(
+    st.none(), st.booleans(), st.integers(-(2**70), 2**70), FINITE, st.text(max_size=6)
+)
+JSON_VALUES = st.recursive(
+    SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=6), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+DATA = st.one_of(
+    st.lists(FINITE, min_size=0, max_size=9),
+    st.lists(st.one_of(FINITE, st.integers(-(2**64), 2**64)), max_size=9),
+    st.lists(st.lists(FINITE, max_size=4), max_size=3),
+    JSON_VALUES,
+)
+TENSOR = st.fixed_dictionaries(
+    {"name": st.sampled_from(["input", "x", "in[put", 7]),
+     "shape": st.one_of(st.just([1, 4]), st.just([2, 2]), st.lists(st.integers(-1, 5), max_size=3)),
+     "datatype": st.sampled_from(["FP32", "FP16", "INT8", None]),
+     "data": DATA},
+    optional={"parameters": st.dictionaries(st.sampled_from(["binary_data_size", "a", "["]),
+                                             SCALARS, max_size=2)},
+)  # fmt: skip
+NUMBER = st.one_of(FINITE, st.integers(-(2**60), 2**60))
+GOOD_TENSOR = st.fixed_dictionaries(  # one the model takes, most of the time
+    {"name": st.just("input"), "shape": st.sampled_from([[1, 4], [2, 4], [4]]),
+     "datatype": st.just("FP32"), "data": st.lists(NUMBER, min_size=4, max_size=8)},
+    optional={"parameters": st.dictionaries(st.sampled_from(["a", "b"]), SCALARS, max_size=2)},
+)  # fmt: skip
+REQUEST = st.fixed_dictionaries(
+    {"inputs": st.one_of(st.lists(GOOD_TENSOR, min_size=1, max_size=1),
+                         st.lists(TENSOR, min_size=1, max_size=2), JSON_VALUES)},
+    optional={"id": st.one_of(st.text(max_size=5), SCALARS),
+              "parameters": st.dictionaries(st.sampled_from(["variant", "binary_data_output",
+                                                             "x"]), SCALARS, max_size=2),
+              "outputs": st.lists(st.fixed_dictionaries({"name": st.sampled_from(["logits", "p"])}),
+                                  max_size=2),
+              "extra": JSON_VALUES},
+)  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(REQUEST)
+def test_any_request_gets_the_same_answer_from_both_paths(request):
+    """Requests of every shape (right and wrong types, nested or odd data, big integers,
+    brackets in names, extra keys): the same input bits or the same refusal."""
+    body = json.dumps(request).encode()
+    assert outcome(body, True) == outcome(body, False)
