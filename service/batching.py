@@ -21,10 +21,11 @@ The policy, per lane:
   `inline_run_s` bounds (a health probe waits at most that long);
 - requests that arrive while a batch runs queue up; when the run ends they go together, up to
   `max_batch_size` rows, after waiting for companions at most `max_delay_s` from their arrival;
-- a run in the lane's thread that measured `WIDE_RUN_S` or more, on a model with a wide
-  session for the variant (service.registry), runs there when the rest of the machine has been
-  quiet lately (service.cpus.OthersLoad) and no other lane runs: a lone heavy request on an
-  idle server takes every core, while under load each worker keeps to its share;
+- a run that measured `WIDE_RUN_S` or more, on a model with a wide session for the variant
+  (service.registry), runs there (in the lane's thread or on the loop) when the rest of the
+  machine has been quiet lately (service.cpus.OthersLoad) and no other lane runs: a lone heavy
+  request on an idle server takes every core, while under load each worker keeps to its
+  share; `bnfold_wide_runs_total` counts those runs;
 - a request is never split: one with more rows than `max_batch_size` runs alone;
 - rows are concatenated in queue order and each caller gets exactly its own slice back;
 - a caller that gives up (timeout) while queued is dropped before its batch is formed.
@@ -67,7 +68,7 @@ class _Request:
 
 
 class _LaneMetrics:
-    """The lane's metric children, looked up once: every run records five of them."""
+    """The lane's metric children, looked up once: every run records five or six of them."""
 
     def __init__(self, metrics: Metrics, name: str, variant: str) -> None:
         self.queue_wait = metrics.queue_wait.labels(name, variant)
@@ -75,6 +76,7 @@ class _LaneMetrics:
         self.inference_seconds = metrics.inference_seconds.labels(name, variant)
         self.images = metrics.images.labels(name, variant)
         self.inferences = metrics.inferences.labels(name, variant)
+        self.wide_runs = metrics.wide_runs.labels(name, variant)
 
 
 @dataclass(eq=False)
@@ -155,9 +157,10 @@ class BatchingRunner:
             raise ServiceUnavailable("the server is shutting down")
         lane = self._lane(model.name, variant)
         if self._loop_free(1) and lane.runs_inline(model, len(x), self.inline_run_s):
-            logits, seconds = self._run_on_loop(lane, model, x)
+            wide = self._goes_wide(lane, model, len(x))
+            logits, seconds = _timed_run(model, lane.variant, x, wide)
             lane.metrics.queue_wait.observe(0.0)
-            self._record(lane, model, 1, len(x), seconds)
+            self._record(lane, model, 1, len(x), seconds, wide)
             return logits
         request = _Request(model, x, lane.loop.create_future())
         lane.waiting.append(request)
@@ -285,10 +288,10 @@ class BatchingRunner:
             queue_wait.observe(wait)
         x = batch[0].x if len(batch) == 1 else np.concatenate([r.x for r in batch])  # (B, C, H, W)
         model = batch[0].model
+        wide = self._goes_wide(lane, model, len(x))
         if self._loop_free(len(batch)) and lane.cheap(model, len(x), self.inline_run_s):
-            logits, seconds = self._run_on_loop(lane, model, x)
+            logits, seconds = _timed_run(model, lane.variant, x, wide)  # here, on the loop
         else:
-            wide = self._goes_wide(lane, model, len(x))
             lane.running = True
             try:
                 logits, seconds = await lane.loop.run_in_executor(
@@ -296,25 +299,20 @@ class BatchingRunner:
                 )
             finally:
                 lane.running = False
-        self._record(lane, model, len(batch), len(x), seconds)
+        self._record(lane, model, len(batch), len(x), seconds, wide)
         return logits  # (B, classes)
-
-    def _run_on_loop(
-        self, lane: _Lane, model: LoadedModel, x: np.ndarray
-    ) -> tuple[np.ndarray, float]:
-        """The run, here on the event loop (the caller checked `_loop_free`): on the wide
-        session when the lane's thread would have used it."""
-        return _timed_run(model, lane.variant, x, self._goes_wide(lane, model, len(x)))
 
     def _goes_wide(self, lane: _Lane, model: LoadedModel, rows: int) -> bool:
         """A run of `rows` rows takes the wide session: worth it, and the machine is quiet."""
         return lane.worth_wide(model, rows) and self._machine_quiet()
 
     def _record(
-        self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float
+        self, lane: _Lane, model: LoadedModel, requests: int, rows: int, seconds: float, wide: bool
     ) -> None:
         lane.measured(model, rows, seconds)
         children = lane.metrics
+        if wide:
+            children.wide_runs.inc()
         children.batch_size.observe(rows)
         children.inference_seconds.observe(seconds)
         children.images.inc(rows)

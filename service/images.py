@@ -16,7 +16,7 @@ from bnfold.equivalence import softmax
 from bnfold.errors import BnfoldError, PayloadTooLarge
 from bnfold.preprocess import OverBudget, PreprocessSpec, decode_image, image_to_tensor
 from service.schemas import Prediction
-from service.threads import INLINE_BYTES, CpuThreads
+from service.threads import INLINE_BYTES, LONE_BYTES, CpuThreads
 
 
 @dataclass
@@ -53,6 +53,9 @@ class Abandoned(Exception):
 # well under a millisecond; larger work goes to a CPU thread, where Pillow's decoders release the
 # GIL. Each image counts its own pixels or the model's input size, whichever is more.
 INLINE_PIXELS = 16_384  # 128 x 128
+# A request alone in its worker (service.threads) has plain PNGs up to this many pixels decoded
+# on the loop too: nothing else waits for it, and the trip to a thread is two thread wake-ups.
+LONE_PIXELS = 262_144  # 512 x 512
 
 
 # PNG chunks that cost nothing to read: anything else (compressed text, ICC profiles, ...) may
@@ -116,13 +119,20 @@ async def preprocess_uploads(
     """The images decoded and preprocessed: (N, C, H, W) float32, in upload order.
 
     Small requests of plain PNGs (INLINE_BYTES, INLINE_PIXELS, plain_png) are done here on the
-    event loop; the rest, or a request found over the pixel budget part way, in one trip to a
-    CPU thread.
+    event loop, and so are larger ones (LONE_BYTES, LONE_PIXELS) of a request alone in the
+    worker; the rest, or a request found over its pixel budget part way, in one trip to a CPU
+    thread.
     """
     nbytes = sum(len(u.data) for u in uploads)
-    if nbytes <= INLINE_BYTES and all(plain_png(u.data) for u in uploads):
+    if nbytes <= INLINE_BYTES:
+        budget = INLINE_PIXELS
+    elif nbytes <= LONE_BYTES and threads.alone():
+        budget = LONE_PIXELS
+    else:
+        budget = 0
+    if budget and all(plain_png(u.data) for u in uploads):
         try:
-            return images_to_batch(uploads, spec, max_pixels, budget=INLINE_PIXELS)
+            return images_to_batch(uploads, spec, max_pixels, budget=budget)
         except OverBudget:
             pass
     abandoned = threading.Event()

@@ -37,6 +37,7 @@ from service.schemas import InferenceRequest
 READ_FROM = 16 * 1024  # bytes: below about 8 KiB pydantic alone is faster (measured)
 EXACT_BELOW = 2.0**53  # every integer under it is exact in float64
 MAX_KEYS = 64  # an object with more (a request has 4 fields, an input 5) goes to pydantic
+MAX_INPUTS = 64  # a request with more inputs (a model here takes one) goes to pydantic
 
 
 def read(body: bytes) -> InferenceRequest | None:
@@ -64,11 +65,14 @@ def _skeleton(document: object) -> tuple[dict | None, dict[int, np.ndarray]]:
     an object with an `inputs` array of objects)."""
     nothing: tuple[None, dict] = (None, {})
     top = _items(document)
-    if top is None or not isinstance(top.get("inputs"), simdjson.Array):
+    if top is None:
+        return nothing
+    tensors = top.get("inputs")
+    if not isinstance(tensors, simdjson.Array) or len(tensors) > MAX_INPUTS:
         return nothing
     skeleton = {key: _plain(value) for key, value in top.items() if key != "inputs"}
     inputs, arrays = [], {}
-    for index, tensor in enumerate(top["inputs"]):
+    for index, tensor in enumerate(tensors):
         fields = _items(tensor)
         if fields is None:
             return nothing

@@ -92,6 +92,14 @@ class Metrics:
             registry=r,
         )
         self.images = Counter("bnfold_images", "Images (tensor rows) inferred.", LANE, registry=r)
+        self.wide_runs = Counter(
+            "bnfold_wide_runs",
+            "Runs on the variant's wide session (every usable core): a run that measured 2 ms "
+            "or more, alone in the worker while the rest of the machine was quiet; the others "
+            "run on the worker's share of the cores.",
+            LANE,
+            registry=r,
+        )
         self.inferences = Counter(
             "bnfold_inferences",
             "Requests inferred, by model and variant (a compare counts one of each).",

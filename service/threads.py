@@ -62,7 +62,7 @@ class CpuThreads:
         input fn works through, at most INLINE_BYTES (or LONE_BYTES while the worker holds no
         other request): fn runs here, on the event loop."""
         if nbytes is not None and (
-            nbytes <= INLINE_BYTES or (nbytes <= LONE_BYTES and self._alone())
+            nbytes <= INLINE_BYTES or (nbytes <= LONE_BYTES and self.alone())
         ):
             return fn(*args)
         loop = asyncio.get_running_loop()
@@ -80,7 +80,9 @@ class CpuThreads:
             self._executor.submit(self._drain)
         return await future
 
-    def _alone(self) -> bool:
+    def alone(self) -> bool:
+        """The server counts no request in this worker but the caller's own (False when the
+        count is not known: an app without the server)."""
         count = self.requests_inside
         return count is not None and count() <= 1
 

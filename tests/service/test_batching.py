@@ -441,12 +441,16 @@ def test_a_heavy_run_on_a_quiet_machine_takes_the_wide_session(models_dir, digit
             runner.others_load.others = lambda v=others: v
             lane.run_seconds[1] = seconds
             got.append(await infer(core, "folded", x))
+        counted = core.metrics.registry.get_sample_value(
+            "bnfold_wide_runs_total", {"model": "digits", "variant": "folded"}
+        )
         await core.aclose()
-        return set(model.wide_sessions), gate.wide, gate.threads, first, got
+        return set(model.wide_sessions), gate.wide, gate.threads, first, got, counted
 
-    wide_variants, wide, threads, first, got = asyncio.run(main())
+    wide_variants, wide, threads, first, got, counted = asyncio.run(main())
     assert wide_variants == {"folded", "int8"}
     assert wide == [True, False, False, False, True]
+    assert counted == 2  # bnfold_wide_runs_total: the runs that took the wide session
     assert all((t is threading.main_thread()) is on_loop for t in threads)
     for logits in got:
         np.testing.assert_allclose(logits, first, rtol=0, atol=TOL)

@@ -8,6 +8,7 @@ part, so the server used to answer that no file had been sent at all.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bnfold.preprocess import PreprocessSpec
 from service import images
+from service.threads import CpuThreads
 
 PREDICT = "/v1/models/digits/predict"
 MULTIPART = {"content-type": "multipart/form-data; boundary=xyz"}
@@ -150,3 +153,43 @@ def test_a_small_png_with_compressed_text_is_decoded_in_a_thread(serve, models_d
         answers.append(r.json()["predictions"])
     assert answers[0] == answers[1]
     assert [in_cpu_thread(t) for t in threads] == [False, True]
+
+
+@pytest.mark.parametrize(
+    ("side", "inside", "tries"),
+    [
+        (128, 1, ["loop"]),  # alone: a plain PNG over INLINE_BYTES is decoded on the loop
+        (128, 2, ["cpu"]),  # another request inside: it needs the loop, the PNG goes to a thread
+        (512, 1, ["loop"]),  # LONE_PIXELS, exactly
+        (513, 1, ["loop", "cpu"]),  # past it, even alone: stopped at its header, then a thread
+    ],
+)
+def test_a_lone_requests_larger_plain_png_is_decoded_on_the_event_loop(side, inside, tries):
+    """What LONE_PIXELS promises: a request alone in its worker has plain PNGs up to that many
+    pixels decoded on the loop (the trip to a thread would be pure delay); the same array."""
+    rng = np.random.default_rng(side)
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(png, "PNG")
+    data = png.getvalue()
+    assert len(data) > images.INLINE_BYTES and images.plain_png(data)
+    spec = PreprocessSpec(color_mode="RGB", height=128, width=128, mean=[0.5] * 3, std=[0.25] * 3)
+    ran_on: list[threading.Thread] = []
+    real_batch = images.images_to_batch
+
+    def batch(*args, **kwargs):
+        ran_on.append(threading.current_thread())
+        return real_batch(*args, **kwargs)
+
+    async def main():
+        threads = CpuThreads(1)
+        threads.requests_inside = lambda: inside
+        try:
+            return await images.preprocess_uploads([images.Upload(data)], spec, 10**8, threads)
+        finally:
+            threads.close()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(images, "images_to_batch", batch)
+        got = asyncio.run(main())
+    assert ["cpu" if in_cpu_thread(t) else "loop" for t in ran_on] == tries
+    assert np.array_equal(got, real_batch([images.Upload(data)], spec, 10**8))

@@ -144,6 +144,8 @@ def test_anything_else_is_left_to_pydantic_and_answered_as_before(body):
         body_of([1, 2, 3, 4], id="42", parameters={"variant": "unfolded", "x": [1, [2]]},
                 outputs=[{"name": "logits", "parameters": {"classification": 2}}]),
         body_of([1, 2, 3, 4], id=7),  # refused by the same validation, with the same message
+        body_of([1, 2, 3, 4])[:-1] + b', "parameters": {"variant": "unfolded", "variant": "x"}}',
+        body_of([1, 2, 3, 4])[:-1] + b', "parameters": {"variant": "x", "variant": "unfolded"}}',
         body_of([1, 2, 3], (1, 4)),
         body_of([1, 2, 3, 4, 5, 6, 7, 8], (2, 4)),
         body_of([1, 2, 3, 4], (1, 2, 2)),
@@ -181,12 +183,17 @@ def test_a_large_request_is_read_by_simdjson_and_gives_the_same_input():
     assert fast[3] == x.view(np.uint32).tobytes()  # float32 -> shortest repr -> float32: exact
 
 
-def test_a_request_with_many_keys_is_left_to_pydantic():
-    """Each key lookup in simdjson's object walks it: an object with more keys than a request
-    uses goes to pydantic, so a hostile one costs what it did before."""
+def test_a_request_with_many_keys_or_inputs_is_left_to_pydantic():
+    """Each key lookup in simdjson's object walks it, and each input is read through its
+    objects: a request with more keys or inputs than a request for these models uses goes to
+    pydantic, so a hostile one costs what it did before."""
     many = {f"k{i}": i for i in range(json_tensors.MAX_KEYS + 1)}
     assert json_tensors.read(body_of([1, 2, 3, 4], **many)) is None
     assert json_tensors.read(body_of([1, 2, 3, 4], **dict(list(many.items())[:10]))) is not None
+    tensor = json.loads(body_of([1, 2, 3, 4]))["inputs"][0]
+    for count, read in ((json_tensors.MAX_INPUTS, True), (json_tensors.MAX_INPUTS + 1, False)):
+        body = json.dumps({"inputs": [tensor] * count}).encode()
+        assert (json_tensors.read(body) is not None) is read
 
 
 def test_reading_needs_no_python_float_per_element():
