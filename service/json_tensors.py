@@ -8,14 +8,20 @@ server's CPU for the request; simdjson reads the numbers into one buffer in abou
 datatypes, parameters, outputs) is validated by the same `InferenceRequest` from the same JSON
 text with each `data` array emptied, and the arrays are put in after.
 
+`data` may be flat or nested as the data plane accepts it (service/tensors.py: the shape's
+leading dimensions, the rest flattened in the innermost lists); simdjson's buffer flattens any
+nesting, so the nesting is checked here: every list's length along the way, and the body's `[`
+counted against the lists read, so that no list hides where a number should be (a count that
+holds only when no string in the request has a `[`).
+
 `read` answers only where both readers agree; it returns None for a body it leaves to the
 pydantic path (service/v2codec.py), whose answer (the values, or the error message) is then the
 one the client gets, exactly as before:
 - a body simdjson refuses (malformed JSON, a lone surrogate, a number beyond float64's range,
   an integer beyond 64 bits), or one pydantic's validation of the emptied request refuses;
-- a `data` that is not a flat array of numbers (nested lists, booleans, nulls, strings):
-  simdjson's buffer flattens nested lists, so flatness is checked by counting the body's `[`
-  against the arrays read, which holds only when no string in the request has a `[`;
+- a `data` that holds anything but numbers (booleans, nulls, strings), or is nested otherwise
+  (ragged lists, a list among numbers, a nesting the shape does not allow, an empty list), or
+  a request with a `[` inside a string;
 - a duplicate key in the request or in an input (pydantic keeps the last, simdjson's lookup the
   first);
 - a number of magnitude 2**53 or more: above it an integer's float64 is rounded, and numpy
@@ -27,6 +33,7 @@ compares them bit for bit), so a request read here runs on the very same input.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import simdjson
@@ -38,6 +45,7 @@ READ_FROM = 16 * 1024  # bytes: below about 8 KiB pydantic alone is faster (meas
 EXACT_BELOW = 2.0**53  # every integer under it is exact in float64
 MAX_KEYS = 64  # an object with more (a request has 4 fields, an input 5) goes to pydantic
 MAX_INPUTS = 64  # a request with more inputs (a model here takes one) goes to pydantic
+MAX_LISTS = 65_536  # nested `data` with more lists (checked one by one here) goes to pydantic
 
 
 def read(body: bytes) -> InferenceRequest | None:
@@ -47,8 +55,8 @@ def read(body: bytes) -> InferenceRequest | None:
         document = simdjson.Parser().parse(body)
     except (ValueError, TypeError, RuntimeError):  # simdjson's errors: the pydantic path words them
         return None
-    skeleton, arrays = _skeleton(document)
-    if skeleton is None or not _flat(body, skeleton):
+    skeleton, arrays, nested = _skeleton(document)
+    if skeleton is None or not _brackets_match(body, skeleton, nested):
         return None
     try:
         request = InferenceRequest.model_validate_json(json.dumps(skeleton))
@@ -59,11 +67,12 @@ def read(body: bytes) -> InferenceRequest | None:
     return request
 
 
-def _skeleton(document: object) -> tuple[dict | None, dict[int, np.ndarray]]:
-    """The request as plain Python with each input's `data` emptied, and those arrays by input
-    index; (None, {}) when any of them is not a flat array of numbers (or the request is not
-    an object with an `inputs` array of objects)."""
-    nothing: tuple[None, dict] = (None, {})
+def _skeleton(document: object) -> tuple[dict | None, dict[int, np.ndarray], int]:
+    """The request as plain Python with each input's `data` emptied, those arrays by input
+    index, and how many lists they hold besides themselves; (None, {}, 0) when any of them is
+    not numbers nested as its shape allows (or the request is not an object with an `inputs`
+    array of objects)."""
+    nothing: tuple[None, dict, int] = (None, {}, 0)
     top = _items(document)
     if top is None:
         return nothing
@@ -71,21 +80,25 @@ def _skeleton(document: object) -> tuple[dict | None, dict[int, np.ndarray]]:
     if not isinstance(tensors, simdjson.Array) or len(tensors) > MAX_INPUTS:
         return nothing
     skeleton = {key: _plain(value) for key, value in top.items() if key != "inputs"}
-    inputs, arrays = [], {}
+    inputs, arrays, nested = [], {}, 0
     for index, tensor in enumerate(tensors):
         fields = _items(tensor)
         if fields is None:
             return nothing
+        plain = {k: _plain(v) for k, v in fields.items() if k != "data"}
         data = fields.get("data")
         if isinstance(data, simdjson.Array):
-            values = _numbers(data)
+            inner = _inner_lists(data, plain.get("shape"))
+            values = None if inner is None else _numbers(data)
             if values is None:
                 return nothing
-            arrays[index] = values
-        emptied = index in arrays
-        inputs.append({k: [] if emptied and k == "data" else _plain(v) for k, v in fields.items()})
+            arrays[index], nested = values, nested + inner
+            plain["data"] = []
+        elif "data" in fields:
+            plain["data"] = _plain(data)
+        inputs.append({k: plain[k] for k in fields})  # the request's own key order
     skeleton["inputs"] = inputs
-    return skeleton, arrays
+    return skeleton, arrays, nested
 
 
 def _items(value: object) -> dict | None:
@@ -109,8 +122,8 @@ def _plain(value: object) -> object:
 
 
 def _numbers(array: simdjson.Array) -> np.ndarray | None:
-    """A `data` array's numbers as float64, nested lists flattened (`_flat` refuses those);
-    None when it holds anything else, or a magnitude of 2**53 or more."""
+    """A `data` array's numbers as float64, nested lists flattened in order; None when it
+    holds anything else, or a magnitude of 2**53 or more."""
     try:
         values = np.frombuffer(array.as_buffer(of_type="d"), dtype=np.float64)
     except (TypeError, ValueError, RuntimeError):  # a boolean, null, string or object in it
@@ -120,12 +133,45 @@ def _numbers(array: simdjson.Array) -> np.ndarray | None:
     return values
 
 
-def _flat(body: bytes, skeleton: dict) -> bool:
-    """Every `data` array read was flat: the body holds exactly as many `[` as the skeleton has
-    lists (each emptied `data` stands for its array), so none of those arrays held a list.
-    Exact only when no string of the request (key or value) has a `[`: a request with one is
-    left to the pydantic path."""
-    expected, stack = 0, [skeleton]
+def _inner_lists(array: simdjson.Array, shape: object) -> int | None:
+    """How many lists `data` holds inside itself when it is flat (0) or nested as the data
+    plane accepts for `shape` (its leading dimensions, the rest flattened in the innermost
+    lists, every list as long as its dimension); None otherwise. A list where a number should
+    be is not seen here: `_brackets_match` finds it."""
+    depth, first = 1, array
+    while len(first) and isinstance(first[0], simdjson.Array):
+        first, depth = first[0], depth + 1
+    if depth == 1:
+        return 0
+    if not isinstance(shape, list) or not 1 < depth <= len(shape):
+        return None
+    if not all(type(d) is int and d >= 1 for d in shape):
+        return None
+    dims = [*shape[: depth - 1], math.prod(shape[depth - 1 :])]
+    if math.prod(dims[:-1]) > MAX_LISTS:
+        return None
+    level, inner = [array], 0
+    for size in dims[:-1]:  # every list of this level holds `size` lists
+        below = []
+        for lst in level:
+            if len(lst) != size:
+                return None
+            for i in range(size):
+                item = lst[i]
+                if not isinstance(item, simdjson.Array):
+                    return None
+                below.append(item)
+        inner += len(below)
+        level = below
+    return inner if all(len(lst) == dims[-1] for lst in level) else None
+
+
+def _brackets_match(body: bytes, skeleton: dict, nested: int) -> bool:
+    """The body holds exactly as many `[` as the skeleton has lists (each emptied `data` stands
+    for its array) plus the `nested` lists read inside the `data` arrays: no `data` hides a list
+    where a number should be (simdjson's buffer would have flattened it). Exact only when no
+    string of the request (key or value) has a `[`: a request with one is left to pydantic."""
+    expected, stack = nested, [skeleton]
     while stack:
         value = stack.pop()
         if isinstance(value, dict):

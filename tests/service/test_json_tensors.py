@@ -99,8 +99,14 @@ def test_edge_numbers_read_alike(numbers):
 
 
 LEFT_TO_PYDANTIC = [
-    body_of([[1, 2], [3, 4]], (2, 2)),  # nested: its nesting is checked there
-    body_of([[1, 2, 3, 4]]),
+    body_of([[1, 2], [3, 4]], (4,)),  # nested deeper than the shape
+    body_of([[1, 2], [3, 4]]),  # nested as [2, 2] under the shape [1, 4]
+    body_of([[1, 2, 3], [4]], (2, 2)),  # ragged
+    body_of([[[1, 2], [3, 4]], [[5, 6]]], (2, 2, 2)),  # ragged above the innermost lists
+    body_of([[[1, 2], [3, 4]], [[5, 6], [7, 8], [9, 0]]], (2, 2, 2)),
+    body_of([[1, 2], [3, [4]]], (2, 2)),  # a list where a number should be
+    body_of([[[1, 2]], [[3, 4]]], (2, 2)),
+    body_of([[1, 2], [3, 4]], (2, 2), name="in[put"),  # a bracket in a string, nested data
     body_of([1, [2], 3, 4]),  # a list among numbers (flattened, it would look flat)
     body_of([[1], 2, 3, 4]),
     body_of([[], [1, 2], 3, 4]),
@@ -135,6 +141,53 @@ LEFT_TO_PYDANTIC = [
 @pytest.mark.parametrize("body", LEFT_TO_PYDANTIC)
 def test_anything_else_is_left_to_pydantic_and_answered_as_before(body):
     assert json_tensors.read(body) is None
+    assert outcome(body, True) == outcome(body, False)
+
+
+NESTED_AS_ALLOWED = [
+    body_of([[1, 2], [3, 4]], (2, 2)),
+    body_of([[1, 2, 3, 4]]),  # the shape's first dimension, the rest flat inside
+    body_of([[[1, 2], [3, 4]]], (1, 2, 2)),
+    body_of([[1, 2, 3, 4]], (1, 2, 2)),  # [1, 4]: the last two dimensions flattened
+    body_of([[[0.5, -1e-3]], [[3, 4]]], (2, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("body", NESTED_AS_ALLOWED)
+def test_data_nested_as_its_shape_allows_is_read_by_simdjson_alike(body):
+    assert json_tensors.read(body) is not None
+    assert outcome(body, True) == outcome(body, False)
+
+
+SHAPES = st.lists(st.integers(1, 3), min_size=1, max_size=4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(SHAPES, st.data())
+def test_any_nesting_reads_alike_and_the_allowed_ones_by_simdjson(shape, data):
+    """Random shapes, each nested at a random depth as the data plane accepts (the leading
+    dimensions, the rest flat inside), then maybe spoiled (an element dropped, a number put in
+    a list, a list emptied): the allowed ones are the simdjson path's, and every one gets the
+    same outcome from both paths."""
+    depth = data.draw(st.integers(1, len(shape)))
+    dims = [*shape[: depth - 1], math.prod(shape[depth - 1 :])]
+    values = data.draw(st.lists(NUMBER, min_size=math.prod(shape), max_size=math.prod(shape)))
+    nested = np.array(values, dtype=object).reshape(dims).tolist()
+    spoil = data.draw(st.sampled_from(["none", "drop", "wrap", "empty"]))
+    if spoil != "none":
+        inner = nested
+        while inner and isinstance(inner[-1], list):
+            inner = inner[-1]
+        if spoil == "drop":
+            inner.pop()
+        elif spoil == "wrap":
+            inner[-1] = [inner[-1]]
+        else:
+            inner.clear()
+    tensor = {"name": "input", "shape": shape, "datatype": "FP32", "data": nested}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    if spoil == "none" and all(abs(v) < 2**53 for v in values):
+        assert json_tensors.read(body) is not None
     assert outcome(body, True) == outcome(body, False)
 
 
