@@ -85,18 +85,16 @@ def _skeleton(document: object) -> tuple[dict | None, dict[int, np.ndarray], int
         fields = _items(tensor)
         if fields is None:
             return nothing
-        plain = {k: _plain(v) for k, v in fields.items() if k != "data"}
         data = fields.get("data")
-        if isinstance(data, simdjson.Array):
+        emptied = isinstance(data, simdjson.Array)
+        plain = {k: [] if emptied and k == "data" else _plain(v) for k, v in fields.items()}
+        if emptied:
             inner = _inner_lists(data, plain.get("shape"))
             values = None if inner is None else _numbers(data)
             if values is None:
                 return nothing
             arrays[index], nested = values, nested + inner
-            plain["data"] = []
-        elif "data" in fields:
-            plain["data"] = _plain(data)
-        inputs.append({k: plain[k] for k in fields})  # the request's own key order
+        inputs.append(plain)
     skeleton["inputs"] = inputs
     return skeleton, arrays, nested
 
